@@ -1,0 +1,108 @@
+"""The one interface every stage uses to talk to a model.
+
+Stages never call transformers, vLLM or an HTTP server directly: they hold a `Backend` and
+call `generate` and `choice_logprobs`. Swapping the engine (a laptop CPU, vLLM on a GPU, a
+remote server) then changes one config line, and tests run every stage on the `fake` backend.
+
+Conventions shared by all backends:
+
+- A prompt is either a `Chat` (rendered with the model's chat template) or a plain `str`
+  (used as is, for completion models and for prompts that were already rendered).
+- A chat whose last message has role ``assistant`` is *continued*: the model writes the rest of
+  that message (an answer lead-in such as ``"The answer is:"``). Otherwise the chat template's
+  generation prompt opens a new assistant message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+from cai.errors import CaiError
+from cai.types import Chat
+
+Prompt = Chat | str
+
+ProgressFn = Callable[[int, int], None]
+"""Called after each finished batch with (rows finished, new tokens generated) for that batch."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample a continuation.
+
+    Attributes:
+        max_new_tokens: hard cap on generated tokens per row.
+        temperature: 0 means greedy decoding; otherwise logits are divided by it.
+        top_p: nucleus sampling mass (1.0 disables it).
+        top_k: keep the k most likely tokens (0 disables it).
+        seed: base seed; row i of a call samples from its own generator seeded from
+            ``(seed, i)`` unless the caller passes explicit per-row seeds, so results don't
+            depend on batch size or on which rows share a batch.
+        stop: strings that end a row's output; the output is cut before the first one.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise CaiError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise CaiError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise CaiError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise CaiError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a stage may ask of a model."""
+
+    def render(self, prompt: Prompt) -> str:
+        """The exact text the model sees for a prompt (chat template applied to chats)."""
+        ...
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        *,
+        seeds: Sequence[int] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> list[str]:
+        """One continuation per prompt, in input order, cut at EOS and at ``params.stop``."""
+        ...
+
+    def choice_logprobs(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+        """``result[i][j]`` = log P(options[j] | prompts[i]), summed over the option's tokens."""
+        ...
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut ``text`` before the earliest stop string. Returns (text, whether a stop was found)."""
+    cut = len(text)
+    for s in stop:
+        if s:
+            at = text.find(s)
+            if at != -1:
+                cut = min(cut, at)
+    return text[:cut], cut != len(text)
+
+
+def row_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for row ``index`` of a call seeded with ``seed``."""
+    x = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) & ((1 << 64) - 1)
+    x ^= x >> 31
+    x = (x * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    x ^= x >> 29
+    return x & ((1 << 63) - 1)

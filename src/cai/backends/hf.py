@@ -1,0 +1,394 @@
+"""The transformers backend: batched generation and exact choice scoring on CPU or GPU.
+
+Why a hand-written decode loop instead of ``model.generate``: it lets us (1) reuse the KV cache
+of a long shared prefix (the constitution's few-shot examples) across every row and every call,
+(2) give each row its own seeded generator so samples don't depend on batching, and (3) drop
+finished rows from the batch as they stop. On this project's CPUs, reusing a 1.5k-token prefix
+made generation 2-3x and (A)/(B) scoring ~7x faster with identical greedy output.
+
+Layout of one batch (``P`` = shared prefix, cached once; ``.`` = padding)::
+
+    no reuse:   . . P P P P s s s        reuse:  [P P P P] . . s s s
+                . P P P P s s s s                [P P P P] . s s s s
+                P P P P s s s s s                [P P P P] s s s s s
+
+Padding sits between the cached prefix and each row's suffix; the attention mask hides it and
+position ids skip it, so every real token sees exactly what it would see unpadded.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from cai.backends.base import Prompt, ProgressFn, SamplingParams, cut_at_stop, row_seed
+from cai.errors import CaiError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by every row."""
+    if not rows:
+        return 0
+    first, n = rows[0], min(len(r) for r in rows)
+    for row in rows[1:]:
+        i = 0
+        while i < n and row[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+class PrefixCache:
+    """A few KV caches of shared prompt prefixes, kept across calls (least recently used out).
+
+    A new prefix that extends a cached one is computed from it, so only the extra tokens are
+    prefilled.
+    """
+
+    def __init__(self, max_entries: int = 4) -> None:
+        self.max_entries = max_entries
+        self.entries: OrderedDict[tuple[int, ...], KV] = OrderedDict()
+
+    def longest_match(self, ids: Sequence[int], limit: int) -> tuple[int, ...] | None:
+        """The longest cached prefix of ``ids[:limit]``."""
+        best = None
+        for key in self.entries:
+            if len(key) <= limit and (best is None or len(key) > len(best)) and tuple(ids[: len(key)]) == key:
+                best = key
+        if best is not None:
+            self.entries.move_to_end(best)
+        return best
+
+    def put(self, key: tuple[int, ...], kv: KV) -> None:
+        self.entries[key] = kv
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+class HFBackend:
+    """`Backend` over a transformers causal LM.
+
+    Args:
+        model: a causal LM (eval mode).
+        tokenizer: its tokenizer; a pad token is set to EOS when missing.
+        batch_size: rows per forward pass (sequences per pass for ``choice_logprobs``).
+        reuse_prefix: compute the KV cache of a shared prompt prefix once and reuse it.
+        min_prefix_tokens: shorter shared prefixes are not worth caching.
+        prefix_cache_entries: how many distinct prefixes to keep between calls.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        batch_size: int = 16,
+        reuse_prefix: bool = True,
+        min_prefix_tokens: int = 64,
+        prefix_cache_entries: int = 4,
+    ) -> None:
+        from cai.models import prepare_tokenizer
+
+        if batch_size < 1:
+            raise CaiError(f"batch_size must be at least 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        prepare_tokenizer(tokenizer)
+        self.batch_size = batch_size
+        self.reuse_prefix = reuse_prefix
+        self.min_prefix_tokens = min_prefix_tokens
+        self.prefix_cache = PrefixCache(prefix_cache_entries)
+        self.device = next(model.parameters()).device
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids = eos_ids
+        self.pad_id = tokenizer.pad_token_id
+        self.stats = {"prompt_tokens": 0, "prefill_tokens": 0, "generated_tokens": 0, "prefix_reused_tokens": 0}
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: str,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+        **kwargs: Any,
+    ) -> HFBackend:
+        """Load a model spec (``bundled``, a folder, a ``.gguf``, a hub id) into a backend."""
+        from cai.models import load_model
+
+        loaded = load_model(
+            spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        )
+        return cls(loaded.model, loaded.tokenizer, **kwargs)
+
+    # ----------------------------------------------------------------------------- prompts
+
+    def render(self, prompt: Prompt) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if not prompt:
+            raise CaiError("a chat prompt has no messages")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise CaiError(
+                "this model's tokenizer has no chat template; pass plain-text prompts or use a chat model"
+            )
+        continue_final = prompt[-1]["role"] == "assistant"
+        return self.tokenizer.apply_chat_template(
+            list(prompt), tokenize=False, add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+        )
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of rendered texts. Special tokens come from the chat template, except a BOS
+        that the tokenizer would normally add to raw text."""
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        bos, bos_text = self.tokenizer.bos_token_id, self.tokenizer.bos_token
+        if bos is not None and getattr(self.tokenizer, "add_bos_token", False):
+            ids = [row if text.startswith(bos_text) else [bos, *row] for row, text in zip(ids, texts)]
+        return ids
+
+    # ------------------------------------------------------------------------ shared prefix
+
+    def _prefix_for(self, rows: Sequence[Sequence[int]], allow_new: bool) -> tuple[int, KV | None]:
+        """Pick (and if worthwhile compute) the cached prefix to use for these rows.
+
+        Every row keeps at least one token outside the prefix, because the logits that start
+        generation (or score an option) come from the last prompt position.
+        """
+        if not self.reuse_prefix or not rows:
+            return 0, None
+        limit = min(common_prefix_length(rows), min(len(r) for r in rows) - 1)
+        best = self.prefix_cache.longest_match(rows[0], limit)
+        have = len(best) if best else 0
+        if allow_new and limit >= self.min_prefix_tokens and limit - have >= self.min_prefix_tokens:
+            key = tuple(rows[0][:limit])
+            kv = self._prefill_prefix(key, best)
+            self.prefix_cache.put(key, kv)
+            return limit, kv
+        if best is not None:
+            return have, self.prefix_cache.entries[best]
+        return 0, None
+
+    @torch.inference_mode()
+    def _prefill_prefix(self, key: tuple[int, ...], start: tuple[int, ...] | None) -> KV:
+        from transformers import DynamicCache
+
+        done = len(start) if start else 0
+        cache = DynamicCache(ddp_cache_data=self.prefix_cache.entries[start]) if start else DynamicCache()
+        ids = torch.tensor([key[done:]], device=self.device)
+        positions = torch.arange(done, len(key), device=self.device)[None]
+        mask = torch.ones(1, len(key), dtype=torch.long, device=self.device)
+        self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   logits_to_keep=1)
+        self.stats["prefill_tokens"] += len(key) - done
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _batch_inputs(
+        self, rows: Sequence[Sequence[int]], prefix_len: int, prefix_kv: KV | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """Left-pad the rows' suffixes after the shared prefix: (ids, mask, positions, cache)."""
+        from transformers import DynamicCache
+
+        b = len(rows)
+        suffixes = [r[prefix_len:] for r in rows]
+        width = max(len(s) for s in suffixes)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        suffix_mask = torch.zeros((b, width), dtype=torch.long)
+        for i, s in enumerate(suffixes):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            suffix_mask[i, width - len(s):] = 1
+        positions = (suffix_mask.cumsum(1) - 1).clamp(min=0) + prefix_len
+        mask = torch.cat([torch.ones((b, prefix_len), dtype=torch.long), suffix_mask], dim=1)
+        if prefix_kv is not None:
+            cache = DynamicCache(ddp_cache_data=[(k.repeat(b, 1, 1, 1), v.repeat(b, 1, 1, 1)) for k, v in prefix_kv])
+            self.stats["prefix_reused_tokens"] += prefix_len * b
+        else:
+            cache = DynamicCache()
+        self.stats["prefill_tokens"] += int(suffix_mask.sum())
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device), cache
+
+    # --------------------------------------------------------------------------- generate
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        *,
+        seeds: Sequence[int] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> list[str]:
+        """Batched, length-sorted generation; see `cai.backends.base.Backend.generate`."""
+        if not prompts:
+            return []
+        if seeds is not None and len(seeds) != len(prompts):
+            raise CaiError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        texts = [self.render(p) for p in prompts]
+        rows = self.encode(texts)
+        for i, row in enumerate(rows):
+            if not row:
+                raise CaiError(f"prompt {i} is empty")
+            if self.max_context and len(row) + params.max_new_tokens > self.max_context:
+                raise CaiError(
+                    f"prompt {i} has {len(row)} tokens, which with max_new_tokens={params.max_new_tokens} exceeds "
+                    f"the model's context of {self.max_context} tokens; shorten it or lower max_new_tokens"
+                )
+        self.stats["prompt_tokens"] += sum(len(r) for r in rows)
+        row_seeds = list(seeds) if seeds is not None else [row_seed(params.seed, i) for i in range(len(rows))]
+        prefix_len, prefix_kv = self._prefix_for(rows, allow_new=len(rows) > 1)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        outputs: list[str] = [""] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            texts_out, n_new = self._generate_batch(
+                [rows[i] for i in batch], prefix_len, prefix_kv, params, [row_seeds[i] for i in batch]
+            )
+            for i, text in zip(batch, texts_out):
+                outputs[i] = text
+            if progress is not None:
+                progress(len(batch), n_new)
+        return outputs
+
+    @torch.inference_mode()
+    def _generate_batch(
+        self,
+        rows: list[Sequence[int]],
+        prefix_len: int,
+        prefix_kv: KV | None,
+        params: SamplingParams,
+        seeds: list[int],
+    ) -> tuple[list[str], int]:
+        ids, mask, positions, cache = self._batch_inputs(rows, prefix_len, prefix_kv)
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        ).logits[:, -1, :]
+        next_pos = positions[:, -1] + 1
+        generators = None
+        if not params.greedy:
+            generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        active = list(range(len(rows)))
+        generated: list[list[int]] = [[] for _ in rows]
+        for step in range(params.max_new_tokens):
+            tokens = self._next_tokens(logits, params, generators)
+            keep: list[int] = []
+            for a, (i, tok) in enumerate(zip(active, tokens.tolist())):
+                if tok in self.eos_ids:
+                    continue
+                generated[i].append(tok)
+                if params.stop and cut_at_stop(self.tokenizer.decode(generated[i]), params.stop)[1]:
+                    continue
+                keep.append(a)
+            if not keep or step == params.max_new_tokens - 1:
+                break
+            if len(keep) < len(active):
+                # Finished rows leave the batch: no more compute is spent on them.
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
+                active = [active[a] for a in keep]
+                if generators is not None:
+                    generators = [generators[a] for a in keep]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], dim=1)
+            logits = self.model(
+                input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None], cache=cache,
+                use_cache=True,
+            ).logits[:, -1, :]
+            next_pos = next_pos + 1
+        n_new = sum(len(g) for g in generated)
+        self.stats["generated_tokens"] += n_new
+        texts = [cut_at_stop(self.tokenizer.decode(g, skip_special_tokens=True), params.stop)[0] for g in generated]
+        return texts, n_new
+
+    @staticmethod
+    def _next_tokens(
+        logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None
+    ) -> torch.Tensor:
+        """Greedy argmax, or temperature / top-k / top-p sampling with one generator per row."""
+        if generators is None:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / params.temperature
+        if params.top_k:
+            kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if params.top_p < 1.0:
+            sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            # Drop a token when the mass before it already reaches top_p (the first always stays).
+            drop = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+            logits = logits.scatter(-1, sorted_idx, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = logits.softmax(-1)
+        return torch.stack(
+            [torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)]
+        )
+
+    # ---------------------------------------------------------------------- choice scoring
+
+    def choice_logprobs(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+        """Exact log-probability of each option after each prompt (sum over the option's tokens).
+
+        Every (prompt, option) pair becomes one sequence; a batch is one forward pass that keeps
+        logits only for the last ``max option length + 1`` positions. Options are tokenized on
+        their own and appended to the prompt's tokens.
+        """
+        if not prompts:
+            return []
+        if not options:
+            raise CaiError("choice_logprobs needs at least one option")
+        prompt_ids = self.encode(list(prompts))
+        option_ids = self.tokenizer(list(options), add_special_tokens=False)["input_ids"]
+        for j, o in enumerate(option_ids):
+            if not o:
+                raise CaiError(f"option {j} ({options[j]!r}) has no tokens")
+        for i, p in enumerate(prompt_ids):
+            if not p:
+                raise CaiError(f"prompt {i} is empty")
+            if self.max_context and len(p) + max(map(len, option_ids)) > self.max_context:
+                raise CaiError(
+                    f"prompt {i} has {len(p)} tokens, more than the model's context of {self.max_context} allows"
+                )
+        self.stats["prompt_tokens"] += sum(len(p) for p in prompt_ids)
+        prefix_len, prefix_kv = self._prefix_for(prompt_ids, allow_new=len(prompt_ids) > 1)
+        pairs = [(i, j) for i in range(len(prompt_ids)) for j in range(len(option_ids))]
+        pairs.sort(key=lambda ij: -(len(prompt_ids[ij[0]]) + len(option_ids[ij[1]])))
+        result = [[0.0] * len(option_ids) for _ in prompt_ids]
+        for start in range(0, len(pairs), self.batch_size):
+            batch = pairs[start:start + self.batch_size]
+            seqs = [prompt_ids[i] + option_ids[j] for i, j in batch]
+            lengths = [len(option_ids[j]) for _, j in batch]
+            for (i, j), value in zip(batch, self._score_batch(seqs, lengths, prefix_len, prefix_kv)):
+                result[i][j] = value
+        return result
+
+    @torch.inference_mode()
+    def _score_batch(
+        self, seqs: list[list[int]], option_lengths: list[int], prefix_len: int, prefix_kv: KV | None
+    ) -> list[float]:
+        ids, mask, positions, cache = self._batch_inputs(seqs, prefix_len, prefix_kv)
+        keep = max(option_lengths) + 1
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+            logits_to_keep=keep,
+        ).logits
+        logprobs = logits.float().log_softmax(-1)  # [B, keep, V]
+        scores = []
+        for b, m in enumerate(option_lengths):
+            # Positions keep-1-m .. keep-2 predict the option's m tokens at the row's end.
+            targets = ids[b, -m:]
+            scores.append(float(logprobs[b, keep - 1 - m: keep - 1].gather(-1, targets[:, None]).sum()))
+        return scores

@@ -1,0 +1,172 @@
+"""Typed configs: YAML files plus ``key=value`` overrides, checked before any model loads.
+
+Every config class forbids unknown keys, so a typo (``temprature: 0.7``) fails at once with a
+sentence that names the key and the keys that are allowed there. Overrides use dotted keys and
+YAML values: ``sampling.temperature=0.7``, ``model.name=path/to/model``, ``sampling.stop=["\\n\\n"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cai.errors import CaiError
+
+C = TypeVar("C", bound="Strict")
+
+
+class Strict(BaseModel):
+    """Base for every config: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    """Which model answers, and how it runs."""
+
+    name: str = Field("bundled", description="'bundled', a model folder, a .gguf file, or a hub id (org/name).")
+    backend: Literal["hf", "fake"] = Field("hf", description="Engine: 'hf' (transformers) or 'fake' (tests).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' = float32 on CPU (bf16 is very slow there), bf16 on CUDA."
+    )
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
+    batch_size: int = Field(16, ge=1, description="Rows per forward pass.")
+    reuse_prefix: bool = Field(True, description="Compute a shared prompt prefix's KV cache once and reuse it.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless you trust it.")
+    allow_pickle: bool = Field(False, description="Accept pickle (.bin) weights, which can run code when loaded.")
+
+
+class SamplingConfig(Strict):
+    """How continuations are sampled (see `cai.backends.base.SamplingParams`)."""
+
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    seed: int = 0
+    stop: list[str] = Field(default_factory=list, description="Strings that end an output (cut before them).")
+
+    def params(self):
+        from cai.backends.base import SamplingParams
+
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, seed=self.seed, stop=tuple(self.stop),
+        )
+
+
+class GenerateConfig(Strict):
+    """``cai generate``: answer a list of prompts with one model."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file, turning every way it can be unreadable into one CaiError sentence."""
+    path = Path(path)
+    if not path.exists():
+        raise CaiError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise CaiError(f"config path {path} is a folder, not a YAML file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CaiError(f"{path} is not UTF-8 text (bad byte at offset {err.start}); save it as UTF-8") from err
+    except OSError as err:
+        raise CaiError(f"cannot read {path}: {err.strerror}") from err
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise CaiError(f"{path} is not valid YAML{where}: {problem}") from err
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise CaiError(f"override '{item}' is not of the form key=value (e.g. sampling.temperature=0.7)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise CaiError(f"override '{item}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _describe(error: dict[str, Any], cls: type[BaseModel], source: str) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        allowed = _keys_at(cls, loc[:-1])
+        hint = f"; known keys there: {', '.join(allowed)}" if allowed else ""
+        return f"{source}: unknown key '{key}'{hint}"
+    if error["type"] == "missing":
+        return f"{source}: required key '{key}' is missing"
+    got = error.get("input")
+    got_text = f" (got {json.dumps(got) if isinstance(got, (str, int, float, bool)) else type(got).__name__})"
+    return f"{source}: '{key}' {error['msg'][0].lower()}{error['msg'][1:]}{got_text}"
+
+
+def _keys_at(cls: type[BaseModel], loc: list[str]) -> list[str]:
+    """The field names of the (nested) config class at ``loc``, for error hints."""
+    current: Any = cls
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+    return list(getattr(current, "model_fields", {}))
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
+    """Build a config of type ``cls`` from an optional YAML file and ``key=value`` overrides.
+
+    Raises:
+        CaiError: unreadable or malformed YAML, a bad override, an unknown key or a wrong type,
+            named in one sentence.
+    """
+    source = str(path) if path is not None else "overrides"
+    data: Any = {}
+    if path is not None:
+        data = read_yaml(path)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise CaiError(f"{path} must hold a mapping of keys to values at the top level, not a {type(data).__name__}")
+    data = apply_overrides(data, overrides)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise CaiError(_describe(err.errors()[0], cls, source)) from err
+
+
+def config_to_yaml(config: BaseModel) -> str:
+    """The resolved config as YAML (what gets written next to every output)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def config_hash(config: BaseModel) -> str:
+    """A short stable hash of a config's content, to detect a changed config for an existing run."""
+    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
