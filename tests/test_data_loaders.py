@@ -54,6 +54,23 @@ def test_jsonl_plain_prompt_columns(tmp_path):
     assert all(r.split == "train" and r.category == "" and r.meta == {} for r in rows)
 
 
+def test_txt_one_user_turn_per_non_empty_line(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes("\ufeffWhat is 2+2?\r\n\n   \n  Say hi  \nWhat is 2+2?\nlast, no newline".encode())
+    rows, report = load_prompts(path)
+    assert [r.messages for r in rows] == [[user("What is 2+2?")], [user("Say hi")], [user("last, no newline")]]
+    assert (report.read, report.kept, report.dropped_duplicate) == (4, 3, 1)
+    # ids as for any row without one: the same prompt from a JSONL file gets the same id, every time.
+    jsonl_rows, _ = load_prompts(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Say hi"}]))
+    assert rows[1].id == jsonl_rows[0].id == load_prompts(path)[0][1].id
+    canonical = json.dumps([user("Say hi")], sort_keys=True, separators=(",", ":"))
+    assert rows[1].id == hashlib.sha1(canonical.encode()).hexdigest()[:12]
+    assert all(r.split == "train" and r.category == "" and r.meta == {} for r in rows)
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(CaiError, match="no prompts left"):
+        load_prompts(tmp_path / "blank.txt")
+
+
 def test_json_list_and_json_lines_in_a_json_file(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps({"data": [{"prompt": "a"}, {"prompt": "b"}]}))
     write_jsonl(tmp_path / "lines.json", [{"prompt": "a"}, {"prompt": "b"}])
@@ -249,9 +266,9 @@ def test_show_prompts_prints_counts_and_rows(tmp_path):
 def test_source_errors(tmp_path):
     with pytest.raises(CaiError, match="does not exist"):
         load_prompts(tmp_path / "missing.jsonl")
-    (tmp_path / "p.txt").write_text("hi")
-    with pytest.raises(CaiError, match="unknown extension '.txt'"):
-        load_prompts(tmp_path / "p.txt")
+    (tmp_path / "p.xml").write_text("hi")
+    with pytest.raises(CaiError, match="unknown extension '.xml'.*\\.txt"):
+        load_prompts(tmp_path / "p.xml")
     with pytest.raises(CaiError, match="unknown prompt set 'red_team'.*red-team, helpfulness"):
         load_prompts("red_team")
     (tmp_path / "folder").mkdir()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from cai.errors import CaiError
 
@@ -21,7 +21,10 @@ C = TypeVar("C", bound="Strict")
 
 
 class Strict(BaseModel):
-    """Base for every config: unknown keys and wrong types are errors."""
+    """Base for every config: unknown keys and wrong types are errors.
+
+    Integer fields are `StrictInt`: pydantic would otherwise read YAML's `true` as 1.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -35,7 +38,7 @@ class ModelConfig(Strict):
         "auto", description="'auto' = float32 on CPU (bf16 is very slow there), bf16 on CUDA."
     )
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
-    batch_size: int = Field(16, ge=1, description="Rows per forward pass.")
+    batch_size: StrictInt = Field(16, ge=1, description="Rows per forward pass.")
     reuse_prefix: bool = Field(True, description="Compute a shared prompt prefix's KV cache once and reuse it.")
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless you trust it.")
     allow_pickle: bool = Field(False, description="Accept pickle (.bin) weights, which can run code when loaded.")
@@ -44,11 +47,11 @@ class ModelConfig(Strict):
 class SamplingConfig(Strict):
     """How continuations are sampled (see `cai.backends.base.SamplingParams`)."""
 
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: StrictInt = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    seed: int = 0
+    top_k: StrictInt = Field(0, ge=0)
+    seed: StrictInt = 0
     stop: list[str] = Field(default_factory=list, description="Strings that end an output (cut before them).")
 
     def params(self):
@@ -158,7 +161,11 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise CaiError(_describe(err.errors()[0], cls, source)) from err
+        error = err.errors()[0]
+        # Blame the override that set the bad key (the last one wins), not a file that may not hold it.
+        key = ".".join(str(p) for p in error["loc"]) + "."
+        setters = [o for o in overrides if key.startswith(o.partition("=")[0].strip() + ".")]
+        raise CaiError(_describe(error, cls, f"override '{setters[-1]}'" if setters else source)) from err
 
 
 def config_to_yaml(config: BaseModel) -> str:

@@ -22,7 +22,8 @@ def _os_error(path: Path, err: OSError, action: str) -> CaiError:
         return CaiError(f"no space left on the device while {action} {path}; free some space and rerun (finished rows are kept)")
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return CaiError(f"permission denied while {action} {path}; choose a writable output folder")
-    return CaiError(f"could not {action.replace('ing', '')} {path}: {err.strerror or err}")
+    verb = {"creating": "create", "writing": "write", "opening": "open", "closing": "close"}.get(action, action)
+    return CaiError(f"could not {verb} {path}: {err.strerror or err}")
 
 
 def ensure_dir(path: str | Path) -> Path:
@@ -122,7 +123,11 @@ class JsonlWriter:
             self.write(row)
 
     def close(self) -> None:
-        self._f.close()
+        # A write that failed (disk full) leaves its bytes buffered, and closing retries them.
+        try:
+            self._f.close()
+        except OSError as e:
+            raise _os_error(self.path, e, "closing") from e
 
     def __enter__(self) -> JsonlWriter:
         return self

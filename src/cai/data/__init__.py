@@ -1,7 +1,6 @@
 """Prompt sets: the built-in red-team and helpfulness prompts, and loaders for your own."""
 
 from cai.data.loaders import (
-    BUILTIN_SETS,
     ROW_FORMATS,
     LoadReport,
     PromptRow,
@@ -9,6 +8,7 @@ from cai.data.loaders import (
     load_prompts,
     show_prompts,
 )
+from cai.data.sources import BUILTIN_SETS
 
 __all__ = [
     "BUILTIN_SETS",

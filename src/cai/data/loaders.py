@@ -1,7 +1,8 @@
 """Load prompt sets into typed rows, whatever shape they arrive in.
 
-Sources: a built-in set (`red-team`, `helpfulness`), a local `.jsonl`/`.json`/`.csv`/`.parquet`
-file, a folder written by `datasets` `save_to_disk`, or `hf:NAME[:SPLIT]` on the Hugging Face hub.
+Sources (read by `cai.data.sources`): a built-in set (`red-team`, `helpfulness`), a local
+`.jsonl`/`.json`/`.csv`/`.parquet`/`.txt` file (`.txt`: one prompt per non-empty line), a folder
+written by `datasets` `save_to_disk`, or `hf:NAME[:SPLIT]` on the Hugging Face hub.
 Row shapes, detected per row: a chat `messages` list; a plain prompt column (`prompt`, `text`,
 `question`, `instruction`); hh-rlhf transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ...") in
 `chosen`/`rejected`, `transcript` or `text`; and TRL's conversational `prompt` (a messages list).
@@ -10,27 +11,23 @@ Every shape ends as a `PromptRow` whose messages end with the user turn a model 
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from itertools import takewhile
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from cai.data.sources import Raw, read_source
 from cai.errors import CaiError
 from cai.types import Chat
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-BUILTIN_SETS = {"red-team": "red_team.jsonl", "helpfulness": "helpfulness.jsonl"}
 ROW_FORMATS = ("messages", "prompt", "hh-rlhf")
 """Values for `fmt`: force a chat list, a plain-text prompt column, or a Human:/Assistant: transcript."""
 
@@ -44,10 +41,6 @@ _COLUMNS_BY_FORMAT: dict[str | None, tuple[str, ...]] = {
 _MAPPABLE = ("prompt", "messages", "chosen", "rejected", "transcript", "id", "category", "split")
 _ROLES = ("system", "user", "assistant")
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
-_TRUE = ("1", "true", "yes", "on")
-
-Raw = list[tuple[str, dict[str, Any]]]
-"""Rows as read from a source, each with a 'where' label ("file.jsonl line 3") for error messages."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +92,8 @@ def load_prompts(
 
     Args:
         source: a built-in name (built-ins win over a same-named path; write `./red-team` for the
-            path), a local file or saved-dataset folder, or `hf:NAME[:SPLIT]`.
+            path), a local file or saved-dataset folder, or `hf:NAME[:SPLIT]`. A `.txt` file holds
+            one prompt per non-empty line, each read as a single user turn.
         split: keep rows of this split; for a DatasetDict or hub dataset, the split to load.
         categories: keep rows whose category is one of these.
         limit: stop after this many kept rows.
@@ -117,7 +111,7 @@ def load_prompts(
         raise CaiError(f"unknown fmt {fmt!r}; use one of {', '.join(ROW_FORMATS)} or leave it unset.")
     if limit is not None and limit < 1:
         raise CaiError(f"limit must be at least 1, got {limit}.")
-    name, raw, source_split = _read_source(source, split)
+    name, raw, source_split = read_source(source, split)
     column_map = dict(column_map or {})
     _check_column_map(column_map, raw, name)
 
@@ -246,160 +240,6 @@ def show_prompts(source: str | Path, console: Console, n: int = 3, **load_option
             console.print(Text(f"  {message['role']}: {content}"))
     console.print(Text(report.summary(), style="dim"))
     return report
-
-
-# ---- reading sources -------------------------------------------------------------------------
-
-
-def _read_source(source: str | Path, split: str | None) -> tuple[str, Raw, str | None]:
-    """Return (display name, raw rows, split the source itself was loaded as or None)."""
-    if isinstance(source, str) and source.startswith("hf:"):
-        return _read_hub(source[3:], split)
-    if isinstance(source, str) and source in BUILTIN_SETS:
-        ref = resources.files("cai.data") / BUILTIN_SETS[source]
-        if not ref.is_file():
-            missing = f"cai/data/{BUILTIN_SETS[source]}"
-            raise CaiError(f"built-in prompt set {source!r} is not in this install (no {missing}); reinstall cai.")
-        with resources.as_file(ref) as path:
-            return source, _jsonl_rows(_decode(path, source), source), None
-    path = Path(source).expanduser()
-    if not path.exists():
-        if isinstance(source, str) and not path.suffix and len(path.parts) == 1:
-            raise CaiError(
-                f"unknown prompt set {source!r}: it is not a file or folder, and the built-in sets are "
-                f"{', '.join(BUILTIN_SETS)} (use hf:NAME for a Hugging Face dataset)."
-            )
-        raise CaiError(f"prompt file {path} does not exist; check the path.")
-    if path.is_dir():
-        rows, loaded_split = _read_saved_dataset(path, split)
-        return str(path), rows, loaded_split
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise CaiError(
-            f"cannot read {path}: unknown extension {path.suffix or '(none)'!r}; use .jsonl, .json, .csv, "
-            ".parquet, a folder saved with datasets' save_to_disk, or hf:NAME."
-        )
-    return str(path), reader(path, str(path)), None
-
-
-def _decode(path: Path, name: str) -> str:
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):  # Excel and Notepad like to add a BOM
-        data = data[3:]
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        bad = f"byte 0x{data[err.start]:02x} on line {line}"
-        raise CaiError(f"{name} is not UTF-8 text ({bad}); re-save it as UTF-8.") from None
-
-
-def _jsonl_rows(text: str, name: str) -> Raw:
-    rows: Raw = []
-    # split on "\n" only: str.splitlines would also break on U+2028, which JSON strings may hold raw.
-    for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            problem = f"{err.msg} at column {err.colno}"
-            raise CaiError(f"{name} line {number} is not valid JSON ({problem}); fix or remove that line.") from None
-        if not isinstance(obj, dict):
-            kind = type(obj).__name__
-            raise CaiError(f"{name} line {number} is a JSON {kind}, not an object; write one row object per line.")
-        rows.append((f"{name} line {number}", obj))
-    return rows
-
-
-def _read_jsonl(path: Path, name: str) -> Raw:
-    return _jsonl_rows(_decode(path, name), name)
-
-
-def _read_json(path: Path, name: str) -> Raw:
-    text = _decode(path, name)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        if err.msg == "Extra data":  # datasets' to_json writes JSON Lines into .json files by default
-            return _jsonl_rows(text, name)
-        raise CaiError(f"{name} is not valid JSON ({err.msg} on line {err.lineno}); fix the file.") from None
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 else data
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise CaiError(f"{name} must hold a JSON list of row objects (or one object with a single such list).")
-    return [(f"{name} row {i}", r) for i, r in enumerate(data, 1)]
-
-
-def _read_csv(path: Path, name: str) -> Raw:
-    reader = csv.DictReader(io.StringIO(_decode(path, name), newline=""))
-    try:
-        # rows longer than the header put their extras under the key None; they have no column name.
-        return [(f"{name} row {i}", {k: v for k, v in r.items() if k is not None}) for i, r in enumerate(reader, 1)]
-    except csv.Error as err:
-        raise CaiError(f"{name} is not valid CSV near line {reader.line_num} ({err}); fix the quoting there.") from None
-
-
-def _read_parquet(path: Path, name: str) -> Raw:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as err:
-        raise CaiError(f"{name} is not a readable Parquet file ({err}).") from None
-    return [(f"{name} row {i}", r) for i, r in enumerate(table.to_pylist(), 1)]
-
-
-def _read_saved_dataset(path: Path, split: str | None) -> tuple[Raw, str | None]:
-    markers = ("dataset_info.json", "state.json", "dataset_dict.json")
-    if not any((path / m).exists() for m in markers):
-        raise CaiError(f"{path} is a folder but not one saved with datasets' save_to_disk; pass a file or such a folder.")
-    import datasets
-
-    return _dataset_rows(datasets.load_from_disk(str(path)), str(path), split)
-
-
-def _dataset_rows(ds: Any, name: str, split: str | None) -> tuple[Raw, str | None]:
-    """Rows of a `datasets.Dataset`, or of one split of a `DatasetDict` (`split`, else train)."""
-    loaded_split = None
-    if hasattr(ds, "keys"):  # a DatasetDict
-        names = list(ds.keys())
-        loaded_split = split or ("train" if "train" in names or len(names) != 1 else names[0])
-        if loaded_split not in names:
-            raise CaiError(f"{name} has no split {loaded_split!r}; pass split= one of {', '.join(names)}.")
-        ds = ds[loaded_split]
-    return [(f"{name} row {i}", r) for i, r in enumerate(ds.to_list(), 1)], loaded_split
-
-
-def _read_hub(spec: str, split: str | None) -> tuple[str, Raw, str | None]:
-    name, _, hub_split = spec.partition(":")
-    if not name:
-        raise CaiError("hf: needs a dataset name after it, like hf:Anthropic/hh-rlhf:test.")
-    if hub_split and split and hub_split != split:
-        raise CaiError(f"hf:{spec} names split {hub_split!r} but split={split!r} was also given; keep only one.")
-    chosen = hub_split or split or "train"
-    # Checked here, not left to datasets: its hub client reads these variables only once, at import.
-    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "").lower() in _TRUE]
-    if offline:
-        raise CaiError(
-            f"cannot fetch Hugging Face dataset {name!r}: {offline[0]} is set (offline mode); "
-            "unset it, or save the dataset locally and pass that path."
-        )
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, split=chosen)
-    except Exception as err:  # network, unknown name, gated repo, bad split: all fixable by the user
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CaiError(
-            f"could not load Hugging Face dataset {name!r} split {chosen!r} ({reason}); "
-            "check the name, the split and your network."
-        ) from None
-    rows, _ = _dataset_rows(ds, f"hf:{name}:{chosen}", chosen)
-    return f"hf:{name}:{chosen}", rows, chosen
 
 
 # ---- turning a row into a chat ---------------------------------------------------------------

@@ -1,0 +1,251 @@
+"""`cai <command>`: the command-line interface, one plain table of subcommands.
+
+Heavy libraries (torch, transformers) are imported inside the commands, so ``cai --help`` is
+instant. A `CaiError` from anywhere becomes one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from cai import __version__
+from cai.errors import CaiError
+
+app = typer.Typer(
+    name="cai", help="Constitutional AI: train a model to be harmless and non-evasive from written principles.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+)
+constitution_app = typer.Typer(help="Inspect and check constitution files.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect prompt sets.", no_args_is_help=True)
+app.add_typer(constitution_app, name="constitution")
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'bundled', a model folder, a .gguf file, or a hub id.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: key=value (repeatable).")]
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of cai and the libraries it runs on."""
+    import importlib.metadata as md
+
+    out.print(f"cai {__version__}")
+    for name in ("torch", "transformers", "trl", "accelerate", "peft", "datasets"):
+        try:
+            out.print(f"  {name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            out.print(f"  {name} (not installed)")
+
+
+def _generate_config(config: Path | None, model: str | None, sets: list[str] | None, **sampling):
+    from cai.config import GenerateConfig, load_config
+
+    overrides = list(sets or [])
+    if model is not None:
+        overrides.insert(0, f"model.name={model}")
+    for key, value in sampling.items():
+        if value is not None:
+            overrides.insert(0, f"sampling.{key}={json.dumps(value)}")
+    return load_config(GenerateConfig, config, overrides)
+
+
+def _read_prompts(prompts: list[str], file: Path | None, limit: int | None):
+    """Prompts from arguments (one single-turn chat each) or from a file or built-in set."""
+    from cai.data import PromptRow, load_prompts
+
+    rows = [PromptRow(id=f"arg-{i}", messages=[{"role": "user", "content": p}]) for i, p in enumerate(prompts)]
+    if file is not None:
+        if file.suffix == ".txt":
+            if not file.is_file():
+                raise CaiError(f"prompt file {file} does not exist")
+            try:
+                lines = file.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as e:
+                raise CaiError(f"{file} is not UTF-8 text (bad byte at offset {e.start})") from e
+            rows += [PromptRow(id=f"{file.stem}-{i}", messages=[{"role": "user", "content": line.strip()}])
+                     for i, line in enumerate(lines) if line.strip()]
+        else:
+            loaded, _ = load_prompts(str(file), limit=limit)
+            rows += loaded
+    for row in rows:
+        if not row.messages or not row.messages[-1]["content"].strip():
+            raise CaiError(f"prompt '{row.id}' is empty")
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise CaiError("no prompts given: pass them as arguments or with --file")
+    return rows
+
+
+@app.command()
+def generate(
+    prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts to answer (each a single user turn).")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Prompt file (.txt one per line, .jsonl, .csv, .parquet) or a built-in set (red-team, helpfulness).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL file to write (default: stdout).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="'bundled', a model folder, a .gguf file, or a hub id.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Tokens to generate per answer.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Answer only the first N prompts.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Answer prompts with a model and write one JSONL row per prompt."""
+    from cai.backends import load_backend
+    from cai.progress import progress_bar
+
+    cfg = _generate_config(config, model, set_, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    rows = _read_prompts(list(prompts or []), file, limit)
+    if output is not None and output.exists() and output.is_dir():
+        raise CaiError(f"output path {output} is a folder; give a .jsonl file name")
+    backend = load_backend(cfg.model)
+    with progress_bar("generate", len(rows)) as advance:
+        answers = backend.generate([r.messages for r in rows], cfg.sampling.params(), progress=advance)
+    lines = [json.dumps({"id": r.id, "messages": r.messages, "response": a}, ensure_ascii=False)
+             for r, a in zip(rows, answers)]
+    if output is None:
+        sys.stdout.write("\n".join(lines) + "\n")
+    else:
+        from cai.io import write_text_atomic
+
+        write_text_atomic(output, "\n".join(lines) + "\n")
+        err.print(f"wrote {len(lines)} rows to {output}")
+
+
+@app.command()
+def chat(
+    model: ModelOpt = "bundled",
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per reply.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Talk to a model, multi-turn. /reset starts over, /exit (or Ctrl-D) quits."""
+    from cai.backends.base import SamplingParams
+    from cai.backends.hf import HFBackend
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    err.print(f"loading {model} ...")
+    backend = HFBackend.from_spec(model, batch_size=1)
+    base = [{"role": "system", "content": system}] if system else []
+    history = list(base)
+    err.print("ready: type a message; /reset starts over, /exit quits")
+    turn = 0
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            err.print()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in {"/exit", "/quit"}:
+            return
+        if text == "/reset":
+            history = list(base)
+            err.print("(conversation cleared)")
+            continue
+        history.append({"role": "user", "content": text})
+        reply = backend.generate([history], params, seeds=[seed + turn])[0].strip()
+        turn += 1
+        history.append({"role": "assistant", "content": reply})
+        out.print(Text("assistant> ", style="bold cyan") + Text(reply))
+
+
+@app.command()
+def demo(
+    model: ModelOpt = "bundled",
+    n: Annotated[int, typer.Option(help="How many built-in red-team and helpfulness prompts to answer.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 96,
+    output: Annotated[Path, typer.Option(help="Where to write the answers.")] = Path("runs/demo/answers.jsonl"),
+) -> None:
+    """The bundled model answers a few built-in red-team and helpfulness prompts."""
+    from rich.table import Table
+
+    from cai.backends.base import SamplingParams
+    from cai.backends.hf import HFBackend
+    from cai.data import load_prompts
+    from cai.io import write_text_atomic
+    from cai.progress import progress_bar
+
+    red, _ = load_prompts("red-team", split="test", limit=n)
+    helpful, _ = load_prompts("helpfulness", split="test", limit=n)
+    rows = red + helpful
+    err.print(f"loading {model} (the first run converts the GGUF file, about 30 s) ...")
+    backend = HFBackend.from_spec(model, batch_size=8)
+    with progress_bar("answering", len(rows)) as advance:
+        answers = backend.generate([r.messages for r in rows], SamplingParams(max_new_tokens=max_new_tokens),
+                                   progress=advance)
+    table = Table(title=f"{model}: answers to held-out prompts", show_lines=True)
+    table.add_column("set")
+    table.add_column("prompt", max_width=50)
+    table.add_column("answer", max_width=70)
+    for row, answer in zip(rows, answers):
+        table.add_row("red-team" if row.id.startswith("rt") else "helpful", row.messages[-1]["content"], answer)
+    out.print(table)
+    write_text_atomic(output, "".join(
+        json.dumps({"id": r.id, "messages": r.messages, "response": a}, ensure_ascii=False) + "\n"
+        for r, a in zip(rows, answers)
+    ))
+    out.print(f"answers written to {output}")
+
+
+@constitution_app.command("validate")
+def constitution_validate(file: Annotated[str, typer.Argument(help="A YAML file or a built-in name.")]) -> None:
+    """Check a constitution file; print a one-line summary or the first problem."""
+    from cai.constitution import load_constitution
+
+    c = load_constitution(file)
+    out.print(
+        f"{file}: ok — '{c.name}' v{c.version}: {len(c.critique_revision_principles)} critique/revision principles, "
+        f"{len(c.feedback_principles)} feedback principles, {len(c.critique_revision_examples)} critique/revision "
+        f"examples, {len(c.feedback_examples)} feedback examples, {len(c.cot_feedback_examples)} chain-of-thought examples"
+    )
+
+
+@constitution_app.command("show")
+def constitution_show(file: Annotated[str, typer.Argument(help="A YAML file or a built-in name.")]) -> None:
+    """Print a constitution as readable tables."""
+    from cai.constitution import load_constitution, show_constitution
+
+    show_constitution(load_constitution(file), out)
+
+
+@data_app.command("show")
+def data_show(
+    source: Annotated[str, typer.Argument(help="red-team, helpfulness, a file, a saved dataset folder, or hf:NAME.")],
+    n: Annotated[int, typer.Option(help="Rows to print.")] = 3,
+) -> None:
+    """Counts by category and split, and the first few rows of a prompt set."""
+    from cai.data import show_prompts
+
+    show_prompts(source, out, n=n)
+
+
+def main() -> None:
+    """Console-script entry point: user mistakes exit with one sentence, not a traceback."""
+    try:
+        app()
+    except CaiError as e:
+        err.print(Text("error: ", style="bold red") + Text(str(e)), soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

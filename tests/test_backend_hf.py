@@ -1,0 +1,181 @@
+"""The transformers backend on a tiny model: exactness of generation and scoring, prefix reuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cai.backends.base import Backend, SamplingParams
+from cai.backends.hf import HFBackend, common_prefix_length
+from cai.errors import CaiError
+
+SHARED = (
+    "Human: How do I bake bread at home? Assistant: Mix flour, water, yeast and salt, knead, let it rise. "
+    "Critique: The response is helpful and harmless. Revision: Here is a safe, simple way to bake bread. "
+)
+QUESTIONS = ["Which is less harmful?", "The quick brown fox", "Please rewrite the response", "0 1 2 3 4", "I can't"]
+
+
+def chats(shared: str = SHARED):
+    return [[{"role": "user", "content": shared + q}] for q in QUESTIONS]
+
+
+@pytest.fixture()
+def backend(tiny_backend):
+    tiny_backend.prefix_cache.clear()
+    tiny_backend.reuse_prefix = True
+    tiny_backend.batch_size = 4
+    return tiny_backend
+
+
+def reference_greedy(backend: HFBackend, chat, max_new_tokens: int) -> str:
+    """Plain transformers generate on one unpadded prompt: the ground truth."""
+    ids = torch.tensor([backend.encode([backend.render(chat)])[0]])
+    out = backend.model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=sorted(backend.eos_ids), pad_token_id=backend.pad_id,
+    )
+    return backend.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_is_a_backend(backend):
+    assert isinstance(backend, Backend)
+
+
+def test_greedy_matches_plain_transformers_generate(backend):
+    params = SamplingParams(max_new_tokens=10)
+    got = backend.generate(chats(), params)
+    assert got == [reference_greedy(backend, c, 10) for c in chats()]
+    assert len(set(got)) > 1  # the tiny model really does answer differently
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_prefix_reuse_gives_identical_greedy_text(backend, batch_size):
+    backend.batch_size = batch_size
+    params = SamplingParams(max_new_tokens=12)
+    backend.reuse_prefix = False
+    plain = backend.generate(chats(), params)
+    backend.reuse_prefix = True
+    before = backend.stats["prefix_reused_tokens"]
+    reused = backend.generate(chats(), params)
+    assert reused == plain
+    assert backend.stats["prefix_reused_tokens"] > before
+
+
+def test_prefix_cache_is_kept_across_calls(backend):
+    params = SamplingParams(max_new_tokens=4)
+    backend.generate(chats(), params)
+    assert len(backend.prefix_cache.entries) == 1
+    prefilled = backend.stats["prefill_tokens"]
+    # A second call (even of one prompt) with the same prefix prefills only its own suffix.
+    one = chats()[:1]
+    backend.generate(one, params)
+    suffix_len = len(backend.encode([backend.render(one[0])])[0]) - len(next(iter(backend.prefix_cache.entries)))
+    assert backend.stats["prefill_tokens"] - prefilled == suffix_len
+
+
+def test_longer_prefix_extends_the_cached_one(backend):
+    """A new, longer shared prefix is prefilled from the cached shorter one: only the extra tokens."""
+    base = list(range(10, 40))
+    extra = list(range(50, 70))
+    backend.min_prefix_tokens = 16
+    backend._prefix_for([base + [1], base + [2]], allow_new=True)
+    prefilled = backend.stats["prefill_tokens"]
+    length, kv = backend._prefix_for([base + extra + [1], base + extra + [2]], allow_new=True)
+    assert length == len(base + extra)
+    assert backend.stats["prefill_tokens"] - prefilled == len(extra)
+    backend.prefix_cache.clear()
+    _, fresh = backend._prefix_for([base + extra + [1], base + extra + [2]], allow_new=True)
+    for (k1, v1), (k2, v2) in zip(kv, fresh):
+        assert torch.allclose(k1, k2, atol=1e-5) and torch.allclose(v1, v2, atol=1e-5)
+
+
+def test_choice_logprobs_are_exact(backend):
+    texts = [backend.render(c + [{"role": "assistant", "content": "The answer is:"}]) for c in chats()]
+    options = [" (A)", " (B)", " Let's think"]
+    got = backend.choice_logprobs(texts, options)
+    model, tok = backend.model, backend.tokenizer
+    for text, row in zip(texts, got):
+        for option, value in zip(options, row):
+            p = tok(text, add_special_tokens=False)["input_ids"]
+            o = tok(option, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                lp = model(torch.tensor([p + o])).logits.log_softmax(-1)[0]
+            expected = sum(lp[len(p) - 1 + k, o[k]].item() for k in range(len(o)))
+            assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_choice_logprobs_same_with_and_without_reuse(backend):
+    texts = [backend.render(c) for c in chats()]
+    backend.reuse_prefix = False
+    plain = backend.choice_logprobs(texts, [" (A)", " (B)"])
+    backend.reuse_prefix = True
+    reused = backend.choice_logprobs(texts, [" (A)", " (B)"])
+    assert torch.allclose(torch.tensor(plain), torch.tensor(reused), atol=1e-4)
+    assert backend.prefix_cache.entries
+
+
+def test_sampling_is_seeded_per_row_not_per_batch(backend):
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    backend.batch_size = 5
+    a = backend.generate(chats(), params)
+    backend.batch_size = 1
+    b = backend.generate(chats(), params)
+    assert a == b
+    c = backend.generate(chats(), SamplingParams(max_new_tokens=8, temperature=1.0, seed=8))
+    assert c != a
+    # Explicit per-row seeds: the same prompt twice with two seeds gives two samples.
+    twice = backend.generate([chats()[0]] * 2, SamplingParams(max_new_tokens=8, temperature=1.5), seeds=[1, 2])
+    assert twice[0] != twice[1]
+
+
+def test_stop_strings_cut_the_output(backend):
+    params = SamplingParams(max_new_tokens=16)
+    full = backend.generate(chats(), params)
+    # Stop on a piece of the first answer: that answer must end right before it.
+    stop = full[0][3:6]
+    assert stop
+    cut = backend.generate(chats(), SamplingParams(max_new_tokens=16, stop=(stop,)))
+    assert cut[0] == full[0][: full[0].find(stop)]
+    for whole, part in zip(full, cut):
+        assert whole.startswith(part)
+        assert stop not in part
+
+
+def test_max_new_tokens_is_respected(backend):
+    before = backend.stats["generated_tokens"]
+    short = backend.generate(chats(), SamplingParams(max_new_tokens=3))
+    assert backend.stats["generated_tokens"] - before <= 3 * len(short)
+    longer = backend.generate(chats(), SamplingParams(max_new_tokens=8))
+    assert all(b.startswith(a.rstrip("\ufffd")) for a, b in zip(short, longer))
+
+
+def test_assistant_last_message_is_continued(backend):
+    chat = [{"role": "user", "content": "Pick one."}, {"role": "assistant", "content": "The answer is:"}]
+    text = backend.render(chat)
+    assert text.endswith("The answer is:")
+    assert backend.render(chat[:1]).endswith("<|im_start|>assistant\n")
+
+
+def test_oversized_and_empty_prompts_are_clear_errors(backend):
+    with pytest.raises(CaiError, match="exceeds the model's context"):
+        backend.generate(["word " * 2000], SamplingParams(max_new_tokens=4))
+    with pytest.raises(CaiError, match="prompt 0 is empty"):
+        backend.generate([""], SamplingParams())
+    with pytest.raises(CaiError, match="at least one option"):
+        backend.choice_logprobs(["x"], [])
+
+
+def test_common_prefix_length():
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert common_prefix_length([[5], [6]]) == 0
+    assert common_prefix_length([]) == 0
+
+
+def test_bad_sampling_params():
+    with pytest.raises(CaiError):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(CaiError):
+        SamplingParams(temperature=-1)
+    with pytest.raises(CaiError):
+        SamplingParams(top_p=0)

