@@ -53,7 +53,7 @@ def _generate_config(config: Path | None, model: str | None, sets: list[str] | N
 
     overrides = list(sets or [])
     if model is not None:
-        overrides.insert(0, f"model.name={model}")
+        overrides.insert(0, f"model.name={json.dumps(model)}")
     for key, value in sampling.items():
         if value is not None:
             overrides.insert(0, f"sampling.{key}={json.dumps(value)}")
@@ -66,18 +66,8 @@ def _read_prompts(prompts: list[str], file: Path | None, limit: int | None):
 
     rows = [PromptRow(id=f"arg-{i}", messages=[{"role": "user", "content": p}]) for i, p in enumerate(prompts)]
     if file is not None:
-        if file.suffix == ".txt":
-            if not file.is_file():
-                raise CaiError(f"prompt file {file} does not exist")
-            try:
-                lines = file.read_text(encoding="utf-8").splitlines()
-            except UnicodeDecodeError as e:
-                raise CaiError(f"{file} is not UTF-8 text (bad byte at offset {e.start})") from e
-            rows += [PromptRow(id=f"{file.stem}-{i}", messages=[{"role": "user", "content": line.strip()}])
-                     for i, line in enumerate(lines) if line.strip()]
-        else:
-            loaded, _ = load_prompts(str(file), limit=limit)
-            rows += loaded
+        loaded, _ = load_prompts(str(file), limit=limit)
+        rows += loaded
     for row in rows:
         if not row.messages or not row.messages[-1]["content"].strip():
             raise CaiError(f"prompt '{row.id}' is empty")
