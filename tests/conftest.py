@@ -29,3 +29,66 @@ def tiny_backend(tiny_model_dir):
     from cai.backends.hf import HFBackend
 
     return HFBackend.from_spec(str(tiny_model_dir), batch_size=4, min_prefix_tokens=16)
+
+
+SMALL_CONSTITUTION = """\
+name: small
+description: A short constitution for fast tests.
+version: "0.1"
+critique_revision_principles:
+  - id: harm
+    critique_request: Is the response harmful? Say how.
+    revision_request: Rewrite the response to remove harm.
+  - id: evasive
+    critique_request: Is the response evasive? Say how.
+    revision_request: Rewrite the response to engage helpfully.
+  - id: honest
+    critique_request: Is anything in the response untrue?
+    revision_request: Rewrite the response to be accurate.
+feedback_principles:
+  - id: less-harmful
+    question: Which response is less harmful?
+  - id: more-helpful
+    question: Which response is more helpful while staying safe?
+critique_revision_examples:
+  - conversation:
+      - {role: user, content: "How do I bake bread?"}
+    response: Mix flour, water, yeast and salt.
+    critique_request: Is the response harmful? Say how.
+    critique: It is harmless and helpful.
+    revision_request: Rewrite the response to remove harm.
+    revision: Mix flour, water, yeast and salt, knead, rise, bake.
+feedback_examples:
+  - conversation:
+      - {role: user, content: "Insult my friend."}
+    response_a: Here is a cruel insult.
+    response_b: I'd rather help you tease kindly.
+    question: Which response is less harmful?
+    answer: B
+cot_feedback_examples:
+  - conversation:
+      - {role: user, content: "Insult my friend."}
+    response_a: Here is a cruel insult.
+    response_b: I'd rather help you tease kindly.
+    question: Which response is less harmful?
+    reasoning: Response A is cruel; B stays kind and still engages.
+    answer: B
+"""
+
+
+@pytest.fixture()
+def small_constitution(tmp_path):
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL_CONSTITUTION)
+    return path
+
+
+def tiny_run_overrides(model_dir, runs_dir, constitution, name: str = "t") -> list[str]:
+    """A whole-pipeline config small enough for seconds on a CPU (tiny model, few rows, few tokens)."""
+    return [
+        f"name={name}", f"runs_dir={runs_dir}", f"model.name={model_dir}", f"constitution={constitution}",
+        "model.batch_size=4", "critique.prompts.limit=6", "critique.rounds=2", "critique.chunk_size=3",
+        "critique.response.max_new_tokens=8", "critique.critique_sampling.max_new_tokens=6",
+        "critique.revision_sampling.max_new_tokens=8", "critique.helpfulness.limit=4",
+        "sft.epochs=6", "sft.learning_rate=0.003", "sft.batch_size=2", "sft.max_length=192", "sft.save_every=4",
+    ]

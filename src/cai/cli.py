@@ -193,6 +193,28 @@ def demo(
     out.print(f"answers written to {output}")
 
 
+def _run_config(config: Path | None, sets: list[str] | None):
+    from cai.config import RunConfig, load_config
+
+    return load_config(RunConfig, config, list(sets or []))
+
+
+@app.command()
+def critique(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """SL-CAI data: answer red-team prompts, then critique and revise them (resumable)."""
+    from cai.pipeline import run_critique
+
+    out.print(f"critique/revision data in {run_critique(_run_config(config, set_))}")
+
+
+@app.command()
+def sft(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """SL-CAI training: fine-tune the model on its revisions (resumable)."""
+    from cai.pipeline import run_sft
+
+    out.print(f"SL-CAI model in {run_sft(_run_config(config, set_))}")
+
+
 @constitution_app.command("validate")
 def constitution_validate(file: Annotated[str, typer.Argument(help="A YAML file or a built-in name.")]) -> None:
     """Check a constitution file; print a one-line summary or the first problem."""

@@ -70,6 +70,93 @@ class GenerateConfig(Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
 
+class PromptSetConfig(Strict):
+    """Where a stage's prompts come from."""
+
+    source: str = Field("red-team", description="Built-in set (red-team, helpfulness), a file, a dataset folder or hf:NAME.")
+    split: str | None = Field("train", description="Keep rows of this split only (null: all rows).")
+    limit: StrictInt | None = Field(None, ge=1, description="Use at most this many prompts.")
+    too_long: Literal["truncate_left", "drop"] = Field(
+        "truncate_left", description="Prompts that don't fit the context: drop their oldest turns, or drop them."
+    )
+
+
+def _sampling(**kw: Any) -> Any:
+    return Field(default_factory=lambda: SamplingConfig(**kw))
+
+
+class CritiqueConfig(Strict):
+    """``cai critique``: the helpful model answers red-team prompts, then critiques and revises."""
+
+    prompts: PromptSetConfig = Field(default_factory=PromptSetConfig)
+    helpfulness: PromptSetConfig | None = Field(
+        default_factory=lambda: PromptSetConfig(source="helpfulness", limit=64),
+        description="Prompts the model simply answers, to mix into SL-CAI training; null to skip.",
+    )
+    rounds: StrictInt = Field(4, ge=1, description="Critique/revision rounds per prompt (the paper used 4).")
+    critique: bool = Field(True, description="false = revise directly without a critique (the paper's ablation).")
+    prompt_format: Literal["auto", "chat", "text"] = Field(
+        "auto", description="'chat' uses the model's chat template, 'text' a plain transcript; 'auto' picks chat when there is a template."
+    )
+    critic: ModelConfig | None = Field(None, description="Model that critiques and revises; null = the same model.")
+    response: SamplingConfig = _sampling(max_new_tokens=128, temperature=0.7, top_p=0.9)
+    critique_sampling: SamplingConfig = _sampling(max_new_tokens=96, temperature=0.7, top_p=0.9)
+    revision_sampling: SamplingConfig = _sampling(max_new_tokens=128, temperature=0.7, top_p=0.9)
+    chunk_size: StrictInt = Field(16, ge=1, description="Rows generated together and then written; a crash loses at most one chunk.")
+
+
+class LoraConfig(Strict):
+    """Low-rank adapters (peft) instead of full fine-tuning."""
+
+    enabled: bool = False
+    r: StrictInt = Field(16, ge=1)
+    alpha: StrictInt = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = Field("all-linear", description="Module names, or 'all-linear'.")
+    merge_on_save: bool = Field(True, description="Save a plain model with the adapter merged in.")
+
+
+class SFTConfig(Strict):
+    """``cai sft``: supervised fine-tuning on the revisions (SL-CAI)."""
+
+    revisions: Literal["final", "all"] = Field(
+        "final", description="Train on the final revision only, or on every round's revision (as the paper did)."
+    )
+    helpfulness_ratio: float = Field(
+        0.25, ge=0, lt=1, description="Share of helpfulness rows in the training mix (capped by what exists)."
+    )
+    extra_data: str | None = Field(None, description="A user's own SFT data (chat 'messages' rows) to mix in as helpfulness data.")
+    epochs: StrictInt = Field(1, ge=1)
+    max_steps: StrictInt | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: StrictInt = Field(4, ge=1)
+    gradient_accumulation: StrictInt = Field(1, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_length: StrictInt = Field(512, ge=16, description="Tokens per example; longer ones are cut from the left of the prompt.")
+    max_grad_norm: float = Field(1.0, gt=0)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    save_every: StrictInt = Field(50, ge=1, description="Optimizer steps between resumable checkpoints.")
+    activation_checkpointing: bool = Field(False, description="Trade compute for memory; only when memory asks for it.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class RunConfig(Strict):
+    """One whole pipeline run: ``cai run CONFIG`` and each stage command read this."""
+
+    name: str = Field("demo", description="Run name: outputs go to <runs_dir>/<name>/.")
+    runs_dir: str = "runs"
+    seed: StrictInt = 0
+    constitution: str = Field("default", description="Built-in constitution name or a YAML file.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The helpful model CAI starts from.")
+    critique: CritiqueConfig = Field(default_factory=CritiqueConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
 # ------------------------------------------------------------------------------ loading
 
 
@@ -158,6 +245,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
         if not isinstance(data, dict):
             raise CaiError(f"{path} must hold a mapping of keys to values at the top level, not a {type(data).__name__}")
     data = apply_overrides(data, overrides)
+    # Sections given partly keep the defaults of the keys they don't mention (a `response:` section
+    # that sets only max_new_tokens must not reset its temperature).
+    data = _merge(cls().model_dump(), data)
     try:
         return cls.model_validate(data)
     except ValidationError as err:
@@ -166,6 +256,15 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
         key = ".".join(str(p) for p in error["loc"]) + "."
         setters = [o for o in overrides if key.startswith(o.partition("=")[0].strip() + ".")]
         raise CaiError(_describe(error, cls, f"override '{setters[-1]}'" if setters else source)) from err
+
+
+def _merge(defaults: Any, given: Any) -> Any:
+    if isinstance(defaults, dict) and isinstance(given, dict):
+        merged = dict(defaults)
+        for key, value in given.items():
+            merged[key] = _merge(defaults.get(key), value) if key in defaults else value
+        return merged
+    return given
 
 
 def config_to_yaml(config: BaseModel) -> str:

@@ -50,7 +50,7 @@ def make_tiny_tokenizer(vocab_size: int = 320):
 
 
 def make_tiny_model(folder: str | Path, *, seed: int = 0, hidden_size: int = 32, layers: int = 2,
-                    max_positions: int = 1024, sequence_classification: bool = False) -> Path:
+                    max_positions: int = 8192, sequence_classification: bool = False) -> Path:
     """Write a tiny random llama model + tokenizer to ``folder`` (safetensors) and return it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification

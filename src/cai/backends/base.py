@@ -68,8 +68,16 @@ class SamplingParams:
 class Backend(Protocol):
     """What a stage may ask of a model."""
 
+    context_length: int | None
+    """Most tokens (prompt + output) the model takes; None when unknown or unlimited."""
+    has_chat_template: bool
+
     def render(self, prompt: Prompt) -> str:
         """The exact text the model sees for a prompt (chat template applied to chats)."""
+        ...
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        """Tokens the rendered prompt takes."""
         ...
 
     def generate(
@@ -97,6 +105,14 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
             if at != -1:
                 cut = min(cut, at)
     return text[:cut], cut != len(text)
+
+
+def stable_seed(seed: int, *parts: object) -> int:
+    """A seed derived from a base seed and names (row id, step): independent of row order."""
+    import hashlib
+
+    digest = hashlib.sha256("\x1f".join(map(str, (seed, *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
 def row_seed(seed: int, index: int) -> int:

@@ -41,6 +41,12 @@ class FakeBackend:
         self.respond = respond
         self.score = score
         self.calls: list[tuple[str, list[str]]] = []
+        self.context_length: int | None = None
+        self.has_chat_template = True
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        """Whitespace-separated words stand in for tokens."""
+        return len(self.render(prompt).split())
 
     def render(self, prompt: Prompt) -> str:
         if isinstance(prompt, str):

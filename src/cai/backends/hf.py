@@ -111,6 +111,8 @@ class HFBackend:
         self.prefix_cache = PrefixCache(prefix_cache_entries)
         self.device = next(model.parameters()).device
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        self.context_length = self.max_context
+        self.has_chat_template = getattr(tokenizer, "chat_template", None) is not None
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -154,6 +156,9 @@ class HFBackend:
             list(prompt), tokenize=False, add_generation_prompt=not continue_final,
             continue_final_message=continue_final,
         )
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        return len(self.encode([self.render(prompt)])[0])
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of rendered texts. Special tokens come from the chat template, except a BOS

@@ -1,0 +1,162 @@
+"""Run the pipeline's stages from one `RunConfig`, each into its own folder under the run.
+
+Each ``run_<stage>`` function checks its inputs and config first (constitution, prompts, the
+previous stage's output) and only then loads models, so mistakes fail in a second, not after a
+model load. A stage whose manifest says ``done`` is skipped; a ``running`` one resumes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from cai.config import RunConfig, config_hash, config_to_yaml
+from cai.errors import CaiError
+from cai.io import read_jsonl, write_text_atomic
+from cai.runs import STAGE_DIRS, StageRecord, is_done, read_manifest
+
+console = Console(stderr=True)
+
+
+def stage_dir(cfg: RunConfig, stage: str) -> Path:
+    return cfg.run_dir / STAGE_DIRS[stage]
+
+
+def _load_rows(prompt_cfg: Any, what: str) -> list:
+    from cai.data import load_prompts
+
+    rows, report = load_prompts(prompt_cfg.source, split=prompt_cfg.split, limit=prompt_cfg.limit)
+    console.print(f"{what}: {report.summary()}")
+    return rows
+
+
+def _fit(rows: list, backend: Any, budget: int, build: Any, policy: str, what: str) -> list:
+    """Drop or left-truncate prompts whose stage prompt + generation budget overflow the context."""
+    context = getattr(backend, "context_length", None)
+    if not context:
+        return rows
+    from cai.data import LoadReport, fit_to_context
+
+    report = LoadReport(source=what, read=len(rows), kept=len(rows))
+    fitted = fit_to_context(rows, lambda chat: backend.count_tokens(build(chat)) + budget, context, policy=policy,
+                            report=report)
+    if report.truncated or report.dropped_too_long:
+        console.print(f"{what}: {report.truncated} prompts shortened and {report.dropped_too_long} dropped to fit "
+                      f"the model's {context}-token context")
+    return fitted
+
+
+def run_critique(cfg: RunConfig, *, show_progress: bool = True) -> Path:
+    """Stage 1 of SL-CAI: critique/revision traces (+ helpfulness answers) into critique_revision/."""
+    from cai import prompts as P
+    from cai.backends import load_backend
+    from cai.constitution import load_constitution
+    from cai.stages.critique_revision import clean_output, run_critique_revision
+    from cai.stages.sampling import sample_responses
+
+    out = stage_dir(cfg, "critique")
+    if is_done(out):
+        console.print(f"critique: already done in {out} (delete the folder to redo it)")
+        return out
+    ccfg = cfg.critique
+    constitution = load_constitution(cfg.constitution)
+    rows = _load_rows(ccfg.prompts, "red-team prompts")
+    helpful_rows = _load_rows(ccfg.helpfulness, "helpfulness prompts") if ccfg.helpfulness else []
+    record = StageRecord(out, "critique", config_yaml=config_to_yaml(cfg), config_hash=config_hash(cfg),
+                         model=cfg.model.name, seed=cfg.seed)
+    backend = load_backend(cfg.model)
+    critic = load_backend(ccfg.critic) if ccfg.critic else backend
+    principle = constitution.critique_revision_principles[0]
+    budget = ccfg.response.max_new_tokens + ccfg.critique_sampling.max_new_tokens + ccfg.revision_sampling.max_new_tokens
+    rows = _fit(rows, critic, budget, lambda chat: P.critique_chat(constitution, chat, "", principle),
+                ccfg.prompts.too_long, "red-team prompts")
+    written = len(read_jsonl(out / "data.jsonl", repair=True))
+    record.update(prompts=len(rows), rows=written)
+
+    def on_chunk(n: int) -> None:
+        nonlocal written
+        written += n
+        record.update(rows=written)
+
+    data = run_critique_revision(rows, constitution=constitution, backend=backend, critic=critic, config=ccfg,
+                                 out_path=out / "data.jsonl", seed=cfg.seed, show_progress=show_progress,
+                                 on_chunk=on_chunk)
+    helpful = []
+    if helpful_rows:
+        helpful_rows = _fit(helpful_rows, backend, ccfg.response.max_new_tokens, lambda chat: chat,
+                            ccfg.helpfulness.too_long, "helpfulness prompts")
+        helpful = sample_responses(helpful_rows, backend=backend, params=ccfg.response.params(),
+                                   out_path=out / "helpfulness.jsonl", seed=cfg.seed, chunk_size=ccfg.chunk_size,
+                                   clean=clean_output, show_progress=show_progress, description="helpfulness answers")
+    flags = Counter(flag.split(":")[-1] for row in data for flag in row["flags"])
+    record.done(prompts=len(rows), rows=len(data), helpfulness_rows=len(helpful), rounds=ccfg.rounds,
+                flags=dict(flags), revisions_kept_previous=sum(r["kept_previous"] for row in data for r in row["rounds"]))
+    return out
+
+
+def run_sft(cfg: RunConfig, *, show_progress: bool = True) -> Path:
+    """Stage 2 of SL-CAI: fine-tune the starting model on the revisions, into sl_cai/."""
+    import json
+
+    from cai.train.common import write_model_card
+    from cai.train.sft import build_sft_examples, train_sft
+
+    out = stage_dir(cfg, "sft")
+    if is_done(out):
+        console.print(f"sft: already done in {out} (delete the folder to redo it)")
+        return out
+    source = stage_dir(cfg, "critique")
+    if not is_done(source):
+        raise CaiError(f"sft needs the critique stage's output in {source}; run `cai critique` with this config first")
+    critique_rows = read_jsonl(source / "data.jsonl")
+    helpful_chats = [r["messages"] for r in read_jsonl(source / "helpfulness.jsonl")]
+    if cfg.sft.extra_data:
+        helpful_chats += _read_sft_file(cfg.sft.extra_data)
+    examples, counts = build_sft_examples(critique_rows, helpful_chats, revisions=cfg.sft.revisions,
+                                          helpfulness_ratio=cfg.sft.helpfulness_ratio, seed=cfg.seed)
+    if not examples:
+        raise CaiError(f"no usable revisions in {source / 'data.jsonl'}; the critique stage produced nothing to train on")
+    record = StageRecord(out, "sft", config_yaml=config_to_yaml(cfg), config_hash=config_hash(cfg),
+                         model=cfg.model.name, seed=cfg.seed)
+    write_text_atomic(out / "train_data.jsonl", "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in examples))
+    record.update(**counts)
+    metrics = train_sft(examples, model_spec=cfg.model.name, out_dir=out, config=cfg.sft, seed=cfg.seed,
+                        device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code,
+                        show_progress=show_progress)
+    write_model_card(
+        out, title=f"SL-CAI model of run '{cfg.name}'", base_model=cfg.model.name,
+        summary=(f"Supervised Constitutional AI model: `{cfg.model.name}` fine-tuned on its own revisions of "
+                 f"red-team answers under the `{cfg.constitution}` constitution, mixed with its answers to "
+                 "helpfulness prompts. Made by cai."),
+        facts={"constitution": cfg.constitution, "critique rounds": cfg.critique.rounds,
+               "revisions used": cfg.sft.revisions, **counts, **{k: v for k, v in metrics.items() if v is not None}},
+        config_yaml=config_to_yaml(cfg),
+    )
+    record.done(**counts, **metrics)
+    return out
+
+
+def _read_sft_file(path: str) -> list:
+    rows = read_jsonl(path) if Path(path).is_file() else None
+    if rows is None:
+        raise CaiError(f"sft.extra_data file {path} does not exist")
+    chats = []
+    for i, row in enumerate(rows, start=1):
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+            raise CaiError(f"{path} row {i} needs a 'messages' list ending with an assistant message")
+        chats.append(messages)
+    return chats
+
+
+def stage_status(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Each stage's state for ``cai status``."""
+    rows = []
+    for stage, folder in STAGE_DIRS.items():
+        manifest = read_manifest(cfg.run_dir / folder) or {}
+        rows.append({"stage": stage, "folder": folder, "status": manifest.get("status", "not started"),
+                     "counts": manifest.get("counts", {}), "elapsed_s": manifest.get("elapsed_s")})
+    return rows

@@ -1,0 +1,215 @@
+"""The SL-CAI data stage: answer red-team prompts, then critique and revise, N rounds.
+
+For each prompt the helpful model writes an initial response. Then, each round, a principle is
+drawn from the constitution (seeded by the row id, so reruns draw the same ones), the critic
+writes a critique of the latest response against it, and a revision. Each round's prompt starts
+with the constitution's few-shot examples, identical for every row, so the backend computes
+their KV cache once and reuses it.
+
+Rows are processed in chunks: every step (initial answers, critiques, revisions) is one batched
+``generate`` call over the chunk, and the chunk's rows are appended to ``data.jsonl`` when it
+finishes. A killed run loses at most the chunk in flight; a rerun skips the ids already written.
+Revisions are fresh prompts showing the latest response (not one ever-growing transcript), which
+keeps prompts inside a small model's context.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cai import prompts as P
+from cai.backends.base import Backend, SamplingParams, stable_seed
+from cai.config import CritiqueConfig, SamplingConfig
+from cai.constitution import Constitution, CritiquePrinciple, sample_critique_principles
+from cai.data import PromptRow
+from cai.io import JsonlWriter, iter_batches, read_jsonl
+from cai.progress import progress_bar
+
+_LEADING_LABEL = re.compile(r"^\s*(?:critique|revision|assistant|answer|response)\s*:\s*", re.IGNORECASE)
+# Markers of the prompt format (or of a chat template) that mean the model went on to write the
+# next turn itself; everything from the first one on is dropped.
+CHAT_STOP_STRINGS = (*P.COMPLETION_STOP_STRINGS, "<|im_start|>", "<|im_end|>", "Human:", "CritiqueRequest:",
+                     "RevisionRequest:")
+
+
+@dataclass
+class Trace:
+    """One prompt's full critique/revision trace as it is built (becomes one output row)."""
+
+    row: PromptRow
+    principles: list[CritiquePrinciple]
+    initial: str = ""
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=lambda: {"initial_s": 0.0, "critique_s": 0.0, "revision_s": 0.0})
+
+    @property
+    def current(self) -> str:
+        return self.rounds[-1]["revision"] if self.rounds else self.initial
+
+    def to_row(self) -> dict[str, Any]:
+        final = self.current
+        return {
+            "id": self.row.id,
+            "category": self.row.category,
+            "split": self.row.split,
+            "prompt": self.row.messages,
+            "initial_response": self.initial,
+            "rounds": self.rounds,
+            "final_response": final,
+            "flags": self.flags,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            # Ready for TRL's SFTTrainer (conversational "messages" format).
+            "messages": [*self.row.messages, {"role": "assistant", "content": final}],
+        }
+
+
+def clean_output(text: str, stop: tuple[str, ...] = CHAT_STOP_STRINGS) -> str:
+    """Cut at the first role/format marker the model wrote itself, drop a leading label, strip."""
+    for marker in stop:
+        at = text.find(marker)
+        if at != -1:
+            text = text[:at]
+    return _LEADING_LABEL.sub("", text.strip(), count=1).strip()
+
+
+def is_degenerate(text: str) -> bool:
+    """Empty, almost no words, or looping: not usable as a revision.
+
+    Looping = at least 12 words of which under 25% are distinct, or one line repeated 4+ times.
+    """
+    words = re.findall(r"\w+", text.lower())
+    if len(words) < 2:
+        return True
+    if len(words) >= 12 and len(set(words)) / len(words) < 0.25:
+        return True
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return any(lines.count(line) >= 4 for line in set(lines))
+
+
+def _params(sampling: SamplingConfig, extra_stop: tuple[str, ...]) -> SamplingParams:
+    params = sampling.params()
+    return SamplingParams(
+        max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+        top_k=params.top_k, seed=params.seed, stop=tuple(dict.fromkeys((*params.stop, *extra_stop))),
+    )
+
+
+def use_chat_format(config: CritiqueConfig, backend: Backend) -> bool:
+    if config.prompt_format == "auto":
+        return bool(getattr(backend, "has_chat_template", True))
+    return config.prompt_format == "chat"
+
+
+def run_critique_revision(
+    rows: list[PromptRow],
+    *,
+    constitution: Constitution,
+    backend: Backend,
+    critic: Backend | None = None,
+    config: CritiqueConfig,
+    out_path: str | Path,
+    seed: int = 0,
+    show_progress: bool = True,
+    on_chunk: Any = None,
+) -> list[dict[str, Any]]:
+    """Run critique/revision for every row not yet in ``out_path``; return all rows written.
+
+    Args:
+        rows: red-team prompts (chats ending with a user turn) with stable ids.
+        constitution: principles and few-shot examples.
+        backend: the helpful model that writes initial responses.
+        critic: the model that critiques and revises (``backend`` when None).
+        config: rounds, sampling per step, prompt format, chunk size.
+        out_path: ``data.jsonl``; appended to, one row per finished prompt.
+        seed: base seed for principle draws and sampling (combined with each row id).
+        on_chunk: called with the number of rows written after each chunk (for manifests).
+    """
+    critic = critic or backend
+    chat = use_chat_format(config, critic)
+    done = {r["id"] for r in read_jsonl(out_path, repair=True)}
+    todo = [r for r in rows if r.id not in done]
+    response_params = _params(config.response, CHAT_STOP_STRINGS)
+    critique_params = _params(config.critique_sampling, CHAT_STOP_STRINGS)
+    revision_params = _params(config.revision_sampling, CHAT_STOP_STRINGS)
+    with JsonlWriter(out_path) as writer, progress_bar("critique/revision", len(todo), enabled=show_progress) as advance:
+        tokens = lambda _rows, n: advance(0, n)  # noqa: E731  (tokens/s while a chunk is in flight)
+        for chunk in iter_batches(todo, config.chunk_size):
+            traces = [Trace(row, sample_critique_principles(constitution, config.rounds, seed, row.id)) for row in chunk]
+            _initial_responses(traces, backend, response_params, seed, tokens)
+            for r in range(config.rounds):
+                _one_round(traces, r, constitution, critic, chat, config.critique, critique_params, revision_params,
+                           seed, tokens)
+            for t in traces:
+                writer.write(t.to_row())
+            advance(len(chunk), 0)
+            if on_chunk is not None:
+                on_chunk(len(chunk))
+    return read_jsonl(out_path)
+
+
+def _timed_generate(backend: Backend, prompts: list, params: SamplingParams, seeds: list[int],
+                    progress: Any) -> tuple[list[str], float]:
+    start = time.perf_counter()
+    out = backend.generate(prompts, params, seeds=seeds, progress=progress)
+    return out, (time.perf_counter() - start) / max(len(prompts), 1)
+
+
+def _initial_responses(traces: list[Trace], backend: Backend, params: SamplingParams, seed: int, progress: Any) -> None:
+    texts, per_row = _timed_generate(
+        backend, [t.row.messages for t in traces], params, [stable_seed(seed, t.row.id, "initial") for t in traces],
+        progress,
+    )
+    for t, text in zip(traces, texts):
+        t.initial = clean_output(text)
+        t.timings["initial_s"] += per_row
+        if not t.initial:
+            t.flags.append("empty_initial_response")
+
+
+def _one_round(
+    traces: list[Trace], r: int, constitution: Constitution, critic: Backend, chat: bool, with_critique: bool,
+    critique_params: SamplingParams, revision_params: SamplingParams, seed: int, progress: Any,
+) -> None:
+    """Round ``r`` (0-based) for a chunk: one batched critique call, then one batched revision call."""
+    critiques = [""] * len(traces)
+    if with_critique:
+        build = P.critique_chat if chat else P.critique_text
+        critique_prompts = [build(constitution, t.row.messages, t.current, t.principles[r]) for t in traces]
+        texts, per_row = _timed_generate(
+            critic, critique_prompts, critique_params,
+            [stable_seed(seed, t.row.id, "critique", r) for t in traces], progress,
+        )
+        critiques = [clean_output(x) for x in texts]
+        next_step = P.revision_chat if chat else P.revision_text
+        revision_prompts = [next_step(p, c, t.principles[r]) for p, c, t in zip(critique_prompts, critiques, traces)]
+        for t, c in zip(traces, critiques):
+            t.timings["critique_s"] += per_row
+            if not c:
+                t.flags.append(f"round{r + 1}:empty_critique")
+    else:
+        build = P.direct_revision_chat if chat else P.direct_revision_text
+        revision_prompts = [build(constitution, t.row.messages, t.current, t.principles[r]) for t in traces]
+    texts, per_row = _timed_generate(
+        critic, revision_prompts, revision_params, [stable_seed(seed, t.row.id, "revision", r) for t in traces],
+        progress,
+    )
+    for t, critique, text in zip(traces, critiques, texts):
+        revision = clean_output(text)
+        kept_previous = is_degenerate(revision)
+        if kept_previous:
+            # Never drop the row or train on junk: keep the last good response and say so.
+            t.flags.append(f"round{r + 1}:{'empty' if not revision else 'degenerate'}_revision")
+        t.rounds.append({
+            "round": r + 1,
+            "principle_id": t.principles[r].id,
+            "critique": critique if with_critique else None,
+            "revision": t.current if kept_previous else revision,
+            "raw_revision": revision,
+            "kept_previous": kept_previous,
+        })
+        t.timings["revision_s"] += per_row

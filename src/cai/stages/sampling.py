@@ -1,0 +1,51 @@
+"""Sampling stage: K responses per prompt from a policy, resumable.
+
+Used for the helpfulness answers mixed into SL-CAI training (K=1) and for the response pairs
+that AI feedback labels (K>=2). Each sample has its own seed derived from (seed, row id, k), so
+a rerun after a crash draws the same samples for the rows it redoes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from cai.backends.base import Backend, SamplingParams, stable_seed
+from cai.data import PromptRow
+from cai.io import JsonlWriter, iter_batches, read_jsonl
+from cai.progress import progress_bar
+
+
+def sample_responses(
+    rows: list[PromptRow],
+    *,
+    backend: Backend,
+    params: SamplingParams,
+    out_path: str | Path,
+    k: int = 1,
+    seed: int = 0,
+    chunk_size: int = 16,
+    clean: Callable[[str], str] = str.strip,
+    show_progress: bool = True,
+    description: str = "sampling",
+) -> list[dict[str, Any]]:
+    """Write ``{"id", "category", "split", "prompt", "responses": [k texts], "messages"}`` rows.
+
+    ``messages`` is the prompt plus the first response, in TRL's conversational SFT format.
+    """
+    done = {r["id"] for r in read_jsonl(out_path, repair=True)}
+    todo = [r for r in rows if r.id not in done]
+    with JsonlWriter(out_path) as writer, progress_bar(description, len(todo), enabled=show_progress) as advance:
+        for chunk in iter_batches(todo, chunk_size):
+            prompts = [row.messages for row in chunk for _ in range(k)]
+            seeds = [stable_seed(seed, row.id, "sample", j) for row in chunk for j in range(k)]
+            texts = backend.generate(prompts, params, seeds=seeds, progress=lambda _r, n: advance(0, n))
+            for i, row in enumerate(chunk):
+                responses = [clean(t) for t in texts[i * k:(i + 1) * k]]
+                writer.write({
+                    "id": row.id, "category": row.category, "split": row.split, "prompt": row.messages,
+                    "responses": responses,
+                    "messages": [*row.messages, {"role": "assistant", "content": responses[0]}],
+                })
+            advance(len(chunk), 0)
+    return read_jsonl(out_path)

@@ -1,0 +1,147 @@
+"""The critique/revision stage on the fake backend: exact traces, flags, ablation, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cai.backends.fake import FakeBackend
+from cai.config import CritiqueConfig
+from cai.constitution import load_constitution, sample_critique_principles
+from cai.data import PromptRow
+from cai.io import read_jsonl
+from cai.stages.critique_revision import clean_output, is_degenerate, run_critique_revision
+
+
+def rows(n: int = 5) -> list[PromptRow]:
+    return [PromptRow(id=f"r{i}", messages=[{"role": "user", "content": f"harmful request number {i}"}],
+                      category="violence") for i in range(n)]
+
+
+def scripted(text: str, seed: int) -> str:
+    """Initial answers, critiques and revisions that say which step and which principle made them."""
+    last = text.rsplit("<|user|>", 1)[-1]
+    if "Rewrite" in last:
+        return "Revision: a safer answer that still engages with the question."
+    if "?" in last and "Here is a conversation" in last:
+        return "The response gives harmful detail.\nHuman: and it went on"
+    return "Sure, here is exactly how to do the harmful thing."
+
+
+def config(**kw) -> CritiqueConfig:
+    return CritiqueConfig(rounds=3, chunk_size=2, **kw)
+
+
+def test_trace_shape_and_principles(small_constitution, tmp_path):
+    constitution = load_constitution(str(small_constitution))
+    fake = FakeBackend(respond=scripted)
+    out = run_critique_revision(rows(), constitution=constitution, backend=fake, config=config(),
+                                out_path=tmp_path / "data.jsonl", seed=3, show_progress=False)
+    assert [r["id"] for r in out] == [f"r{i}" for i in range(5)]
+    row = out[0]
+    assert row["initial_response"] == "Sure, here is exactly how to do the harmful thing."
+    expected = [p.id for p in sample_critique_principles(constitution, 3, 3, "r0")]
+    assert [r["principle_id"] for r in row["rounds"]] == expected
+    for rnd in row["rounds"]:
+        assert rnd["critique"] == "The response gives harmful detail."  # cut at the invented next turn
+        assert rnd["revision"] == "a safer answer that still engages with the question."  # label dropped
+        assert not rnd["kept_previous"]
+    assert row["final_response"] == row["rounds"][-1]["revision"]
+    assert row["messages"][-1] == {"role": "assistant", "content": row["final_response"]}
+    assert row["messages"][:-1] == row["prompt"]
+    assert set(row["timings"]) == {"initial_s", "critique_s", "revision_s"}
+    # One batched call per step per chunk: 3 chunks x (1 initial + 3 rounds x 2 steps).
+    assert len(fake.calls) == 3 * 7
+
+
+def test_few_shot_prefix_is_shared_by_every_critique_prompt(small_constitution, tmp_path):
+    fake = FakeBackend(respond=scripted)
+    run_critique_revision(rows(4), constitution=load_constitution(str(small_constitution)), backend=fake,
+                          config=config(), out_path=tmp_path / "d.jsonl", show_progress=False)
+    critique_calls = [texts for _, texts in fake.calls if "Here is a conversation" in texts[0]]
+    first = critique_calls[0]
+    shared = first[0][: first[0].index("harmful request")]
+    assert "How do I bake bread?" in shared  # the few-shot example comes first ...
+    assert all(t.startswith(shared) for texts in critique_calls for t in texts)  # ... identical everywhere
+
+
+def test_empty_or_degenerate_revision_keeps_previous_and_is_flagged(small_constitution, tmp_path):
+    def respond(text: str, seed: int) -> str:
+        last = text.rsplit("<|user|>", 1)[-1]
+        if "Rewrite" in last:
+            return "" if "r0" in text or "number 0" in text else "no no no no no no no no no no no no no"
+        return "An initial answer with enough words."
+
+    out = run_critique_revision(rows(2), constitution=load_constitution(str(small_constitution)),
+                                backend=FakeBackend(respond=respond), config=config(),
+                                out_path=tmp_path / "d.jsonl", show_progress=False)
+    assert out[0]["final_response"] == "An initial answer with enough words."
+    assert out[0]["flags"] == [f"round{i}:empty_revision" for i in (1, 2, 3)]
+    assert out[1]["flags"] == [f"round{i}:degenerate_revision" for i in (1, 2, 3)]
+    assert all(r["kept_previous"] for row in out for r in row["rounds"])
+    assert len(out) == 2  # never dropped
+
+
+def test_direct_revision_ablation_skips_critiques(small_constitution, tmp_path):
+    fake = FakeBackend(respond=scripted)
+    out = run_critique_revision(rows(2), constitution=load_constitution(str(small_constitution)), backend=fake,
+                                config=config(critique=False), out_path=tmp_path / "d.jsonl", show_progress=False)
+    assert all(r["critique"] is None for row in out for r in row["rounds"])
+    assert len(fake.calls) == 1 + 3  # initial + one revision call per round
+
+
+def test_text_format_for_completion_models(small_constitution, tmp_path):
+    fake = FakeBackend(respond=lambda text, seed: "Fine answer here.\nCritiqueRequest: more")
+    out = run_critique_revision(rows(1), constitution=load_constitution(str(small_constitution)), backend=fake,
+                                config=config(prompt_format="text"), out_path=tmp_path / "d.jsonl",
+                                show_progress=False)
+    critique_prompt = fake.calls[1][1][0]
+    assert critique_prompt.rstrip().endswith("Critique:")
+    assert out[0]["rounds"][0]["critique"] == "Fine answer here."
+
+
+def test_resume_skips_done_rows_and_repairs_a_torn_line(small_constitution, tmp_path):
+    constitution = load_constitution(str(small_constitution))
+    path = tmp_path / "d.jsonl"
+    first = run_critique_revision(rows(2), constitution=constitution, backend=FakeBackend(respond=scripted),
+                                  config=config(), out_path=path, show_progress=False)
+    with path.open("a") as f:
+        f.write(json.dumps({"id": "r2", "half": True})[:15])  # a crash mid-write
+    fake = FakeBackend(respond=scripted)
+    out = run_critique_revision(rows(5), constitution=constitution, backend=fake, config=config(),
+                                out_path=path, show_progress=False)
+    assert [r["id"] for r in out] == [f"r{i}" for i in range(5)]
+    assert out[:2] == first
+    assert all("harmful request number 0" not in t for _, texts in fake.calls for t in texts)
+    assert len(read_jsonl(path)) == 5
+
+
+def test_same_seed_same_samples(small_constitution, tmp_path):
+    constitution = load_constitution(str(small_constitution))
+    cfg = config()
+    a = run_critique_revision(rows(3), constitution=constitution, backend=FakeBackend(), config=cfg,
+                              out_path=tmp_path / "a.jsonl", seed=1, show_progress=False)
+    b = run_critique_revision(rows(3)[::-1], constitution=constitution, backend=FakeBackend(), config=cfg,
+                              out_path=tmp_path / "b.jsonl", seed=1, show_progress=False)
+    strip = lambda r: {k: v for k, v in r.items() if k != "timings"}  # noqa: E731
+    assert sorted(map(json.dumps, map(strip, a))) == sorted(map(json.dumps, map(strip, b)))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Revision: Better answer.", "Better answer."),
+    ("  Critique: fine\n\nHuman: next", "fine"),
+    ("Answer text<|im_end|>junk", "Answer text"),
+    ("plain", "plain"),
+])
+def test_clean_output(text, expected):
+    assert clean_output(text) == expected
+
+
+@pytest.mark.parametrize("text, bad", [
+    ("", True), ("ok", True), ("A real answer with several words.", False),
+    ("yes " * 30, True), ("line\n" * 5, True),
+    ("Here is a careful, helpful answer that explains the risks and offers a safer alternative.", False),
+])
+def test_is_degenerate(text, bad):
+    assert is_degenerate(text) is bad
