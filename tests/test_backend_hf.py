@@ -159,7 +159,7 @@ def test_assistant_last_message_is_continued(backend):
 
 def test_oversized_and_empty_prompts_are_clear_errors(backend):
     with pytest.raises(CaiError, match="exceeds the model's context"):
-        backend.generate(["word " * 2000], SamplingParams(max_new_tokens=4))
+        backend.generate(["word " * 9000], SamplingParams(max_new_tokens=4))
     with pytest.raises(CaiError, match="prompt 0 is empty"):
         backend.generate([""], SamplingParams())
     with pytest.raises(CaiError, match="at least one option"):

@@ -215,6 +215,22 @@ def sft(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     out.print(f"SL-CAI model in {run_sft(_run_config(config, set_))}")
 
 
+@app.command()
+def sample(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """RL-CAI data: K responses per prompt from the SL-CAI policy (resumable)."""
+    from cai.pipeline import run_sample
+
+    out.print(f"samples in {run_sample(_run_config(config, set_))}")
+
+
+@app.command()
+def label(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """RL-CAI data: soft AI preference labels for the sampled pairs (resumable)."""
+    from cai.pipeline import run_label
+
+    out.print(f"AI feedback labels in {run_label(_run_config(config, set_))}")
+
+
 @constitution_app.command("validate")
 def constitution_validate(file: Annotated[str, typer.Argument(help="A YAML file or a built-in name.")]) -> None:
     """Check a constitution file; print a one-line summary or the first problem."""

@@ -141,6 +141,39 @@ class SFTConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
+class SampleConfig(Strict):
+    """``cai sample``: K responses per prompt from the policy, to be labelled by AI feedback."""
+
+    policy: str | None = Field(None, description="Model to sample from; null = this run's SL-CAI model (sl_cai/).")
+    prompts: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(limit=256))
+    helpfulness: PromptSetConfig | None = Field(
+        default_factory=lambda: PromptSetConfig(source="helpfulness", limit=64),
+        description="Helpfulness prompts whose pairs are labelled under the helpfulness question; null to skip.",
+    )
+    k: StrictInt = Field(2, ge=2, description="Responses per prompt.")
+    sampling: SamplingConfig = _sampling(max_new_tokens=128, temperature=1.0, top_p=0.95)
+    chunk_size: StrictInt = Field(16, ge=1)
+
+
+class LabelConfig(Strict):
+    """``cai label``: soft AI preference labels from multiple-choice log-probabilities."""
+
+    feedback_model: ModelConfig | None = Field(None, description="Feedback model; null = the run's starting model.")
+    pairing: Literal["consecutive", "all"] = Field("consecutive", description="Which response pairs to label per prompt.")
+    principles_per_label: StrictInt = Field(1, ge=1, description="Ensemble size: principles drawn and averaged per pair.")
+    swap: bool = Field(True, description="Ask in both orders (A,B) and (B,A) and average, cancelling position bias.")
+    cot: bool = Field(False, description="Chain of thought: reason first, then read the answer's probabilities.")
+    clamp: tuple[float, float] = Field((0.4, 0.6), description="CoT probabilities are clamped to this band.")
+    hard: bool = Field(False, description="Round labels to 0/1.")
+    cot_sampling: SamplingConfig = _sampling(max_new_tokens=96, temperature=0.0)
+    prompt_format: Literal["auto", "chat", "text"] = "auto"
+    helpfulness_question: str = Field(
+        "Which response is more helpful: more accurate, relevant, clear and useful to the human?",
+        description="Question for pairs from helpfulness prompts.",
+    )
+    chunk_size: StrictInt = Field(16, ge=1)
+
+
 class RunConfig(Strict):
     """One whole pipeline run: ``cai run CONFIG`` and each stage command read this."""
 
@@ -151,6 +184,8 @@ class RunConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The helpful model CAI starts from.")
     critique: CritiqueConfig = Field(default_factory=CritiqueConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
 
     @property
     def run_dir(self) -> Path:

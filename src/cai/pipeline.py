@@ -139,6 +139,80 @@ def run_sft(cfg: RunConfig, *, show_progress: bool = True) -> Path:
     return out
 
 
+def policy_spec(cfg: RunConfig) -> str:
+    """The policy RL-CAI starts from: ``sample.policy``, else this run's SL-CAI model."""
+    if cfg.sample.policy:
+        return cfg.sample.policy
+    sl = stage_dir(cfg, "sft")
+    if not is_done(sl):
+        raise CaiError(f"sampling needs a policy: run `cai sft` first (expected a model in {sl}) "
+                       "or set sample.policy=MODEL")
+    return str(sl)
+
+
+def run_sample(cfg: RunConfig, *, show_progress: bool = True) -> Path:
+    """K responses per red-team (and helpfulness) prompt from the policy, into samples/."""
+    from cai.backends import load_backend
+    from cai.stages.critique_revision import clean_output
+    from cai.stages.sampling import sample_responses
+
+    out = stage_dir(cfg, "sample")
+    if is_done(out):
+        console.print(f"sample: already done in {out} (delete the folder to redo it)")
+        return out
+    scfg = cfg.sample
+    spec = policy_spec(cfg)
+    sets = [("red-team", _load_rows(scfg.prompts, "red-team prompts"))]
+    if scfg.helpfulness:
+        sets.append(("helpfulness", _load_rows(scfg.helpfulness, "helpfulness prompts")))
+    record = StageRecord(out, "sample", config_yaml=config_to_yaml(cfg), config_hash=config_hash(cfg), model=spec,
+                         seed=cfg.seed)
+    backend = load_backend(cfg.model.model_copy(update={"name": spec}))
+    counts = {}
+    for name, rows in sets:
+        rows = _fit(rows, backend, scfg.sampling.max_new_tokens, lambda chat: chat, scfg.prompts.too_long, name)
+        data = sample_responses(rows, backend=backend, params=scfg.sampling.params(), out_path=out / f"{name}.jsonl",
+                                k=scfg.k, seed=cfg.seed, chunk_size=scfg.chunk_size, clean=clean_output,
+                                show_progress=show_progress, description=f"sampling {name}", set_name=name)
+        counts[f"{name}_prompts"] = len(data)
+        record.update(**counts)
+    record.done(k=scfg.k, **counts)
+    return out
+
+
+def run_label(cfg: RunConfig, *, show_progress: bool = True) -> Path:
+    """Soft AI preference labels for the sampled pairs, into feedback/."""
+    from cai.backends import load_backend
+    from cai.constitution import FeedbackPrinciple, load_constitution
+    from cai.stages.feedback import label_pairs, make_pairs, position_bias
+
+    out = stage_dir(cfg, "label")
+    if is_done(out):
+        console.print(f"label: already done in {out} (delete the folder to redo it)")
+        return out
+    source = stage_dir(cfg, "sample")
+    if not is_done(source):
+        raise CaiError(f"label needs the sample stage's output in {source}; run `cai sample` with this config first")
+    constitution = load_constitution(cfg.constitution)
+    rows = read_jsonl(source / "red-team.jsonl") + read_jsonl(source / "helpfulness.jsonl")
+    pairs, identical = make_pairs(rows, cfg.label.pairing)
+    if not pairs:
+        raise CaiError(f"every sampled pair in {source} has two identical responses; sample at a higher temperature")
+    model_cfg = cfg.label.feedback_model or cfg.model
+    record = StageRecord(out, "label", config_yaml=config_to_yaml(cfg), config_hash=config_hash(cfg),
+                         model=model_cfg.name, seed=cfg.seed)
+    record.update(pairs=len(pairs), identical_pairs_dropped=identical)
+    backend = load_backend(model_cfg)
+    labelled = label_pairs(pairs, constitution=constitution, backend=backend, config=cfg.label,
+                           out_path=out / "data.jsonl", seed=cfg.seed,
+                           helpfulness_principle=FeedbackPrinciple("helpfulness", cfg.label.helpfulness_question),
+                           show_progress=show_progress)
+    p = [r["p_a"] for r in labelled]
+    record.done(pairs=len(labelled), identical_pairs_dropped=identical, position_bias=position_bias(labelled),
+                mean_p_a=round(sum(p) / len(p), 4), mean_confidence=round(sum(abs(x - 0.5) for x in p) / len(p) + 0.5, 4))
+    return out
+
+
 def _read_sft_file(path: str) -> list:
     rows = read_jsonl(path) if Path(path).is_file() else None
     if rows is None:

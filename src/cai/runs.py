@@ -21,6 +21,8 @@ from cai.io import ensure_dir, write_json_atomic, write_text_atomic
 STAGE_DIRS = {
     "critique": "critique_revision",
     "sft": "sl_cai",
+    "sample": "samples",
+    "label": "feedback",
 }
 
 

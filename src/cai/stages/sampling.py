@@ -28,8 +28,9 @@ def sample_responses(
     clean: Callable[[str], str] = str.strip,
     show_progress: bool = True,
     description: str = "sampling",
+    set_name: str = "",
 ) -> list[dict[str, Any]]:
-    """Write ``{"id", "category", "split", "prompt", "responses": [k texts], "messages"}`` rows.
+    """Write ``{"id", "set", "category", "split", "prompt", "responses": [k texts], "messages"}`` rows.
 
     ``messages`` is the prompt plus the first response, in TRL's conversational SFT format.
     """
@@ -43,7 +44,7 @@ def sample_responses(
             for i, row in enumerate(chunk):
                 responses = [clean(t) for t in texts[i * k:(i + 1) * k]]
                 writer.write({
-                    "id": row.id, "category": row.category, "split": row.split, "prompt": row.messages,
+                    "id": row.id, "set": set_name, "category": row.category, "split": row.split, "prompt": row.messages,
                     "responses": responses,
                     "messages": [*row.messages, {"role": "assistant", "content": responses[0]}],
                 })

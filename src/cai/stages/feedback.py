@@ -1,0 +1,200 @@
+"""RL-CAI data: AI feedback labels for response pairs, read as multiple-choice log-probabilities.
+
+For each pair (A, B) of responses to one prompt, a feedback model sees the conversation, a
+feedback principle's question and the two options, and we read log P(" (A)") and log P(" (B)")
+after "The answer is:". Normalised over the two, that is P(A is better): a **soft label**.
+
+- **Ensemble:** M principles are drawn per pair (seeded by the pair id); their probabilities are
+  averaged, as in the paper.
+- **Position bias:** each principle is asked in both orders, (A, B) and (B, A). The two answers'
+  log-odds are averaged, which cancels any constant preference for the first (or second) slot
+  exactly; the raw per-order probabilities are kept so the bias can be measured.
+- **Chain of thought:** the feedback model first writes its reasoning ("Let's think step by step"),
+  then the answer's probabilities are read after it and clamped to a band (default 0.4-0.6),
+  because post-reasoning probabilities are overconfident.
+- **Hard labels:** optionally rounded to 0/1 (0.5 stays 0.5).
+
+Output rows carry TRL-ready ``prompt`` / ``chosen`` / ``rejected`` (conversational) and ``score``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+from cai import prompts as P
+from cai.backends.base import Backend, stable_seed
+from cai.config import LabelConfig
+from cai.constitution import Constitution, FeedbackPrinciple, sample_feedback_principles
+from cai.io import JsonlWriter, iter_batches, read_jsonl
+from cai.progress import progress_bar
+from cai.stages.critique_revision import clean_output, use_chat_format
+
+ORDERS = ("ab", "ba")
+
+
+def sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+def logit(p: float, eps: float = 1e-6) -> float:
+    p = min(max(p, eps), 1 - eps)
+    return math.log(p / (1 - p))
+
+
+def first_option_probability(logprob_a: float, logprob_b: float) -> float:
+    """P(first option) from the two options' log-probabilities, normalised over the two."""
+    return sigmoid(logprob_a - logprob_b)
+
+
+def combine_orders(p_first: dict[str, float]) -> float:
+    """P(A better) from the per-order P(first option): average in log-odds space.
+
+    With a constant position bias b (in log-odds), P_ab = sigmoid(d + b) and P_ba = sigmoid(-d + b)
+    for a true preference d; the average of logit(P_ab) and -logit(P_ba) is exactly d.
+    """
+    terms = []
+    if "ab" in p_first:
+        terms.append(logit(p_first["ab"]))
+    if "ba" in p_first:
+        terms.append(-logit(p_first["ba"]))
+    return sigmoid(sum(terms) / len(terms))
+
+
+def clamp(p: float, band: tuple[float, float]) -> float:
+    return min(max(p, band[0]), band[1])
+
+
+def make_pairs(rows: list[dict[str, Any]], pairing: str) -> tuple[list[dict[str, Any]], int]:
+    """Pairs of distinct responses per prompt: consecutive (0-1, 2-3, ...) or all combinations.
+
+    Returns (pairs, number of identical pairs dropped: they carry no preference).
+    """
+    pairs, identical = [], 0
+    for row in rows:
+        responses = row["responses"]
+        if pairing == "all":
+            index_pairs = list(itertools.combinations(range(len(responses)), 2))
+        else:
+            index_pairs = [(i, i + 1) for i in range(0, len(responses) - 1, 2)]
+        for i, j in index_pairs:
+            a, b = responses[i], responses[j]
+            if a.strip() == b.strip():
+                identical += 1
+                continue
+            pairs.append({"id": f"{row['id']}:{i}-{j}", "source_id": row["id"], "category": row.get("category", ""),
+                          "split": row.get("split", "train"), "set": row.get("set", "red-team"),
+                          "prompt": row["prompt"], "response_a": a, "response_b": b})
+    return pairs, identical
+
+
+def label_pairs(
+    pairs: list[dict[str, Any]],
+    *,
+    constitution: Constitution,
+    backend: Backend,
+    config: LabelConfig,
+    out_path: str | Path,
+    seed: int = 0,
+    helpfulness_principle: FeedbackPrinciple | None = None,
+    show_progress: bool = True,
+    on_chunk: Any = None,
+) -> list[dict[str, Any]]:
+    """Label every pair not yet in ``out_path``; return all labelled rows.
+
+    Pairs whose ``set`` is ``helpfulness`` are judged under ``helpfulness_principle`` (when given)
+    instead of the constitution's harmlessness principles.
+    """
+    chat = use_chat_format(config, backend)
+    done = {r["id"] for r in read_jsonl(out_path, repair=True)}
+    todo = [p for p in pairs if p["id"] not in done]
+    orders = ORDERS if config.swap else ORDERS[:1]
+    with JsonlWriter(out_path) as writer, progress_bar("labeling", len(todo), enabled=show_progress) as advance:
+        for chunk in iter_batches(todo, config.chunk_size):
+            jobs = []  # one (pair index, principle index, principle, order) per multiple-choice question
+            for k, pair in enumerate(chunk):
+                if pair.get("set") == "helpfulness" and helpfulness_principle is not None:
+                    principles = [helpfulness_principle] * config.principles_per_label
+                else:
+                    principles = sample_feedback_principles(constitution, config.principles_per_label, seed, pair["id"])
+                pair["_principles"] = principles
+                for m, principle in enumerate(principles):
+                    for order in orders:
+                        jobs.append((k, m, principle, order))
+            probs, reasoning = _score_jobs(chunk, jobs, constitution, backend, config, chat, seed,
+                                           lambda _r, n: advance(0, n))
+            for k, pair in enumerate(chunk):
+                writer.write(_label_row(pair, jobs, probs, reasoning, k, config))
+            advance(len(chunk), 0)
+            if on_chunk is not None:
+                on_chunk(len(chunk))
+    return read_jsonl(out_path)
+
+
+def _options(pair: dict[str, Any], order: str) -> tuple[str, str]:
+    return (pair["response_a"], pair["response_b"]) if order == "ab" else (pair["response_b"], pair["response_a"])
+
+
+def _score_jobs(chunk, jobs, constitution, backend, config, chat, seed, progress) -> tuple[list[float], list[str | None]]:
+    """P(first option) for every job: one batched (CoT: generate, then) scoring call per chunk."""
+    reasoning: list[str | None] = [None] * len(jobs)
+    if config.cot:
+        build = P.cot_chat if chat else P.cot_text
+        cot_prompts = [build(constitution, chunk[k]["prompt"], *_options(chunk[k], o), pr) for k, _, pr, o in jobs]
+        seeds = [stable_seed(seed, chunk[k]["id"], "cot", m, o) for k, m, _, o in jobs]
+        texts = backend.generate(cot_prompts, config.cot_sampling.params(), seeds=seeds, progress=progress)
+        reasoning = [clean_output(t) for t in texts]
+        follow = P.cot_answer_chat if chat else P.cot_answer_text
+        prompts = [follow(p, r) for p, r in zip(cot_prompts, reasoning)]
+    else:
+        build = P.choice_chat if chat else P.choice_text
+        prompts = [build(constitution, chunk[k]["prompt"], *_options(chunk[k], o), pr) for k, _, pr, o in jobs]
+    rendered = [backend.render(p) for p in prompts]
+    logprobs = backend.choice_logprobs(rendered, list(P.CHOICE_OPTIONS))
+    return [first_option_probability(lp[0], lp[1]) for lp in logprobs], reasoning
+
+
+def _label_row(pair, jobs, probs, reasoning, k, config: LabelConfig) -> dict[str, Any]:
+    per_principle = []
+    for m, principle in enumerate(pair.pop("_principles")):
+        p_first, texts = {}, {}
+        for (jk, jm, _, order), p, text in zip(jobs, probs, reasoning):
+            if jk == k and jm == m:
+                p_first[order] = p
+                texts[order] = text
+        raw = dict(p_first)
+        if config.cot:
+            p_first = {o: clamp(p, tuple(config.clamp)) for o, p in p_first.items()}
+        entry: dict[str, Any] = {"principle_id": principle.id, "p_a": round(combine_orders(p_first), 6),
+                                 "p_first": {o: round(p, 6) for o, p in raw.items()}}
+        if config.cot:
+            entry["reasoning"] = texts
+        per_principle.append(entry)
+    p_a = sum(e["p_a"] for e in per_principle) / len(per_principle)
+    if config.hard:
+        p_a = 1.0 if p_a > 0.5 else 0.0 if p_a < 0.5 else 0.5
+    a_wins = p_a >= 0.5
+    chosen, rejected = (pair["response_a"], pair["response_b"]) if a_wins else (pair["response_b"], pair["response_a"])
+    return {
+        **pair,
+        "p_a": round(p_a, 6),
+        "label": "hard" if config.hard else "soft",
+        "cot": config.cot,
+        "per_principle": per_principle,
+        # TRL's conversational preference format: the prompt turns, then one assistant turn each.
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "score": round(max(p_a, 1 - p_a), 6),
+    }
+
+
+def position_bias(rows: list[dict[str, Any]]) -> float | None:
+    """Mean P(first option) - 0.5 over labels asked in both orders (0 = no bias; >0 favours first)."""
+    values = [(e["p_first"]["ab"] + e["p_first"]["ba"]) / 2 for r in rows for e in r["per_principle"]
+              if "ab" in e["p_first"] and "ba" in e["p_first"]]
+    return round(sum(values) / len(values) - 0.5, 6) if values else None
