@@ -231,6 +231,71 @@ def label(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     out.print(f"AI feedback labels in {run_label(_run_config(config, set_))}")
 
 
+@app.command()
+def pm(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """RL-CAI: train the preference model on the soft AI labels."""
+    from cai.pipeline import run_pm
+
+    out.print(f"preference model in {run_pm(_run_config(config, set_))}")
+
+
+@app.command()
+def rl(
+    algo: Annotated[Optional[str], typer.Option(help="ppo, dpo or both (default: rl.algo from the config).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """RL-CAI: PPO against the preference model (KL to SL-CAI), or DPO on the labelled pairs."""
+    from cai.pipeline import run_rl
+
+    if algo is not None and algo not in {"ppo", "dpo", "both"}:
+        raise CaiError(f"unknown --algo '{algo}'; use ppo, dpo or both")
+    for path in run_rl(_run_config(config, set_), algo=algo):
+        out.print(f"RL-CAI model in {path}")
+
+
+@app.command("mc-eval")
+def mc_eval_command(
+    files: Annotated[list[Path], typer.Argument(help='JSONL files of {"prompt", "corrects", "incorrects"} rows.')],
+    model: ModelOpt = "bundled",
+    cot: Annotated[bool, typer.Option("--cot", help="Chain of thought: judge pairs after reasoning.")] = False,
+    constitution: Annotated[str, typer.Option(help="Constitution whose CoT examples to use.")] = "default",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write results as JSON here.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
+) -> None:
+    """Accuracy of a model as a feedback model on multiple-choice files (HHH-alignment style)."""
+    from rich.table import Table
+
+    from cai.backends.hf import HFBackend
+    from cai.constitution import load_constitution
+    from cai.eval.mc import load_mc_file, mc_eval
+
+    data = {str(f): load_mc_file(f) for f in files}
+    const = load_constitution(constitution) if cot else None
+    backend = HFBackend.from_spec(model, batch_size=batch_size)
+    results = [mc_eval(rows, backend, file=name, mode="cot" if cot else "plain", constitution=const)
+               for name, rows in data.items()]
+    table = Table(title=f"{model}: multiple-choice accuracy ({'cot' if cot else 'plain'})")
+    for column in ("file", "rows", "accuracy", "95% interval"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r.file, str(r.n), f"{r.accuracy:.3f}", f"{r.ci_low:.3f}-{r.ci_high:.3f}")
+    out.print(table)
+    for r in results:
+        cal = Table(title=f"calibration: {r.file}")
+        for column in ("confidence bin", "pairs", "mean confidence", "accuracy"):
+            cal.add_column(column)
+        for b in r.calibration:
+            cal.add_row(f"{b['bin_low']:.2f}-{b['bin_high']:.2f}", str(b["count"]), f"{b['mean_confidence']:.3f}",
+                        f"{b['accuracy']:.3f}")
+        out.print(cal)
+    if output is not None:
+        from cai.io import write_json_atomic
+
+        write_json_atomic(output, [{**r.summary(), "rows": r.rows} for r in results])
+        out.print(f"results written to {output}")
+
+
 @constitution_app.command("validate")
 def constitution_validate(file: Annotated[str, typer.Argument(help="A YAML file or a built-in name.")]) -> None:
     """Check a constitution file; print a one-line summary or the first problem."""

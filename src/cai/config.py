@@ -174,6 +174,73 @@ class LabelConfig(Strict):
     chunk_size: StrictInt = Field(16, ge=1)
 
 
+class PMConfig(Strict):
+    """``cai pm``: a scalar-head preference model trained on the soft AI labels."""
+
+    base: str | None = Field(None, description="Model the PM starts from; null = the run's starting model.")
+    helpfulness_ratio: float = Field(0.25, ge=0, lt=1, description="Share of helpfulness comparisons in the mix.")
+    human_data: str | None = Field(None, description="hh-rlhf style chosen/rejected comparisons to use for helpfulness.")
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="Share of prompts held out for accuracy and calibration.")
+    epochs: StrictInt = Field(2, ge=1)
+    batch_size: StrictInt = Field(8, ge=1)
+    learning_rate: float = Field(3e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_length: StrictInt = Field(512, ge=16)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class RLConfig(Strict):
+    """``cai rl``: PPO of the SL-CAI policy against the PM (KL to SL-CAI), or DPO on the labels."""
+
+    algo: Literal["ppo", "dpo", "both"] = Field("ppo", description="'both' trains PPO and DPO models side by side.")
+    prompts: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(limit=None))
+    helpfulness: PromptSetConfig | None = Field(default_factory=lambda: PromptSetConfig(source="helpfulness", limit=None))
+    helpfulness_ratio: float = Field(0.25, ge=0, lt=1, description="Share of helpfulness prompts in each rollout batch.")
+    eval_prompts: PromptSetConfig = Field(
+        default_factory=lambda: PromptSetConfig(split="test", limit=16),
+        description="Held-out prompts whose mean PM reward is measured before, during and after PPO.",
+    )
+    steps: StrictInt = Field(20, ge=1, description="PPO iterations (rollout batch + optimisation).")
+    rollout_batch: StrictInt = Field(8, ge=1, description="Prompts per PPO iteration.")
+    ppo_epochs: StrictInt = Field(2, ge=1, description="Passes over each rollout batch.")
+    minibatch: StrictInt = Field(4, ge=1)
+    learning_rate: float = Field(1e-5, gt=0)
+    sampling: SamplingConfig = _sampling(max_new_tokens=64, temperature=1.0, top_p=1.0)
+    kl_coef: float = Field(0.05, ge=0, description="beta: per-token KL penalty to the SL-CAI policy.")
+    adaptive_kl: bool = Field(False, description="Adapt beta toward kl_target (Ziegler et al. 2019).")
+    kl_target: float = Field(6.0, gt=0)
+    kl_horizon: StrictInt = Field(10000, ge=1)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    value_coef: float = Field(0.1, ge=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    reward_clip: float | None = Field(5.0, gt=0, description="Clip normalised PM rewards to +-this; null = no clip.")
+    normalize_reward: bool = Field(True, description="Normalise PM scores with running mean/std.")
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every: StrictInt = Field(10, ge=1)
+    save_every: StrictInt = Field(10, ge=1)
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Also log to these trackers (through accelerate)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    # DPO
+    dpo_beta: float = Field(0.1, gt=0)
+    dpo_min_confidence: float = Field(0.5, ge=0.5, le=1, description="Drop pairs whose label is less sure than this.")
+    dpo_label_smoothing: float | Literal["auto"] = Field(
+        0.0, description="Robust-DPO label smoothing; 'auto' = mean uncertainty of the soft labels."
+    )
+    dpo_epochs: StrictInt = Field(1, ge=1)
+    dpo_batch_size: StrictInt = Field(4, ge=1)
+    dpo_learning_rate: float = Field(5e-6, gt=0)
+    dpo_max_length: StrictInt = Field(512, ge=16)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
 class RunConfig(Strict):
     """One whole pipeline run: ``cai run CONFIG`` and each stage command read this."""
 
@@ -186,6 +253,8 @@ class RunConfig(Strict):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
+    pm: PMConfig = Field(default_factory=PMConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
 
     @property
     def run_dir(self) -> Path:

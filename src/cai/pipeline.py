@@ -213,6 +213,100 @@ def run_label(cfg: RunConfig, *, show_progress: bool = True) -> Path:
     return out
 
 
+def run_pm(cfg: RunConfig, *, show_progress: bool = True) -> Path:
+    """Train the preference model on the AI labels (+ helpfulness comparisons), into preference_model/."""
+    from cai.train.common import write_model_card
+    from cai.train.preference_model import mix_and_split, pairs_from_human_comparisons, pairs_from_labels, train_preference_model
+
+    out = stage_dir(cfg, "pm")
+    if is_done(out):
+        console.print(f"pm: already done in {out} (delete the folder to redo it)")
+        return out
+    source = stage_dir(cfg, "label")
+    if not is_done(source):
+        raise CaiError(f"pm needs AI feedback labels in {source}; run `cai label` with this config first")
+    human = pairs_from_human_comparisons(cfg.pm.human_data) if cfg.pm.human_data else []
+    train, held_out, counts = mix_and_split(pairs_from_labels(read_jsonl(source / "data.jsonl")), human, cfg.pm, cfg.seed)
+    base = cfg.pm.base or cfg.model.name
+    record = StageRecord(out, "pm", config_yaml=config_to_yaml(cfg), config_hash=config_hash(cfg), model=base, seed=cfg.seed)
+    record.update(**counts)
+    metrics = train_preference_model(train, held_out, base=base, out_dir=out, config=cfg.pm, seed=cfg.seed,
+                                     device=cfg.model.device, show_progress=show_progress)
+    write_model_card(out, title=f"Preference model of run '{cfg.name}'", base_model=base,
+                     summary=("Scalar-head preference model trained with a soft-label Bradley-Terry loss on AI "
+                              f"feedback under the `{cfg.constitution}` constitution. Made by cai."),
+                     facts={**counts, **metrics}, config_yaml=config_to_yaml(cfg))
+    console.print(f"pm: held-out accuracy {metrics['eval_accuracy']} (before training {metrics['eval_accuracy_before']}), "
+                  f"ECE {metrics['eval_ece']}")
+    record.done(**{**counts, **metrics})
+    return out
+
+
+def run_rl(cfg: RunConfig, *, algo: str | None = None, show_progress: bool = True) -> list[Path]:
+    """RL-CAI: PPO against the PM into rl_cai/, and/or DPO on the labels into rl_cai_dpo/."""
+    algo = algo or cfg.rl.algo
+    algos = ["ppo", "dpo"] if algo == "both" else [algo]
+    return [_run_ppo(cfg, show_progress) if a == "ppo" else _run_dpo(cfg) for a in algos]
+
+
+def _run_ppo(cfg: RunConfig, show_progress: bool) -> Path:
+    from cai.train.common import write_model_card
+    from cai.train.ppo import train_ppo
+
+    out = stage_dir(cfg, "ppo")
+    if is_done(out):
+        console.print(f"ppo: already done in {out} (delete the folder to redo it)")
+        return out
+    pm = stage_dir(cfg, "pm")
+    if not is_done(pm):
+        raise CaiError(f"ppo needs the preference model in {pm}; run `cai pm` with this config first")
+    policy = policy_spec(cfg)
+    rcfg = cfg.rl
+    prompts = _load_rows(rcfg.prompts, "PPO red-team prompts")
+    helpful = _load_rows(rcfg.helpfulness, "PPO helpfulness prompts") if rcfg.helpfulness else []
+    eval_prompts = _load_rows(rcfg.eval_prompts, "PPO held-out prompts")
+    record = StageRecord(out, "ppo", config_yaml=config_to_yaml(cfg), config_hash=config_hash(cfg), model=policy,
+                         seed=cfg.seed)
+    metrics = train_ppo(prompts, helpful, eval_prompts, policy_spec=policy, pm_folder=pm, out_dir=out, config=rcfg,
+                        seed=cfg.seed, device=cfg.model.device, show_progress=show_progress)
+    log = read_jsonl(out / "train_log.jsonl")
+    kls = [r["kl"] for r in log if "kl" in r]
+    summary = {"steps": metrics["steps"], "eval_reward_start": metrics["eval_reward_start"],
+               "eval_reward_end": metrics["eval_reward_end"], "max_kl": max(kls) if kls else None,
+               "final_kl": kls[-1] if kls else None}
+    write_model_card(out, title=f"RL-CAI (PPO) model of run '{cfg.name}'", base_model=policy,
+                     summary=("Policy optimised with PPO against a preference model trained on AI feedback "
+                              f"under the `{cfg.constitution}` constitution, with a KL penalty to the SL-CAI model."),
+                     facts=summary, config_yaml=config_to_yaml(cfg))
+    console.print(f"ppo: held-out PM reward {summary['eval_reward_start']} -> {summary['eval_reward_end']}, "
+                  f"max KL {summary['max_kl']}")
+    record.done(**summary)
+    return out
+
+
+def _run_dpo(cfg: RunConfig) -> Path:
+    from cai.train.common import write_model_card
+    from cai.train.dpo import train_dpo
+
+    out = stage_dir(cfg, "dpo")
+    if is_done(out):
+        console.print(f"dpo: already done in {out} (delete the folder to redo it)")
+        return out
+    source = stage_dir(cfg, "label")
+    if not is_done(source):
+        raise CaiError(f"dpo needs AI feedback labels in {source}; run `cai label` with this config first")
+    policy = policy_spec(cfg)
+    record = StageRecord(out, "dpo", config_yaml=config_to_yaml(cfg), config_hash=config_hash(cfg), model=policy,
+                         seed=cfg.seed)
+    metrics = train_dpo(read_jsonl(source / "data.jsonl"), policy_spec=policy, out_dir=out, config=cfg.rl,
+                        seed=cfg.seed, device=cfg.model.device)
+    write_model_card(out, title=f"RL-CAI (DPO) model of run '{cfg.name}'", base_model=policy,
+                     summary=("Policy trained with DPO on AI-labelled preference pairs under the "
+                              f"`{cfg.constitution}` constitution."), facts=metrics, config_yaml=config_to_yaml(cfg))
+    record.done(**metrics)
+    return out
+
+
 def _read_sft_file(path: str) -> list:
     rows = read_jsonl(path) if Path(path).is_file() else None
     if rows is None:

@@ -23,6 +23,9 @@ STAGE_DIRS = {
     "sft": "sl_cai",
     "sample": "samples",
     "label": "feedback",
+    "pm": "preference_model",
+    "ppo": "rl_cai",
+    "dpo": "rl_cai_dpo",
 }
 
 

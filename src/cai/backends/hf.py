@@ -19,6 +19,7 @@ position ids skip it, so every real token sees exactly what it would see unpadde
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -121,6 +122,18 @@ def _preallocated_layer_class():
                 self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
 
     return PreallocatedLayer
+
+
+@dataclass
+class Generation:
+    """One generated continuation with its exact tokens."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    """Sampled tokens, without the EOS that ended the row (stop strings stay in the ids)."""
+    text: str
+    ended: bool
+    """True when the row stopped on EOS or a stop string, False when it hit max_new_tokens."""
 
 
 class HFBackend:
@@ -298,6 +311,17 @@ class HFBackend:
         progress: ProgressFn | None = None,
     ) -> list[str]:
         """Batched, length-sorted generation; see `cai.backends.base.Backend.generate`."""
+        return [g.text for g in self.generate_tokens(prompts, params, seeds=seeds, progress=progress)]
+
+    def generate_tokens(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        *,
+        seeds: Sequence[int] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> list[Generation]:
+        """Like `generate`, with the exact prompt and sampled token ids (what RL trains on)."""
         if not prompts:
             return []
         if seeds is not None and len(seeds) != len(prompts):
@@ -316,17 +340,17 @@ class HFBackend:
         row_seeds = list(seeds) if seeds is not None else [row_seed(params.seed, i) for i in range(len(rows))]
         prefix_len, prefix_kv = self._prefix_for(rows, allow_new=len(rows) > 1)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-        outputs: list[str] = [""] * len(rows)
+        outputs: list[Generation | None] = [None] * len(rows)
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
-            texts_out, n_new = self._generate_batch(
+            results = self._generate_batch(
                 [rows[i] for i in batch], prefix_len, prefix_kv, params, [row_seeds[i] for i in batch]
             )
-            for i, text in zip(batch, texts_out):
-                outputs[i] = text
+            for i, (text, tokens, ended) in zip(batch, results):
+                outputs[i] = Generation(prompt_ids=list(rows[i]), token_ids=tokens, text=text, ended=ended)
             if progress is not None:
-                progress(len(batch), n_new)
-        return outputs
+                progress(len(batch), sum(len(r[1]) for r in results))
+        return outputs  # type: ignore[return-value]
 
     @torch.inference_mode()
     def _generate_batch(
@@ -336,7 +360,8 @@ class HFBackend:
         prefix_kv: KV | None,
         params: SamplingParams,
         seeds: list[int],
-    ) -> tuple[list[str], int]:
+    ) -> list[tuple[str, list[int], bool]]:
+        """(text, generated token ids, whether it ended by EOS/stop) per row."""
         ids, mask, positions, cache = self._batch_inputs(rows, prefix_len, prefix_kv, extra=params.max_new_tokens)
         logits = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
@@ -347,14 +372,17 @@ class HFBackend:
             generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         active = list(range(len(rows)))
         generated: list[list[int]] = [[] for _ in rows]
+        ended = [False] * len(rows)
         for step in range(params.max_new_tokens):
             tokens = self._next_tokens(logits, params, generators)
             keep: list[int] = []
             for a, (i, tok) in enumerate(zip(active, tokens.tolist())):
                 if tok in self.eos_ids:
+                    ended[i] = True
                     continue
                 generated[i].append(tok)
                 if params.stop and cut_at_stop(self.tokenizer.decode(generated[i]), params.stop)[1]:
+                    ended[i] = True
                     continue
                 keep.append(a)
             if not keep or step == params.max_new_tokens - 1:
@@ -373,10 +401,9 @@ class HFBackend:
                 use_cache=True,
             ).logits[:, -1, :]
             next_pos = next_pos + 1
-        n_new = sum(len(g) for g in generated)
-        self.stats["generated_tokens"] += n_new
+        self.stats["generated_tokens"] += sum(len(g) for g in generated)
         texts = [cut_at_stop(self.tokenizer.decode(g, skip_special_tokens=True), params.stop)[0] for g in generated]
-        return texts, n_new
+        return list(zip(texts, generated, ended))
 
     @staticmethod
     def _next_tokens(

@@ -12,7 +12,7 @@ Notation (every [B, T] tensor is aligned with the response tokens, right-padded)
     beta        KL coefficient
 
 Padding may hold anything (even nan or inf): masked functions select with ``torch.where`` rather
-than multiplying by the mask, so garbage at padding never leaks into a result.
+than multiplying by the mask, so garbage at padding never leaks into a result or a gradient.
 """
 
 from __future__ import annotations
@@ -26,14 +26,12 @@ from torch import Tensor
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of ``x`` over entries where ``mask`` is set; ``nan`` where the mask selects nothing.
+    """Mean of ``x`` where ``mask`` (broadcastable to ``x``) is set, over ``dim`` or everything.
 
-    Args:
-        x: any shape. mask: broadcastable to ``x``.
-        dim: reduce only this dimension (default: all of them, giving a scalar).
+    ``nan`` where the mask selects nothing.
     """
     keep = mask.bool()
-    total = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    total = torch.where(keep, x, 0)
     count = keep.expand_as(x).to(x.dtype)
     if dim is None:
         return total.sum() / count.sum()
@@ -85,17 +83,9 @@ def per_token_rewards(score: Tensor, kl: Tensor, mask: Tensor, beta: float) -> T
     The preference model judges whole responses, so its score arrives when the response ends;
     the KL penalty is paid token by token and keeps the policy near the reference model.
 
-    Args:
-        score: [B] preference-model score of each response.
-        kl: [B, T] per-token KL estimate (see ``kl_penalty``).
-        mask: [B, T] response mask.
-        beta: KL coefficient.
-
-    Returns:
-        [B, T] rewards, 0 at padding.
-
-    Raises:
-        ValueError: a row has no real token to carry its score.
+    Args: score [B]; kl [B, T] per-token KL estimate (see ``kl_penalty``); mask [B, T]; beta.
+    Returns: [B, T] rewards, 0 at padding.
+    Raises: ValueError when a row has no real token to carry its score.
     """
     keep = mask.bool()
     rewards = torch.where(keep, -beta * kl, torch.zeros_like(kl))
@@ -115,14 +105,8 @@ def kl_penalty(
         k3  = exp(-diff) - 1 + diff             unbiased and always >= 0 (lower variance than k1)
         abs = |diff|                            biased, always >= 0
 
-    "Unbiased" means the mean over tokens drawn from the policy equals the true KL (Schulman's
-    "Approximating KL divergence" note).
-
-    Returns:
-        [B, T] (same shape as the inputs).
-
-    Raises:
-        ValueError: unknown ``kind``.
+    "Unbiased": the mean over tokens drawn from the policy equals the true KL (Schulman's note
+    "Approximating KL divergence"). Returns [B, T]; raises ValueError for an unknown ``kind``.
     """
     diff = logprobs - ref_logprobs
     if kind == "k1":
@@ -148,19 +132,13 @@ def gae(
         A_t     = delta_t + gamma * lam * A_{t+1}
         R_t     = A_t + V_t
 
-    Args:
-        rewards: [B, T] per-token rewards (see ``per_token_rewards``).
-        values: [B, T] critic values at the rollout.
-        mask: [B, T] response mask; real tokens must come first in each row (right padding).
-        gamma: discount factor. lam: GAE lambda (0 gives one-step TD, 1 gives Monte Carlo).
-
-    Returns:
-        ``(advantages, returns)``, both [B, T], detached, 0 at padding.
+    Args: rewards, values [B, T] at the rollout; mask [B, T] with real tokens first in each row
+    (right padding); gamma, the discount; lam, 0 for one-step TD up to 1 for Monte Carlo returns.
+    Returns: ``(advantages, returns)``, both [B, T], detached, 0 at padding.
     """
     keep = mask.bool()
-    zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    r = torch.where(keep, rewards, zero)
-    v = torch.where(keep, values, zero)
+    r = torch.where(keep, rewards, 0.0)
+    v = torch.where(keep, values, 0.0)
     advantages = torch.zeros_like(v)
     next_value = torch.zeros_like(v[:, 0])
     next_advantage = torch.zeros_like(v[:, 0])
@@ -168,10 +146,10 @@ def gae(
         delta = r[:, t] + gamma * next_value - v[:, t]
         a_t = delta + gamma * lam * next_advantage
         # At padding, zero the carry so the row's last real token bootstraps from 0.
-        a_t = torch.where(keep[:, t], a_t, zero)
+        a_t = torch.where(keep[:, t], a_t, 0.0)
         advantages[:, t] = a_t
         next_value, next_advantage = v[:, t], a_t
-    returns = torch.where(keep, advantages + v, zero)
+    returns = torch.where(keep, advantages + v, 0.0)
     return advantages, returns
 
 
@@ -187,18 +165,16 @@ def policy_loss(
     averaged over real tokens. Taking the max (the pessimistic side) removes the incentive to move
     the ratio past the clip range; there the gradient is zero.
 
-    Args:
-        logprobs: [B, T], with gradient. old_logprobs, advantages: [B, T], treated as constants.
-        mask: [B, T]. clip_range: eps.
-
-    Returns:
-        ``(loss, clip_fraction, approx_kl)``: scalar loss; share of real tokens where the clipped term
-        was strictly larger (so it was used); masked mean of ``0.5 * (logprobs - old_logprobs) ** 2``.
-        The two statistics are detached scalar tensors.
+    Args: logprobs [B, T] with gradient; old_logprobs, advantages [B, T] (constants); mask; eps.
+    Returns: ``(loss, clip_fraction, approx_kl)``: scalar loss; share of real tokens where the clipped
+    term was strictly larger (so it was used); masked mean of ``0.5 * (logprobs - old_logprobs)^2``.
+    The two statistics are detached scalar tensors.
     """
-    log_ratio = logprobs - old_logprobs.detach()
+    keep = mask.bool()
+    # Zero padding before any arithmetic: nan there would otherwise leak into the gradient.
+    log_ratio = torch.where(keep, logprobs - old_logprobs.detach(), 0.0)
     ratio = torch.exp(log_ratio)
-    adv = advantages.detach()
+    adv = torch.where(keep, advantages.detach(), 0.0)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
@@ -214,12 +190,13 @@ def value_loss(
 
     Per token: ``0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)``, masked mean.
 
-    Returns:
-        ``(loss, clip_fraction)``: scalar loss; share of real tokens where the clipped error was
-        strictly larger (detached).
+    Returns ``(loss, clip_fraction)``: the scalar loss and the share of real tokens where the
+    clipped error was strictly larger (detached).
     """
-    old = old_values.detach()
-    target = returns.detach()
+    keep = mask.bool()
+    values = torch.where(keep, values, 0.0)
+    old = torch.where(keep, old_values.detach(), 0.0)
+    target = torch.where(keep, returns.detach(), 0.0)
     v_clipped = old + torch.clamp(values - old, -clip_range_value, clip_range_value)
     unclipped_sq = (values - target) ** 2
     clipped_sq = (v_clipped - target) ** 2

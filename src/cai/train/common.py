@@ -100,12 +100,20 @@ def save_model_folder(model: Any, tokenizer: Any, folder: Path, *, merge_lora: b
     tokenizer.save_pretrained(folder)
 
 
-def save_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Write a resumable checkpoint atomically: a crash mid-save leaves the previous one intact."""
+def save_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                    extra: dict[str, torch.nn.Module] | None = None) -> None:
+    """Write a resumable checkpoint atomically: a crash mid-save leaves the previous one intact.
+
+    ``extra`` modules (a value head, say) are saved beside the model as ``<name>.safetensors``.
+    """
+    from safetensors.torch import save_file
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=folder.parent))
     try:
         model.save_pretrained(tmp / "model", safe_serialization=True)
+        for name, module in (extra or {}).items():
+            save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state))
         old = folder.with_name(folder.name + ".old")
@@ -117,7 +125,8 @@ def save_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer,
+                    extra: dict[str, torch.nn.Module] | None = None) -> dict[str, Any] | None:
     """Restore weights and optimizer state from a checkpoint folder; None when there is none."""
     if not (folder / "state.json").is_file():
         old = folder.with_name(folder.name + ".old")
@@ -138,6 +147,8 @@ def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer) 
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if unexpected:
             raise CaiError(f"checkpoint {folder} does not match the model (unexpected weights {unexpected[:3]}); delete it to start over")
+    for name, module in (extra or {}).items():
+        module.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     return json.loads((folder / "state.json").read_text())
 

@@ -1,0 +1,524 @@
+"""The HTTP backend: any OpenAI-compatible server (vLLM serve, llama.cpp server, TGI, Ollama, hosted APIs).
+
+One request per prompt, several in flight at once (a thread pool of ``concurrency`` workers sharing
+one ``httpx`` connection pool), spread round-robin over one or more servers. Rate limits (429),
+server errors (5xx), dropped connections and timeouts are retried with exponential backoff and
+jitter (or the server's ``Retry-After``); any other 4xx means the request itself is wrong, so it
+fails at once with the server's message.
+
+Chats and plain strings take different routes:
+
+- ``mode="chat"``: a chat goes to ``/chat/completions`` as messages and the *server* applies the
+  model's chat template. A chat whose last message is from the assistant is continued, by sending
+  the vLLM extension fields ``continue_final_message=true, add_generation_prompt=false`` (other
+  servers ignore them or, like llama.cpp, continue a final assistant message on their own).
+- ``mode="completion"``: every prompt goes to ``/completions`` as text; chats are rendered locally,
+  which needs ``tokenizer`` (the served model's tokenizer, for its chat template).
+- A plain string always goes to ``/completions`` as is.
+
+Choice scoring (``choice_logprobs``) needs the log-probability of text the model did *not* write,
+which the completions endpoint gives with ``echo=true`` (vLLM, TGI's OpenAI route, the legacy
+OpenAI API). Pass ``tokenizer`` and the prompt is sent as token ids, so the result is exactly what
+`HFBackend.choice_logprobs` computes; without it the text is sent and the option's tokens are found
+by their character offsets. Servers that refuse ``echo`` (llama.cpp) still work when every option is
+a single token: its log-prob is read from the top-20 candidates for the next token.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import itertools
+import math
+import os
+import random
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from urllib.parse import urlsplit
+
+from cai.backends.base import Prompt, ProgressFn, SamplingParams, cut_at_stop, row_seed
+from cai.errors import CaiError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+RETRY_STATUSES = frozenset({429}) | frozenset(range(500, 600))
+MAX_RETRY_AFTER_S = 120.0
+"""A ``Retry-After`` longer than this is cut to it, so a misconfigured server can't stall a run for hours."""
+TOP_LOGPROBS_FALLBACK = 20
+
+
+class HTTPRequestError(CaiError):
+    """The server rejected a request (a 4xx other than 429): retrying would not help."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def backoff_delay(
+    attempt: int, retry_after: float | None, base_s: float, max_s: float, rng: Callable[[], float] = random.random
+) -> float:
+    """Seconds to wait before retry number ``attempt + 1``.
+
+    The server's ``Retry-After`` wins when given (capped at `MAX_RETRY_AFTER_S`); otherwise
+    ``base_s * 2**attempt``, capped at ``max_s``, scaled by a random factor in [0.5, 1) so that many
+    clients that failed together don't retry together.
+    """
+    if retry_after is not None:
+        return min(max(retry_after, 0.0), MAX_RETRY_AFTER_S)
+    return min(max_s, base_s * 2**attempt) * (0.5 + 0.5 * rng())
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header (seconds, or an HTTP date) as seconds from now; None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _normalize_url(url: str) -> str:
+    """Strip a trailing slash; a bare ``http://host:port`` gets the usual ``/v1`` prefix."""
+    url = url.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise CaiError(f"base URL {url!r} is not an http(s) URL such as http://127.0.0.1:8000/v1")
+    return url if parts.path else url + "/v1"
+
+
+def _load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    from cai.models import resolve_model_path
+
+    path, is_local = resolve_model_path(spec)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=offline and not is_local)
+    except (OSError, ValueError) as err:
+        raise CaiError(f"could not load the tokenizer of '{spec}': {str(err).splitlines()[0]}") from err
+
+
+class OpenAIHTTPBackend:
+    """`Backend` over one or more OpenAI-compatible HTTP servers.
+
+    Args:
+        base_urls: server roots including the API prefix, e.g. ``http://10.0.0.5:8000/v1``; a URL
+            with no path gets ``/v1``. Requests go round-robin over them (retries move on to the next).
+        model: the model name the servers expect in the ``model`` field.
+        api_key_env: environment variable holding the API key, read at every request and sent as
+            ``Authorization: Bearer ...``; unset or empty means no header. The key itself is never stored.
+        mode: ``chat`` (chats go to ``/chat/completions``) or ``completion`` (all prompts go to
+            ``/completions`` as text).
+        concurrency: most requests in flight at once.
+        timeout_s: seconds one request may take (connect, read, write each).
+        max_retries: retries after the first attempt, for 429, 5xx, connection errors and timeouts.
+        backoff_s: delay before the first retry; it doubles after each (with jitter).
+        max_backoff_s: longest delay between two retries (unless the server's ``Retry-After`` asks for more).
+        tokenizer: the served model's tokenizer (a model spec as in `cai.models`, or a tokenizer object).
+            Optional; it makes ``render`` of chats possible (the chat template is applied locally,
+            needed for choice scoring of chats), ``count_tokens`` exact and ``choice_logprobs``
+            send token ids.
+        context_length: the served model's context, when known (None: unknown).
+
+    Raises:
+        CaiError: ``httpx`` is missing, or an argument is out of range.
+    """
+
+    def __init__(
+        self,
+        base_urls: Sequence[str],
+        model: str,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        mode: Literal["chat", "completion"] = "chat",
+        concurrency: int = 8,
+        timeout_s: float = 60.0,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        context_length: int | None = None,
+    ) -> None:
+        try:
+            import httpx
+        except ImportError as err:
+            raise CaiError("the HTTP backend needs httpx: pip install 'cai[http]'") from err
+        if isinstance(base_urls, str):
+            base_urls = [base_urls]
+        if not base_urls:
+            raise CaiError("the HTTP backend needs at least one base URL")
+        if mode not in ("chat", "completion"):
+            raise CaiError(f"mode must be 'chat' or 'completion', got {mode!r}")
+        if concurrency < 1:
+            raise CaiError(f"concurrency must be at least 1, got {concurrency}")
+        if timeout_s <= 0:
+            raise CaiError(f"timeout_s must be positive, got {timeout_s}")
+        if max_retries < 0:
+            raise CaiError(f"max_retries must be 0 or more, got {max_retries}")
+        self.base_urls = [_normalize_url(u) for u in base_urls]
+        self.model = model
+        self.api_key_env = api_key_env
+        self.mode = mode
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.tokenizer = _load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.context_length = context_length
+        template = self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None) is not None
+        self.has_chat_template = mode == "chat" or template
+        self._httpx = httpx
+        self._client = httpx.Client(
+            timeout=timeout_s, limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        )
+        self._turn = itertools.count()
+        self._turn_lock = threading.Lock()
+        self._echo_ok: bool | None = None  # learnt on the first choice_logprobs call
+        self._sleep = time.sleep
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenAIHTTPBackend(base_urls={self.base_urls!r}, model={self.model!r}, mode={self.mode!r}, "
+            f"api_key_env={self.api_key_env!r}, concurrency={self.concurrency})"
+        )
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._client.close()
+
+    def __enter__(self) -> OpenAIHTTPBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------- prompts
+
+    def render(self, prompt: Prompt) -> str:
+        """The text for a prompt: strings as is; chats through the local tokenizer's chat template.
+
+        Raises:
+            CaiError: a chat without ``tokenizer`` (the server's template can't be seen from here).
+        """
+        if isinstance(prompt, str):
+            return prompt
+        if not prompt:
+            raise CaiError("a chat prompt has no messages")
+        if self.tokenizer is None or getattr(self.tokenizer, "chat_template", None) is None:
+            raise CaiError(
+                "the HTTP backend can't render a chat as text without the served model's chat template; "
+                "pass tokenizer=<the model's HF id or folder> to OpenAIHTTPBackend"
+            )
+        continue_final = prompt[-1]["role"] == "assistant"
+        return self.tokenizer.apply_chat_template(
+            list(prompt), tokenize=False, add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+        )
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        """Tokens of the rendered prompt: exact with ``tokenizer``, otherwise an estimate.
+
+        The estimate is characters / 4 (rounded up), plus 4 tokens per chat message for the
+        template's role markers: right for English text on common BPE vocabularies to within
+        about 20%, so leave headroom when fitting prompts to a context.
+        """
+        if self.tokenizer is not None and (isinstance(prompt, str) or self.has_chat_template and
+                                           getattr(self.tokenizer, "chat_template", None) is not None):
+            return len(self._encode(self.render(prompt)))
+        if isinstance(prompt, str):
+            return math.ceil(len(prompt) / 4)
+        return sum(math.ceil(len(m["content"]) / 4) + 4 for m in prompt)
+
+    def _encode(self, text: str) -> list[int]:
+        """Token ids as `HFBackend.encode` makes them (a BOS the tokenizer adds to raw text, no other specials)."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and getattr(self.tokenizer, "add_bos_token", False) and not text.startswith(
+                self.tokenizer.bos_token):
+            ids = [bos, *ids]
+        return ids
+
+    # ------------------------------------------------------------------------------ HTTP
+
+    def _headers(self) -> dict[str, str]:
+        key = os.environ.get(self.api_key_env, "")
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _next_url(self) -> str:
+        with self._turn_lock:
+            return self.base_urls[next(self._turn) % len(self.base_urls)]
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body`` to ``path`` on the next server, retrying what a retry can fix.
+
+        Raises:
+            HTTPRequestError: a 4xx other than 429 (no retry).
+            CaiError: every attempt failed; names the last URL and error.
+        """
+        last_error, url = "", ""
+        for attempt in range(self.max_retries + 1):
+            url = self._next_url() + path
+            retry_after = None
+            try:
+                response = self._client.post(url, json=body, headers=self._headers())
+            except self._httpx.TransportError as err:  # refused, reset, DNS, timeouts
+                last_error = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            else:
+                if response.status_code < 300:
+                    try:
+                        return response.json()
+                    except ValueError as err:
+                        raise CaiError(f"{url} answered 200 with a body that is not JSON: {response.text[:200]!r}") from err
+                message = _error_message(response)
+                if response.status_code not in RETRY_STATUSES:
+                    raise HTTPRequestError(
+                        f"{url} rejected the request with HTTP {response.status_code}: {message}", response.status_code
+                    )
+                last_error = f"HTTP {response.status_code}: {message}"
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+            if attempt < self.max_retries:
+                self._sleep(backoff_delay(attempt, retry_after, self.backoff_s, self.max_backoff_s))
+        raise CaiError(f"request to {url} failed after {self.max_retries + 1} attempts; the last error was {last_error}")
+
+    def _run_all(self, jobs: Sequence[Callable[[], Any]], on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
+        """Run the jobs ``concurrency`` at a time; results in input order. The first failure cancels the rest."""
+        if len(jobs) == 1:
+            result = jobs[0]()
+            if on_done is not None:
+                on_done(0, result)
+            return [result]
+        results: list[Any] = [None] * len(jobs)
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(jobs)), thread_name_prefix="cai-http")
+        try:
+            pending = {pool.submit(job): i for i, job in enumerate(jobs)}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    i = pending.pop(future)
+                    results[i] = future.result()  # raises the job's error
+                    if on_done is not None:
+                        on_done(i, results[i])
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return results
+
+    # --------------------------------------------------------------------------- generate
+
+    def _sampling_body(self, params: SamplingParams, seed: int) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
+            "top_p": params.top_p,
+            # 31 bits: the widest seed every common server accepts (llama.cpp takes a uint32).
+            "seed": seed & 0x7FFFFFFF,
+        }
+        if params.top_k:
+            body["top_k"] = params.top_k  # an extension (vLLM, llama.cpp, TGI, Ollama); OpenAI itself has none
+        if params.stop:
+            body["stop"] = list(params.stop)
+        return body
+
+    def _generate_one(self, prompt: Prompt, params: SamplingParams, seed: int) -> tuple[str, int]:
+        body = self._sampling_body(params, seed)
+        if isinstance(prompt, list) and self.mode == "chat":
+            if not prompt:
+                raise CaiError("a chat prompt has no messages")
+            body["messages"] = [{"role": m["role"], "content": m["content"]} for m in prompt]
+            if prompt[-1]["role"] == "assistant":
+                body["continue_final_message"] = True
+                body["add_generation_prompt"] = False
+            answer = self._post("/chat/completions", body)
+            text = _first_choice(answer).get("message", {}).get("content") or ""
+        else:
+            body["prompt"] = self.render(prompt)
+            answer = self._post("/completions", body)
+            text = _first_choice(answer).get("text") or ""
+        text = cut_at_stop(text, params.stop)[0]
+        used = (answer.get("usage") or {}).get("completion_tokens")
+        return text, int(used) if isinstance(used, int) else math.ceil(len(text) / 4)
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        *,
+        seeds: Sequence[int] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> list[str]:
+        """One request per prompt, ``concurrency`` in flight; texts in input order.
+
+        Row i is sent ``seed = seeds[i]`` (or a seed derived from ``params.seed`` and i), so a server
+        that honours seeds samples each row independently of the others. ``progress`` is called
+        once per finished row with the server's completion token count (or an estimate).
+        """
+        if not prompts:
+            return []
+        if seeds is not None and len(seeds) != len(prompts):
+            raise CaiError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        row_seeds = list(seeds) if seeds is not None else [row_seed(params.seed, i) for i in range(len(prompts))]
+        jobs = [lambda p=p, s=s: self._generate_one(p, params, s) for p, s in zip(prompts, row_seeds)]
+        report = None if progress is None else (lambda _i, result: progress(1, result[1]))
+        return [text for text, _ in self._run_all(jobs, report)]
+
+    # ---------------------------------------------------------------------- choice scoring
+
+    def choice_logprobs(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+        """``result[i][j]`` = log P(options[j] | prompts[i]), exact, from the server's echoed prompt log-probs.
+
+        Raises:
+            CaiError: the server returns no prompt log-probs and the options are not all single
+                tokens among its top-20 next-token candidates, or a request failed.
+        """
+        if not prompts:
+            return []
+        if not options:
+            raise CaiError("choice_logprobs needs at least one option")
+        for j, option in enumerate(options):
+            if not option:
+                raise CaiError(f"option {j} ({option!r}) is empty")
+        if self._echo_ok is not False:
+            try:
+                first = self._echo_score(prompts[0], options[0], 0, 0)
+                self._echo_ok = True
+            except _EchoRefused:
+                self._echo_ok = False
+            else:
+                pairs = [(i, j) for i in range(len(prompts)) for j in range(len(options))][1:]
+                scores = self._run_all([lambda i=i, j=j: self._echo_score(prompts[i], options[j], i, j) for i, j in pairs])
+                result = [[0.0] * len(options) for _ in prompts]
+                result[0][0] = first
+                for (i, j), score in zip(pairs, scores):
+                    result[i][j] = score
+                return result
+        return self._top_logprobs_scores(prompts, options)
+
+    def _echo_score(self, prompt: str, option: str, i: int, j: int) -> float:
+        """log P(option | prompt) from one ``echo=true`` request over prompt + option."""
+        body: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 1}
+        if self.tokenizer is not None:
+            prompt_ids = self._encode(prompt)
+            option_ids = self.tokenizer(option, add_special_tokens=False)["input_ids"]
+            if not option_ids:
+                raise CaiError(f"option {j} ({option!r}) has no tokens")
+            body["prompt"] = prompt_ids + option_ids
+        else:
+            body["prompt"] = prompt + option
+        try:
+            answer = self._post("/completions", body)
+        except HTTPRequestError as err:
+            if 400 <= err.status < 500 and err.status not in (401, 403, 404):
+                raise _EchoRefused(str(err)) from err
+            raise
+        logprobs = _first_choice(answer).get("logprobs") or {}
+        values = logprobs.get("token_logprobs") or []
+        if self.tokenizer is not None:
+            n_prompt = len(body["prompt"])
+            picked = values[n_prompt - len(option_ids):n_prompt] if len(values) >= n_prompt else []
+            if len(picked) != len(option_ids) or any(v is None for v in picked):
+                raise _EchoRefused("the server returned no log-probs for the echoed prompt tokens")
+            return float(sum(picked))
+        offsets = logprobs.get("text_offset") or []
+        if not values or len(offsets) != len(values):
+            raise _EchoRefused("the server returned no log-probs for the echoed prompt")
+        start, end = len(prompt), len(prompt) + len(option)
+        picked = [v for v, o in zip(values, offsets) if start <= o < end]
+        if start not in offsets:
+            raise CaiError(
+                f"the server tokenized the end of prompt {i} together with the start of option {j} ({option!r}), "
+                "so that option's log-prob can't be read off; pass tokenizer=<the served model> to send token ids"
+            )
+        if not picked or any(v is None for v in picked):
+            raise _EchoRefused("the server returned no log-probs for the option's tokens")
+        return float(sum(picked))
+
+    def _top_logprobs_scores(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+        """Fallback without echo: the options must be single tokens, read off the next-token top-20."""
+        if self.tokenizer is not None:
+            for j, option in enumerate(options):
+                if len(self.tokenizer(option, add_special_tokens=False)["input_ids"]) != 1:
+                    raise CaiError(
+                        f"the server can't return the log-probs needed for labels: it gives no prompt log-probs "
+                        f"(echo), and option {j} ({option!r}) is more than one token; use a server that supports "
+                        "echo=true with logprobs (e.g. vLLM) or single-token options"
+                    )
+
+        def score(prompt: str) -> list[float]:
+            body = {"model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
+                    "logprobs": TOP_LOGPROBS_FALLBACK}
+            if self.tokenizer is not None:
+                body["prompt"] = self._encode(prompt)
+            logprobs = _first_choice(self._post("/completions", body)).get("logprobs") or {}
+            top = (logprobs.get("top_logprobs") or [None])[0] or {}
+            missing = [o for o in options if o not in top]
+            if missing:
+                raise CaiError(
+                    f"the server can't return the log-probs needed for labels: it gives no prompt log-probs (echo), "
+                    f"and option {missing[0]!r} is not among its top-{TOP_LOGPROBS_FALLBACK} next tokens (it may be "
+                    "more than one token); use a server that supports echo=true with logprobs, e.g. vLLM"
+                )
+            return [float(top[o]) for o in options]
+
+        return self._run_all([lambda p=p: score(p) for p in prompts])
+
+
+class _EchoRefused(CaiError):
+    """The server won't return log-probs of prompt tokens; switch to the top-logprobs fallback."""
+
+
+def _first_choice(answer: dict[str, Any]) -> dict[str, Any]:
+    choices = answer.get("choices") or []
+    if not choices or not isinstance(choices[0], dict):
+        raise CaiError(f"the server's answer has no choices: {str(answer)[:200]}")
+    return choices[0]
+
+
+def _error_message(response: Any) -> str:
+    """The server's own error message (OpenAI-style JSON, or the start of the body)."""
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text.strip()[:300] or response.reason_phrase
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+        if isinstance(data.get("detail"), str):
+            return data["detail"]
+    return str(data)[:300]
+
+
+def from_config(base_urls: str | Sequence[str], model: str, **kwargs: Any) -> OpenAIHTTPBackend:
+    """Build the HTTP backend from config values.
+
+    Args:
+        base_urls: one URL, a comma-separated string of URLs, or a list
+            (e.g. ``http://gpu1:8000/v1,http://gpu2:8000/v1``).
+        model: the served model's name.
+        **kwargs: any of ``api_key_env`` (default ``OPENAI_API_KEY``), ``mode`` (``chat`` |
+            ``completion``), ``concurrency`` (8), ``timeout_s`` (60), ``max_retries`` (5),
+            ``backoff_s`` (0.5), ``max_backoff_s`` (30), ``tokenizer`` (a model spec; None),
+            ``context_length`` (None). See `OpenAIHTTPBackend`.
+
+    Raises:
+        CaiError: an unknown keyword or a bad value, named.
+    """
+    allowed = {"api_key_env", "mode", "concurrency", "timeout_s", "max_retries", "backoff_s", "max_backoff_s",
+               "tokenizer", "context_length"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise CaiError(f"unknown HTTP backend option {unknown[0]!r}; known options are {', '.join(sorted(allowed))}")
+    if isinstance(base_urls, str):
+        base_urls = [u for u in base_urls.split(",") if u.strip()]
+    return OpenAIHTTPBackend(list(base_urls), model, **kwargs)

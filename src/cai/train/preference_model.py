@@ -1,0 +1,226 @@
+"""The preference model (PM): a scalar score per (conversation, response), trained on soft AI labels.
+
+Loss: soft-label Bradley-Terry, cross-entropy between sigmoid(r_a - r_b) and the AI label p_a
+(`cai.losses.bradley_terry`). Data: AI harmlessness labels mixed with helpfulness comparisons at
+a ratio: the user's human comparisons (hh-rlhf ``chosen``/``rejected``) when given, otherwise AI
+labels under the helpfulness question. Held-out pairs (split by prompt, so both orders of one
+prompt never straddle train and eval) give accuracy and expected calibration error.
+
+`RewardScorer` is the one scorer used wherever a PM score is needed: PPO rewards, evaluation of
+responses, and the revision curve (STYLE: one scorer serves evaluation and reward).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from cai.config import PMConfig
+from cai.errors import CaiError
+from cai.io import JsonlWriter, write_json_atomic
+from cai.losses.bradley_terry import expected_calibration_error, preference_accuracy, soft_bradley_terry_loss
+from cai.progress import progress_bar
+from cai.train.common import apply_lora, count_parameters, save_model_folder, warmup_linear_decay
+from cai.types import Chat
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One comparison: two responses to one conversation and P(A is better)."""
+
+    prompt: Chat
+    response_a: str
+    response_b: str
+    p_a: float
+    group: str
+    """Pairs with the same group (source prompt) go to the same side of the train/eval split."""
+    kind: str = "harmlessness"
+
+
+def render_pm_input(tokenizer: Any, prompt: Chat, response: str) -> str:
+    """The text the PM scores: the conversation plus the response as the final assistant turn."""
+    chat = [*prompt, {"role": "assistant", "content": response}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(chat, tokenize=False)
+    from cai.prompts import format_conversation
+
+    return format_conversation(chat)
+
+
+class RewardScorer:
+    """Scores (conversation, response) pairs with a sequence-classification model, batched.
+
+    Right padding with position ids from 0, so a row's score never depends on its batch.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, max_length: int = 1024) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, **kwargs: Any) -> RewardScorer:
+        from transformers import AutoModelForSequenceClassification
+
+        from cai.models import load_model
+
+        loaded = load_model(str(folder), model_class=AutoModelForSequenceClassification, num_labels=1)
+        return cls(loaded.model, loaded.tokenizer, **kwargs)
+
+    def encode(self, prompts: Sequence[Chat], responses: Sequence[str]) -> list[list[int]]:
+        texts = [render_pm_input(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [row[-self.max_length:] for row in ids]  # keep the end: the response is what's judged
+
+    def forward(self, rows: Sequence[list[int]]) -> torch.Tensor:
+        """Scores [B] for token rows (with gradients if enabled)."""
+        width = max(len(r) for r in rows)
+        device = next(self.model.parameters()).device
+        pad = self.model.config.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Chat], responses: Sequence[str]) -> list[float]:
+        """PM score of each response to its conversation (higher = preferred)."""
+        was_training = self.model.training
+        self.model.eval()
+        rows = self.encode(prompts, responses)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        scores = [0.0] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            for i, value in zip(batch, self.forward([rows[i] for i in batch]).tolist()):
+                scores[i] = value
+        self.model.train(was_training)
+        return scores
+
+
+def pairs_from_labels(rows: list[dict[str, Any]]) -> list[Pair]:
+    """Pairs from ``feedback/data.jsonl`` rows (AI labels)."""
+    return [Pair(r["prompt"], r["response_a"], r["response_b"], float(r["p_a"]), r.get("source_id", r["id"]),
+                 "helpfulness" if r.get("set") == "helpfulness" else "harmlessness") for r in rows]
+
+
+def pairs_from_human_comparisons(source: str) -> list[Pair]:
+    """Hard-labelled pairs from hh-rlhf style rows (``chosen``/``rejected`` transcripts, or messages)."""
+    from cai.data.loaders import _parse_transcript
+    from cai.data.sources import read_source
+
+    name, raw, _ = read_source(source, "train")
+    pairs = []
+    for i, row in enumerate(raw, start=1):
+        chosen, rejected = row.get("chosen"), row.get("rejected")
+        if chosen is None or rejected is None:
+            raise CaiError(f"{name} row {i} needs 'chosen' and 'rejected' columns for human comparisons")
+        chosen = _parse_transcript(chosen) if isinstance(chosen, str) else list(chosen)
+        rejected = _parse_transcript(rejected) if isinstance(rejected, str) else list(rejected)
+        if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
+            raise CaiError(f"{name} row {i}: 'chosen' and 'rejected' must each end with an assistant turn")
+        pairs.append(Pair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], 1.0, f"human-{i}", "helpfulness"))
+    return pairs
+
+
+def mix_and_split(ai_pairs: list[Pair], human_pairs: list[Pair], config: PMConfig,
+                  seed: int) -> tuple[list[Pair], list[Pair], dict[str, int]]:
+    """Harmlessness pairs + helpfulness pairs at ``helpfulness_ratio``; split train/eval by group."""
+    rng = random.Random(f"{seed}:pm-mix")
+    harmless = [p for p in ai_pairs if p.kind == "harmlessness"]
+    helpful_pool = human_pairs or [p for p in ai_pairs if p.kind == "helpfulness"]
+    ratio = config.helpfulness_ratio
+    wanted = round(ratio / (1 - ratio) * len(harmless)) if ratio and harmless else (len(helpful_pool) if ratio else 0)
+    helpful = rng.sample(helpful_pool, min(wanted, len(helpful_pool)))
+    pairs = harmless + helpful
+    groups = sorted({p.group for p in pairs})
+    rng.shuffle(groups)
+    n_eval = max(1, round(config.eval_fraction * len(groups))) if len(groups) > 1 and config.eval_fraction else 0
+    eval_groups = set(groups[:n_eval])
+    train = [p for p in pairs if p.group not in eval_groups]
+    held_out = [p for p in pairs if p.group in eval_groups]
+    rng.shuffle(train)
+    counts = {"harmlessness_pairs": len(harmless), "helpfulness_pairs": len(helpful),
+              "helpfulness_source": "human" if human_pairs else "ai", "train_pairs": len(train), "eval_pairs": len(held_out)}
+    return train, held_out, counts
+
+
+def evaluate_pm(scorer: RewardScorer, pairs: list[Pair]) -> dict[str, Any]:
+    """Held-out accuracy (vs the label's side), ECE and a calibration table."""
+    if not pairs:
+        return {"accuracy": None, "ece": None, "calibration": []}
+    a = torch.tensor(scorer.score([p.prompt for p in pairs], [p.response_a for p in pairs]))
+    b = torch.tensor(scorer.score([p.prompt for p in pairs], [p.response_b for p in pairs]))
+    target = torch.tensor([p.p_a for p in pairs])
+    ece, table = expected_calibration_error(torch.sigmoid(a - b), target)
+    return {"accuracy": preference_accuracy(a, b, target), "ece": ece, "calibration": table, "pairs": len(pairs),
+            "mean_margin": float((a - b).abs().mean())}
+
+
+def train_preference_model(
+    train: list[Pair], held_out: list[Pair], *, base: str, out_dir: str | Path, config: PMConfig, seed: int = 0,
+    device: str = "auto", show_progress: bool = True,
+) -> dict[str, Any]:
+    """Train a scalar-head PM on soft labels; save the HF folder, ``metrics.json`` and a log."""
+    from transformers import AutoModelForSequenceClassification
+
+    from cai.models import load_model
+
+    if not train:
+        raise CaiError("no preference pairs to train on; label more pairs or lower pm.eval_fraction")
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    loaded = load_model(base, dtype=config.dtype, device=device, model_class=AutoModelForSequenceClassification,
+                        num_labels=1)
+    model = apply_lora(loaded.model, config.lora)
+    scorer = RewardScorer(model, loaded.tokenizer, batch_size=config.batch_size, max_length=config.max_length)
+    before = evaluate_pm(scorer, held_out)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps = max(1, -(-len(train) // config.batch_size)) * config.epochs
+    warmup = int(config.warmup_ratio * steps)
+    log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False)
+    model.train()
+    step, started, losses = 0, time.perf_counter(), []
+    with progress_bar("preference model", steps, enabled=show_progress) as advance:
+        for epoch in range(config.epochs):
+            order = list(range(len(train)))
+            random.Random(f"{seed}:pm-epoch:{epoch}").shuffle(order)
+            for start in range(0, len(order), config.batch_size):
+                batch = [train[i] for i in order[start:start + config.batch_size]]
+                rows = scorer.encode([p.prompt for p in batch] * 2,
+                                     [p.response_a for p in batch] + [p.response_b for p in batch])
+                scores = scorer.forward(rows)
+                r_a, r_b = scores[: len(batch)], scores[len(batch):]
+                loss = soft_bradley_terry_loss(r_a, r_b, torch.tensor([p.p_a for p in batch], device=scores.device))
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                for group in optimizer.param_groups:
+                    group["lr"] = config.learning_rate * warmup_linear_decay(step, steps, warmup)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                losses.append(loss.item())
+                log.write({"step": step, "epoch": epoch, "loss": round(loss.item(), 5),
+                           "seconds": round(time.perf_counter() - started, 2)})
+                advance(1, 0)
+    log.close()
+    after = evaluate_pm(scorer, held_out)
+    model.eval()
+    save_model_folder(model, loaded.tokenizer, out_dir, merge_lora=config.lora.merge_on_save)
+    total, trainable = count_parameters(model)
+    metrics = {"steps": step, "train_pairs": len(train), "eval_pairs": len(held_out),
+               "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
+               "eval_accuracy_before": before["accuracy"], "eval_accuracy": after["accuracy"],
+               "eval_ece": after["ece"], "eval_mean_margin": after.get("mean_margin"),
+               "seconds": round(time.perf_counter() - started, 2), "parameters": total, "trainable_parameters": trainable}
+    write_json_atomic(out_dir / "metrics.json", {**metrics, "calibration": after["calibration"]})
+    return metrics
