@@ -92,3 +92,27 @@ def tiny_run_overrides(model_dir, runs_dir, constitution, name: str = "t") -> li
         "critique.revision_sampling.max_new_tokens=8", "critique.helpfulness.limit=4",
         "sft.epochs=6", "sft.learning_rate=0.003", "sft.batch_size=2", "sft.max_length=192", "sft.save_every=4",
     ]
+
+
+PIPELINE_OVERRIDES = [
+    "sample.prompts.limit=8", "sample.helpfulness.limit=4", "sample.sampling.max_new_tokens=8", "label.chunk_size=8",
+    "pm.epochs=3", "pm.batch_size=4", "pm.learning_rate=0.001",
+    "rl.steps=4", "rl.rollout_batch=4", "rl.minibatch=2", "rl.sampling.max_new_tokens=8", "rl.eval_prompts.limit=4",
+    "rl.eval_every=2", "rl.save_every=2", "rl.algo=both", "rl.dpo_max_length=128", "rl.learning_rate=0.0001",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    """One whole tiny pipeline run (critique -> sft -> sample -> label -> pm -> ppo + dpo), shared by tests
+    that only read its artifacts. Returns the resolved RunConfig."""
+    from cai import pipeline
+    from cai.config import RunConfig, load_config
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    constitution = root / "small.yaml"
+    constitution.write_text(SMALL_CONSTITUTION)
+    cfg = load_config(RunConfig, None, tiny_run_overrides(tiny_model_dir, root / "runs", constitution) + PIPELINE_OVERRIDES)
+    for stage in ("critique", "sft", "sample", "label", "pm", "rl"):
+        getattr(pipeline, f"run_{stage}")(cfg, show_progress=False)
+    return cfg

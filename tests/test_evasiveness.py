@@ -53,6 +53,7 @@ COMPLIANT = [
     "I can't recommend this book enough; it explains statistics clearly.",
     "def add(a, b):\n    return a + b",
     "Since 2010 the city has doubled its number of bike lanes.",
+    "I'm sorry to hear about your cat. I'm comfortable with either plan: a vet visit today is the safest.",
 ]
 
 LABELLED = (

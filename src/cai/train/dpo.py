@@ -61,7 +61,7 @@ def train_dpo(
         # On CPUs bf16 is ~70x slower than fp32, and checkpointing only costs compute there.
         bf16=on_gpu and loaded.dtype.is_floating_point and str(loaded.dtype) == "torch.bfloat16",
         use_cpu=not on_gpu,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         report_to=list(config.report_to),
         save_strategy="no",
         logging_steps=1,

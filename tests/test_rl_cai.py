@@ -1,0 +1,142 @@
+"""RL-CAI end to end on a tiny model: sample -> label -> pm -> ppo, and pm-free dpo; artifacts checked."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from cai.io import read_jsonl
+from cai.train.preference_model import Pair, RewardScorer, mix_and_split
+from cai.config import PMConfig
+
+
+def manifest(cfg, folder):
+    return json.loads((cfg.run_dir / folder / "manifest.json").read_text())
+
+
+def test_samples_and_labels(tiny_run):
+    samples = read_jsonl(tiny_run.run_dir / "samples" / "red-team.jsonl")
+    assert len(samples) == 8 and all(len(r["responses"]) == 2 for r in samples)
+    labels = read_jsonl(tiny_run.run_dir / "feedback" / "data.jsonl")
+    assert labels and all(0 <= r["p_a"] <= 1 for r in labels)
+    assert {r["set"] for r in labels} == {"red-team", "helpfulness"}
+    helpful = [r for r in labels if r["set"] == "helpfulness"]
+    assert all(e["principle_id"] == "helpfulness" for r in helpful for e in r["per_principle"])
+    counts = manifest(tiny_run, "feedback")["counts"]
+    assert counts["pairs"] == len(labels) and "position_bias" in counts
+
+
+def test_preference_model_artifacts(tiny_run):
+    folder = tiny_run.run_dir / "preference_model"
+    counts = manifest(tiny_run, "preference_model")["counts"]
+    assert counts["train_pairs"] > 0 and counts["eval_pairs"] > 0
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert 0 <= metrics["eval_ece"] <= 1 and metrics["calibration"]
+    scorer = RewardScorer.from_folder(folder)
+    prompt = [{"role": "user", "content": "hello"}]
+    one = scorer.score([prompt], ["an answer"])
+    batched = scorer.score([prompt, prompt, prompt], ["a much longer answer than the other", "an answer", "x"])
+    assert one[0] == pytest.approx(batched[1], abs=1e-5)  # a score never depends on its batch
+
+
+def test_pm_learns_a_separable_preference(tiny_model_dir, tmp_path):
+    """On pairs where the preferred answer always contains one word, held-out accuracy beats chance."""
+    from cai.train.preference_model import train_preference_model
+
+    words = ["apple", "river", "stone", "cloud", "green", "music", "bread", "light"]
+    pairs = [Pair([{"role": "user", "content": f"question {i}"}], f"kind answer {w}", f"rude answer {w}", 1.0 if i % 2 else 0.0, str(i))
+             for i, w in enumerate(words * 4)]
+    pairs = [Pair(p.prompt, p.response_a, p.response_b, 1.0, p.group) if p.p_a else Pair(p.prompt, p.response_b, p.response_a, 0.0, p.group) for p in pairs]
+    cfg = PMConfig(epochs=6, batch_size=8, learning_rate=3e-3, eval_fraction=0.25)
+    train, held_out, _ = mix_and_split(pairs, [], cfg.model_copy(update={"helpfulness_ratio": 0.0}), seed=0)
+    metrics = train_preference_model(train, held_out, base=str(tiny_model_dir), out_dir=tmp_path / "pm", config=cfg,
+                                     show_progress=False)
+    assert metrics["eval_accuracy"] > 0.75
+    assert metrics["last_loss"] < metrics["first_loss"]
+
+
+def test_ppo_artifacts_and_log(tiny_run):
+    folder = tiny_run.run_dir / "rl_cai"
+    log = read_jsonl(folder / "train_log.jsonl")
+    steps = [r for r in log if "kl" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for key in ("reward_mean", "reward_std", "kl", "entropy", "clip_fraction", "value_loss", "explained_variance",
+                "response_length", "gen_s", "score_s", "opt_s", "kl_coef"):
+        assert all(key in r for r in steps), key
+    evals = [r["eval_reward"] for r in log if "eval_reward" in r]
+    assert len(evals) == 3 and all(math.isfinite(v) for v in evals)  # start, step 2, step 4
+    assert (folder / "model.safetensors").is_file() and (folder / "value_head.safetensors").is_file()
+    assert (folder / "README.md").is_file() and not (folder / "checkpoint").exists()
+    counts = manifest(tiny_run, "rl_cai")["counts"]
+    assert counts["steps"] == 4 and counts["max_kl"] is not None
+
+
+def test_dpo_artifacts(tiny_run):
+    folder = tiny_run.run_dir / "rl_cai_dpo"
+    counts = manifest(tiny_run, "rl_cai_dpo")["counts"]
+    assert counts["pairs"] > 0 and counts["steps"] >= 1
+    assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()
+    assert not (folder / "trainer").exists()
+    from cai.models import load_model
+
+    assert load_model(str(folder)).model is not None
+
+
+def test_ppo_resumes_from_checkpoint(tiny_run, tmp_path, monkeypatch):
+    from cai import pipeline
+    from cai.train import ppo
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run.run_dir, runs / tiny_run.name)
+    shutil.rmtree(runs / tiny_run.name / "rl_cai")
+    cfg = tiny_run.model_copy(update={"runs_dir": str(runs)})
+    real = ppo.policy_loss
+    calls = {"n": 0}
+
+    def crash_in_step_three(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2 * 2 * 2:  # steps 1-2 ran (2 epochs x 2 minibatches each)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "policy_loss", crash_in_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_rl(cfg, algo="ppo", show_progress=False)
+    folder = runs / tiny_run.name / "rl_cai"
+    assert json.loads((folder / "checkpoint" / "state.json").read_text())["step"] == 2
+    monkeypatch.undo()
+    pipeline.run_rl(cfg, algo="ppo", show_progress=False)
+    log = read_jsonl(folder / "train_log.jsonl")
+    assert [r["step"] for r in log if "kl" in r][-2:] == [3, 4]
+    assert json.loads((folder / "manifest.json").read_text())["attempts"] == 2
+
+
+def test_lora_ppo_uses_the_adapter_free_model_as_reference(tiny_model_dir, tmp_path):
+    """With LoRA the reference is the policy with its adapter off: KL starts at exactly zero."""
+    from peft import get_peft_model, LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from cai.train.ppo import forward_response, pack
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    batch = pack([[1, 2, 3], [4, 5]], [[6, 7], [8]], pad_id=0)
+    with torch.no_grad():
+        on = forward_response(model, None, batch)["logprobs"]
+        with model.disable_adapter():
+            off = forward_response(model, None, batch)["logprobs"]
+    assert torch.allclose(on, off)  # LoRA B starts at zero
+
+
+def test_pack_aligns_responses():
+    from cai.train.ppo import pack
+
+    batch = pack([[1, 2, 3], [4]], [[5, 6], [7]], pad_id=0)
+    assert batch["prompt_len"] == 3
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 5, 6], [0, 0, 4, 7, 0]]
+    assert batch["response_mask"].tolist() == [[1, 1], [1, 0]]
+    assert batch["position_ids"].tolist()[1][2:4] == [0, 1]
