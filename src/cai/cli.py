@@ -254,6 +254,14 @@ def rl(
         out.print(f"RL-CAI model in {path}")
 
 
+@app.command("eval")
+def eval_command(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Compare the run's models: pairwise AI-judged Elo, PM scores, evasiveness, revision curve."""
+    from cai.pipeline import run_eval
+
+    out.print(f"evaluation in {run_eval(_run_config(config, set_))}")
+
+
 @app.command("mc-eval")
 def mc_eval_command(
     files: Annotated[list[Path], typer.Argument(help='JSONL files of {"prompt", "corrects", "incorrects"} rows.')],

@@ -307,6 +307,93 @@ def _run_dpo(cfg: RunConfig) -> Path:
     return out
 
 
+def eval_models(cfg: RunConfig) -> dict[str, str]:
+    """The models to compare: ``eval.models``, else the run's models that exist, in pipeline order."""
+    if cfg.eval.models:
+        return dict(cfg.eval.models)
+    models = {"base": cfg.model.name}
+    for name, stage in (("sl_cai", "sft"), ("rl_cai_ppo", "ppo"), ("rl_cai_dpo", "dpo")):
+        if is_done(stage_dir(cfg, stage)):
+            models[name] = str(stage_dir(cfg, stage))
+    return models
+
+
+def run_eval(cfg: RunConfig, *, show_progress: bool = True) -> Path:
+    """Answers, pairwise judgements, Elo, PM scores, evasiveness and the revision curve, into eval/."""
+    import json
+
+    from cai.backends import load_backend
+    from cai.constitution import load_constitution
+    from cai.eval import evaluate as E
+
+    out = stage_dir(cfg, "eval")
+    if is_done(out):
+        console.print(f"eval: already done in {out} (delete the folder to redo it)")
+        return out
+    ecfg = cfg.eval
+    constitution = load_constitution(cfg.constitution)
+    models = eval_models(cfg)
+    if len(models) < 2 and not ecfg.mc_files:
+        raise CaiError("eval compares at least two models: finish a training stage first or list eval.models")
+    sets = {"red-team": _load_rows(ecfg.red_team, "held-out red-team prompts"),
+            "helpfulness": _load_rows(ecfg.helpfulness, "held-out helpfulness prompts")}
+    mc = []
+    if ecfg.mc_files:
+        from cai.eval.mc import load_mc_file
+
+        mc = [(f, load_mc_file(f)) for f in ecfg.mc_files]
+    record = StageRecord(out, "eval", config_yaml=config_to_yaml(cfg), config_hash=config_hash(cfg),
+                         model=", ".join(models), seed=cfg.seed)
+    base_cfg = cfg.model
+
+    def load(spec: str):
+        return load_backend(base_cfg.model_copy(update={"name": spec}))
+
+    answers = E.generate_answers(models, sets, out / "responses.jsonl", ecfg.sampling.params(), load, show_progress)
+    judge = load_backend(ecfg.judge or cfg.label.feedback_model or cfg.model)
+    judgements = E.judge_pairs(answers, constitution=constitution, judge=judge, label_config=cfg.label,
+                               out_path=out / "judgements.jsonl", seed=cfg.seed, show_progress=show_progress)
+    results: dict[str, Any] = {"models": list(models), "model_specs": models,
+                               "elo": E.elo_by_axis(judgements, "base", ecfg.bootstrap, cfg.seed)}
+    pm_folder = stage_dir(cfg, "pm")
+    scorer = None
+    if is_done(pm_folder):
+        from cai.train.preference_model import RewardScorer
+
+        scorer = RewardScorer.from_folder(pm_folder)
+    pm_scores = dict(enumerate(scorer.score([a["prompt"] for a in answers], [a["response"] for a in answers]))) if scorer else None
+    results["answers"] = E.answer_stats(answers, pm_scores)
+    traces = read_jsonl(stage_dir(cfg, "critique") / "data.jsonl")
+    results["revision_curve"] = E.revision_curve(traces, scorer) if scorer and traces else {}
+    results["transcripts"] = _transcripts(traces[: ecfg.transcripts], models, load, ecfg.sampling.params())
+    if mc:
+        from cai.eval.mc import mc_eval
+
+        results["mc_eval"] = [mc_eval(rows, judge, file=f).summary() for f, rows in mc]
+    from cai.io import write_json_atomic
+
+    write_json_atomic(out / "results.json", results)
+    write_text_atomic(out / "results.md", E.results_markdown(results))
+    console.print(E.results_markdown(results))
+    record.done(models=len(models), answers=len(answers), judgements=len(judgements))
+    return out
+
+
+def _transcripts(traces: list, models: dict[str, str], load: Any, params: Any) -> list[dict[str, Any]]:
+    """prompt -> initial -> critique -> revision -> final RL answer, for the report."""
+    if not traces:
+        return []
+    last = list(models)[-1]
+    answers = load(models[last]).generate([t["prompt"] for t in traces], params)
+    rows = []
+    for t, answer in zip(traces, answers):
+        first = t["rounds"][0] if t["rounds"] else {}
+        rows.append({"id": t["id"], "prompt": t["prompt"][-1]["content"], "initial": t["initial_response"],
+                     "principle": first.get("principle_id"), "critique": first.get("critique"),
+                     "revision": t["final_response"], "final_model": last, "final_answer": answer.strip()})
+    return rows
+
+
 def _read_sft_file(path: str) -> list:
     rows = read_jsonl(path) if Path(path).is_file() else None
     if rows is None:

@@ -26,6 +26,7 @@ STAGE_DIRS = {
     "pm": "preference_model",
     "ppo": "rl_cai",
     "dpo": "rl_cai_dpo",
+    "eval": "eval",
 }
 
 

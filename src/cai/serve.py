@@ -332,7 +332,8 @@ def _legacy_logprobs(tokens: list[_Token], base: int = 0) -> dict[str, Any]:
     return {
         "tokens": [t.text for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [None if t.logprob is None else dict(t.top) for t in tokens],
+        # Two tokens can decode to the same text (e.g. halves of one character); the likelier one stays.
+        "top_logprobs": [None if t.logprob is None else dict(reversed(t.top)) for t in tokens],
         "text_offset": [base + t.offset for t in tokens],
     }
 
@@ -493,8 +494,9 @@ class _Handler(BaseHTTPRequestHandler):
         text = self.server.batcher.submit(prompt, params, seed)
         if on_delta is not None:
             on_delta(text, [])
-        used = self.server.backend.count_tokens(text) if text else 0
-        # The backend returns text only: a full token budget is taken to mean it was cut short.
+        # The backend returns text only, so its tokens are counted again (re-encoding can differ a
+        # little from what was generated); a full budget is taken to mean the text was cut short.
+        used = min(self.server.backend.count_tokens(text), params.max_new_tokens) if text else 0
         return _Generation(text, "length" if used >= params.max_new_tokens else "stop", used)
 
     def _respond(self, body: dict[str, Any], kind: str, prompt: str, prompt_ids: list[int] | None,
