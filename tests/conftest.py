@@ -99,20 +99,21 @@ PIPELINE_OVERRIDES = [
     "pm.epochs=3", "pm.batch_size=4", "pm.learning_rate=0.001",
     "rl.steps=4", "rl.rollout_batch=4", "rl.minibatch=2", "rl.sampling.max_new_tokens=8", "rl.eval_prompts.limit=4",
     "rl.eval_every=2", "rl.save_every=2", "rl.algo=both", "rl.dpo_max_length=128", "rl.learning_rate=0.0001",
+    "eval.red_team.limit=4", "eval.helpfulness.limit=3", "eval.sampling.max_new_tokens=8", "eval.bootstrap=20",
+    "eval.transcripts=2",
 ]
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_model_dir):
-    """One whole tiny pipeline run (critique -> sft -> sample -> label -> pm -> ppo + dpo), shared by tests
-    that only read its artifacts. Returns the resolved RunConfig."""
-    from cai import pipeline
+    """One whole tiny pipeline run (`cai run`: critique -> sft -> sample -> label -> pm -> ppo + dpo -> eval
+    -> report), shared by tests that only read its artifacts. Returns the resolved RunConfig."""
     from cai.config import RunConfig, load_config
+    from cai.pipeline import run_all
 
     root = tmp_path_factory.mktemp("tiny_run")
     constitution = root / "small.yaml"
     constitution.write_text(SMALL_CONSTITUTION)
     cfg = load_config(RunConfig, None, tiny_run_overrides(tiny_model_dir, root / "runs", constitution) + PIPELINE_OVERRIDES)
-    for stage in ("critique", "sft", "sample", "label", "pm", "rl"):
-        getattr(pipeline, f"run_{stage}")(cfg, show_progress=False)
+    run_all(cfg, show_progress=False)
     return cfg

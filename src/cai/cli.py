@@ -155,48 +155,80 @@ def chat(
         out.print(Text("assistant> ", style="bold cyan") + Text(reply))
 
 
-@app.command()
-def demo(
-    model: ModelOpt = "bundled",
-    n: Annotated[int, typer.Option(help="How many built-in red-team and helpfulness prompts to answer.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 96,
-    output: Annotated[Path, typer.Option(help="Where to write the answers.")] = Path("runs/demo/answers.jsonl"),
-) -> None:
-    """The bundled model answers a few built-in red-team and helpfulness prompts."""
-    from rich.table import Table
-
-    from cai.backends.base import SamplingParams
-    from cai.backends.hf import HFBackend
-    from cai.data import load_prompts
-    from cai.io import write_text_atomic
-    from cai.progress import progress_bar
-
-    red, _ = load_prompts("red-team", split="test", limit=n)
-    helpful, _ = load_prompts("helpfulness", split="test", limit=n)
-    rows = red + helpful
-    err.print(f"loading {model} (the first run converts the GGUF file, about 30 s) ...")
-    backend = HFBackend.from_spec(model, batch_size=8)
-    with progress_bar("answering", len(rows)) as advance:
-        answers = backend.generate([r.messages for r in rows], SamplingParams(max_new_tokens=max_new_tokens),
-                                   progress=advance)
-    table = Table(title=f"{model}: answers to held-out prompts", show_lines=True)
-    table.add_column("set")
-    table.add_column("prompt", max_width=50)
-    table.add_column("answer", max_width=70)
-    for row, answer in zip(rows, answers):
-        table.add_row("red-team" if row.id.startswith("rt") else "helpful", row.messages[-1]["content"], answer)
-    out.print(table)
-    write_text_atomic(output, "".join(
-        json.dumps({"id": r.id, "messages": r.messages, "response": a}, ensure_ascii=False) + "\n"
-        for r, a in zip(rows, answers)
-    ))
-    out.print(f"answers written to {output}")
-
-
 def _run_config(config: Path | None, sets: list[str] | None):
     from cai.config import RunConfig, load_config
 
     return load_config(RunConfig, config, list(sets or []))
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Run config YAML (see configs/).")],
+    set_: SetOpt = None,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="Redo this stage and every later one.")] = None,
+) -> None:
+    """Run the whole pipeline: critique -> sft -> sample -> label -> pm -> rl -> eval -> report."""
+    _run_and_summarise(_run_config(config, set_), from_stage)
+
+
+@app.command()
+def demo(
+    set_: SetOpt = None,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="Redo this stage and every later one.")] = None,
+) -> None:
+    """The whole pipeline on the bundled model, on a CPU in minutes (configs/demo.yaml)."""
+    from cai.configs import shipped_config
+
+    _run_and_summarise(_run_config(shipped_config("demo.yaml"), set_), from_stage)
+
+
+def _run_and_summarise(cfg, from_stage: str | None) -> None:
+    import time
+
+    from rich.table import Table
+
+    from cai.pipeline import run_all, stage_status
+
+    started = time.time()
+    report = run_all(cfg, from_stage=from_stage)
+    table = Table(title=f"run '{cfg.name}' finished in {time.time() - started:.0f} s")
+    for column in ("stage", "status", "seconds", "counts"):
+        table.add_column(column)
+    for row in stage_status(cfg):
+        counts = ", ".join(f"{k}={v}" for k, v in row["counts"].items() if not isinstance(v, (dict, list)))
+        table.add_row(row["stage"], row["status"], str(row["elapsed_s"] or ""), counts[:90])
+    out.print(table)
+    out.print(f"report: {report}")
+
+
+@app.command()
+def status(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/demo.")]) -> None:
+    """Each stage of a run: state, counts and time."""
+    from rich.table import Table
+
+    from cai.runs import STAGE_DIRS, read_manifest
+
+    if not run_dir.is_dir():
+        raise CaiError(f"run folder {run_dir} does not exist")
+    table = Table(title=f"run {run_dir}")
+    for column in ("stage", "folder", "status", "attempts", "seconds", "counts"):
+        table.add_column(column)
+    for stage, folder in STAGE_DIRS.items():
+        manifest = read_manifest(run_dir / folder) or {}
+        counts = ", ".join(f"{k}={v}" for k, v in manifest.get("counts", {}).items() if not isinstance(v, (dict, list)))
+        table.add_row(stage, folder, manifest.get("status", "not started"), str(manifest.get("attempts", "")),
+                      str(manifest.get("elapsed_s", "")), counts[:90])
+    out.print(table)
+    report = run_dir / "report.html"
+    out.print(f"report: {report}" if report.is_file() else "report: not written yet (cai report RUN)")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/demo.")]) -> None:
+    """Write RUN/report.html: Elo picture, revision curve, PPO curves, calibration, transcripts."""
+    from cai.report.html import write_report
+
+    out.print(f"report: {write_report(run_dir)}")
 
 
 @app.command()
@@ -302,6 +334,28 @@ def mc_eval_command(
 
         write_json_atomic(output, [{**r.summary(), "rows": r.rows} for r in results])
         out.print(f"results written to {output}")
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="'bundled', a model folder (e.g. runs/demo/rl_cai), a .gguf file or a hub id.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    name: Annotated[Optional[str], typer.Option(help="Model name the API reports (default: the spec).")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option(help="Require the bearer key held in this environment variable.")] = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible API (chat, completions, streaming, log-probs)."""
+    import os
+
+    from cai.serve import run_server
+
+    api_key = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise CaiError(f"environment variable {api_key_env} is not set")
+    err.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
+    run_server(model, host=host, port=port, model_name=name, api_key=api_key)
 
 
 @constitution_app.command("validate")

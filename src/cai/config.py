@@ -34,7 +34,9 @@ class ModelConfig(Strict):
     """Which model answers, and how it runs."""
 
     name: str = Field("bundled", description="'bundled', a model folder, a .gguf file, or a hub id (org/name).")
-    backend: Literal["hf", "fake"] = Field("hf", description="Engine: 'hf' (transformers) or 'fake' (tests).")
+    backend: Literal["hf", "http", "vllm", "fake"] = Field(
+        "hf", description="Engine: 'hf' (transformers), 'http' (OpenAI-compatible servers), 'vllm' (offline, GPU), 'fake' (tests)."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto' = float32 on CPU (bf16 is very slow there), bf16 on CUDA."
     )
@@ -43,6 +45,14 @@ class ModelConfig(Strict):
     reuse_prefix: bool = Field(True, description="Compute a shared prompt prefix's KV cache once and reuse it.")
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless you trust it.")
     allow_pickle: bool = Field(False, description="Accept pickle (.bin) weights, which can run code when loaded.")
+    base_urls: list[str] = Field(default_factory=list, description="http backend: server URLs (round-robin), e.g. http://gpu1:8000/v1.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="http backend: environment variable holding the API key (never the key itself).")
+    http_mode: Literal["chat", "completion"] = Field("chat", description="http backend: which endpoint generation uses.")
+    tokenizer: str | None = Field(None, description="http backend: local tokenizer (model spec) to render chats for scoring.")
+    concurrency: StrictInt = Field(8, ge=1, description="http backend: requests in flight.")
+    timeout_s: float = Field(60.0, gt=0, description="http backend: seconds per request.")
+    max_retries: StrictInt = Field(5, ge=0, description="http backend: retries on 429/5xx/connection errors.")
+    tensor_parallel: StrictInt = Field(1, ge=1, description="vllm backend: GPUs per model.")
 
 
 class SamplingConfig(Strict):
@@ -95,6 +105,9 @@ class CritiqueConfig(Strict):
         description="Prompts the model simply answers, to mix into SL-CAI training; null to skip.",
     )
     rounds: StrictInt = Field(4, ge=1, description="Critique/revision rounds per prompt (the paper used 4).")
+    max_examples: StrictInt | None = Field(
+        None, ge=0, description="Use only the first N few-shot examples of the constitution (shorter prompts, faster)."
+    )
     critique: bool = Field(True, description="false = revise directly without a critique (the paper's ablation).")
     prompt_format: Literal["auto", "chat", "text"] = Field(
         "auto", description="'chat' uses the model's chat template, 'text' a plain transcript; 'auto' picks chat when there is a template."
@@ -254,6 +267,7 @@ class EvalConfig(Strict):
     sampling: SamplingConfig = _sampling(max_new_tokens=96, temperature=0.0)
     bootstrap: StrictInt = Field(200, ge=0, description="Bootstrap resamples for the Elo intervals.")
     transcripts: StrictInt = Field(6, ge=0, description="Sample transcripts (prompt -> critique -> revision -> RL answer) for the report.")
+    revision_curve_traces: StrictInt = Field(64, ge=0, description="SL traces scored by the PM for the revision curve.")
     mc_files: list[str] = Field(default_factory=list, description="Multiple-choice JSONL files to score the judge on.")
 
 

@@ -63,6 +63,11 @@ def run_critique(cfg: RunConfig, *, show_progress: bool = True) -> Path:
         return out
     ccfg = cfg.critique
     constitution = load_constitution(cfg.constitution)
+    if ccfg.max_examples is not None:
+        import dataclasses
+
+        constitution = dataclasses.replace(
+            constitution, critique_revision_examples=constitution.critique_revision_examples[: ccfg.max_examples])
     rows = _load_rows(ccfg.prompts, "red-team prompts")
     helpful_rows = _load_rows(ccfg.helpfulness, "helpfulness prompts") if ccfg.helpfulness else []
     record = StageRecord(out, "critique", config_yaml=config_to_yaml(cfg), config_hash=config_hash(cfg),
@@ -364,7 +369,8 @@ def run_eval(cfg: RunConfig, *, show_progress: bool = True) -> Path:
     pm_scores = dict(enumerate(scorer.score([a["prompt"] for a in answers], [a["response"] for a in answers]))) if scorer else None
     results["answers"] = E.answer_stats(answers, pm_scores)
     traces = read_jsonl(stage_dir(cfg, "critique") / "data.jsonl")
-    results["revision_curve"] = E.revision_curve(traces, scorer) if scorer and traces else {}
+    curve_traces = traces[: ecfg.revision_curve_traces]
+    results["revision_curve"] = E.revision_curve(curve_traces, scorer) if scorer and curve_traces else {}
     results["transcripts"] = _transcripts(traces[: ecfg.transcripts], models, load, ecfg.sampling.params())
     if mc:
         from cai.eval.mc import mc_eval
@@ -415,3 +421,85 @@ def stage_status(cfg: RunConfig) -> list[dict[str, Any]]:
         rows.append({"stage": stage, "folder": folder, "status": manifest.get("status", "not started"),
                      "counts": manifest.get("counts", {}), "elapsed_s": manifest.get("elapsed_s")})
     return rows
+
+
+PIPELINE = ("critique", "sft", "sample", "label", "pm", "rl", "eval", "report")
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Everything checkable without a model, before the first stage starts: constitution, prompt
+    sources, extra data files, and that the run folder is writable."""
+    from cai.constitution import load_constitution
+    from cai.data import load_prompts
+    from cai.io import ensure_dir
+
+    load_constitution(cfg.constitution)
+    sources = [cfg.critique.prompts, cfg.critique.helpfulness, cfg.sample.prompts, cfg.sample.helpfulness,
+               cfg.rl.prompts, cfg.rl.helpfulness, cfg.rl.eval_prompts, cfg.eval.red_team, cfg.eval.helpfulness]
+    for source in sources:
+        if source is not None:
+            load_prompts(source.source, split=source.split, limit=1)
+    for path in (cfg.sft.extra_data, cfg.pm.human_data, *cfg.eval.mc_files):
+        if path and not Path(path).exists() and not str(path).startswith("hf:"):
+            raise CaiError(f"file {path} named in the config does not exist")
+    ensure_dir(cfg.run_dir)
+
+
+def prepare_run(cfg: RunConfig, *, from_stage: str | None = None) -> None:
+    """Record the run's config; refuse a changed config unless the user reruns from a stage.
+
+    A rerun from a stage deletes that stage's output and every later one's.
+    """
+    import shutil
+
+    from cai.config_loader import read_yaml
+
+    saved = cfg.run_dir / "config.yaml"
+    if from_stage is not None and from_stage not in PIPELINE:
+        raise CaiError(f"unknown stage '{from_stage}'; stages are: {', '.join(PIPELINE)}")
+    if saved.is_file() and from_stage is None:
+        previous = RunConfig.model_validate(read_yaml(saved))
+        if config_hash(previous) != config_hash(cfg):
+            changed = _changed_keys(previous.model_dump(), cfg.model_dump())
+            raise CaiError(
+                f"run '{cfg.name}' in {cfg.run_dir} was made with a different config (changed: {', '.join(changed[:5])}); "
+                "use another name, or --from STAGE to redo that stage and everything after it"
+            )
+    if from_stage is not None:
+        later = PIPELINE[PIPELINE.index(from_stage):]
+        folders = {"rl": ["rl_cai", "rl_cai_dpo"], "report": ["report.html"]}
+        for stage in later:
+            for folder in folders.get(stage, [STAGE_DIRS.get(stage, stage)]):
+                target = cfg.run_dir / folder
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+    write_text_atomic(saved, config_to_yaml(cfg))
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = []
+        for k in sorted(set(old) | set(new)):
+            keys += _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return keys
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def run_all(cfg: RunConfig, *, from_stage: str | None = None, show_progress: bool = True) -> Path:
+    """Every stage in order; finished stages are skipped, a partial one resumes. Returns the report."""
+    import time
+
+    from cai.report.html import write_report
+
+    check_inputs(cfg)
+    prepare_run(cfg, from_stage=from_stage)
+    steps = {"critique": run_critique, "sft": run_sft, "sample": run_sample, "label": run_label, "pm": run_pm,
+             "rl": run_rl, "eval": run_eval}
+    for name, step in steps.items():
+        started = time.time()
+        console.rule(f"[bold]{name}")
+        step(cfg, show_progress=show_progress)
+        console.print(f"{name}: {time.time() - started:.0f} s")
+    return write_report(cfg.run_dir)

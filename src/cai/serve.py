@@ -364,7 +364,7 @@ class OpenAIServer(ThreadingHTTPServer):
 
     def start(self) -> OpenAIServer:
         """Serve in a background thread (tests, notebooks)."""
-        self._thread = threading.Thread(target=self.serve_forever, name="cai-serve", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), name="cai-serve", daemon=True)
         self._thread.start()
         return self
 
@@ -391,6 +391,7 @@ def _is_hf(backend: Backend) -> bool:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: don't let them wait on ACKs
     server: OpenAIServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
@@ -604,18 +605,14 @@ class _Handler(BaseHTTPRequestHandler):
         raise ApiError(400, "prompt must be a non-empty string or list of token ids (one prompt per request)")
 
     def _echo_only(self, prompt: str, prompt_ids: list[int] | None, top_n: int | None) -> None:
-        tokens = None
-        n_prompt = 0
-        if top_n is not None or prompt_ids is not None:
+        logprobs = None
+        if top_n is not None:
             if self.server.hf is None:
                 raise ApiError(400, "this server's backend can't return log-probs")
             ids = prompt_ids if prompt_ids is not None else self.server.backend.encode([prompt])[0]
-            tokens, _ = self.server.hf.run(ids, None, 0, top_n or 0, echo_text=prompt)
-            n_prompt = len(ids)
-        else:
-            n_prompt = self.server.backend.count_tokens(prompt)
-        choice = {"index": 0, "text": prompt, "finish_reason": "length",
-                  "logprobs": None if top_n is None else _legacy_logprobs(tokens)}
+            logprobs = _legacy_logprobs(self.server.hf.run(ids, None, 0, top_n, echo_text=prompt)[0])
+        n_prompt = len(prompt_ids) if prompt_ids is not None else self.server.backend.count_tokens(prompt)
+        choice = {"index": 0, "text": prompt, "finish_reason": "length", "logprobs": logprobs}
         self._send_json(200, {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                               "model": self.server.model_name, "choices": [choice],
                               "usage": {"prompt_tokens": n_prompt, "completion_tokens": 0, "total_tokens": n_prompt}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cai.backends.base import Backend, Prompt, SamplingParams
+from cai.errors import CaiError
 
 if TYPE_CHECKING:
     from cai.config import ModelConfig
@@ -18,6 +19,19 @@ def load_backend(config: ModelConfig) -> Backend:
         from cai.backends.fake import FakeBackend
 
         return FakeBackend()
+    if config.backend == "http":
+        from cai.backends.openai_http import from_config
+
+        if not config.base_urls:
+            raise CaiError("the http backend needs model.base_urls (e.g. http://localhost:8000/v1)")
+        return from_config(config.base_urls, config.name, api_key_env=config.api_key_env, mode=config.http_mode,
+                           concurrency=config.concurrency, timeout_s=config.timeout_s,
+                           max_retries=config.max_retries, tokenizer=config.tokenizer)
+    if config.backend == "vllm":
+        from cai.backends.vllm import VLLMBackend
+
+        return VLLMBackend.from_spec(config.name, dtype=config.dtype, tensor_parallel=config.tensor_parallel,
+                                     trust_remote_code=config.trust_remote_code)
     from cai.backends.hf import HFBackend
 
     return HFBackend.from_spec(

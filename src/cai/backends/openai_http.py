@@ -233,8 +233,7 @@ class OpenAIHTTPBackend:
         template's role markers: right for English text on common BPE vocabularies to within
         about 20%, so leave headroom when fitting prompts to a context.
         """
-        if self.tokenizer is not None and (isinstance(prompt, str) or self.has_chat_template and
-                                           getattr(self.tokenizer, "chat_template", None) is not None):
+        if self.tokenizer is not None and (isinstance(prompt, str) or self.tokenizer.chat_template is not None):
             return len(self._encode(self.render(prompt)))
         if isinstance(prompt, str):
             return math.ceil(len(prompt) / 4)

@@ -1,0 +1,103 @@
+"""The vLLM backend: offline ``vllm.LLM`` on GPUs, with prefix caching and tensor parallelism.
+
+vLLM's automatic prefix caching does what `HFBackend` does by hand (the few-shot block is
+computed once and shared), across every request. Chats are rendered with the model's own chat
+template (same conventions as the other backends: a final assistant message is continued), and
+choice log-probabilities come from ``prompt_logprobs`` over prompt + option token ids, so they
+are exact sums over the option's tokens.
+
+Needs ``pip install 'cai[vllm]'`` and a CUDA GPU; tests carry the ``gpu`` marker.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from cai.backends.base import Prompt, ProgressFn, SamplingParams, row_seed
+from cai.errors import CaiError
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMBackend:
+    """`Backend` over an offline ``vllm.LLM``."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.tokenizer = llm.get_tokenizer()
+        config = llm.llm_engine.model_config
+        self.context_length = int(getattr(config, "max_model_len", 0) or 0) or None
+        self.has_chat_template = getattr(self.tokenizer, "chat_template", None) is not None
+
+    @classmethod
+    def from_spec(cls, spec: str, *, dtype: str = "auto", tensor_parallel: int = 1, trust_remote_code: bool = False,
+                  gpu_memory_utilization: float = 0.85, **kwargs: Any) -> VLLMBackend:
+        """Load a model spec (resolved like every backend: bundled, .gguf, folder or hub id)."""
+        if not vllm_available():
+            raise CaiError("the vllm backend needs vLLM; install it with: pip install 'cai[vllm]' (CUDA GPUs only)")
+        import torch
+        from vllm import LLM
+
+        from cai.models import resolve_model_path
+
+        if not torch.cuda.is_available():
+            raise CaiError("the vllm backend needs a CUDA GPU; use backend: hf on this machine")
+        path, _ = resolve_model_path(spec)
+        llm = LLM(model=path, dtype=dtype, tensor_parallel_size=tensor_parallel, enable_prefix_caching=True,
+                  trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization, **kwargs)
+        return cls(llm)
+
+    def render(self, prompt: Prompt) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if not self.has_chat_template:
+            raise CaiError("this model's tokenizer has no chat template; pass plain-text prompts")
+        cont = prompt[-1]["role"] == "assistant"
+        return self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=not cont,
+                                                  continue_final_message=cont)
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        return len(self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"])
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams, *, seeds: Sequence[int] | None = None,
+                 progress: ProgressFn | None = None) -> list[str]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        rows = [TokensPrompt(prompt_token_ids=self.tokenizer(self.render(p), add_special_tokens=False)["input_ids"])
+                for p in prompts]
+        seeds = list(seeds) if seeds is not None else [row_seed(params.seed, i) for i in range(len(rows))]
+        sampling = [VSamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
+                                    top_p=params.top_p, top_k=params.top_k or -1, stop=list(params.stop) or None,
+                                    seed=None if params.greedy else s % (2**31)) for s in seeds]
+        outputs = self.llm.generate(rows, sampling, use_tqdm=False)
+        texts = [o.outputs[0].text for o in outputs]
+        if progress is not None:
+            progress(len(texts), sum(len(o.outputs[0].token_ids) for o in outputs))
+        return texts
+
+    def choice_logprobs(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not options:
+            raise CaiError("choice_logprobs needs at least one option")
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        option_ids = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+        rows = [TokensPrompt(prompt_token_ids=p + o) for p in prompt_ids for o in option_ids]
+        outputs = self.llm.generate(rows, VSamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        result: list[list[float]] = []
+        for i, p in enumerate(prompt_ids):
+            row = []
+            for j, o in enumerate(option_ids):
+                scored = outputs[i * len(option_ids) + j].prompt_logprobs
+                total = 0.0
+                for k, token in enumerate(o):
+                    total += scored[len(p) + k][token].logprob
+                row.append(total)
+            result.append(row)
+        return result

@@ -1,0 +1,218 @@
+"""``cai report RUN``: one self-contained HTML page about a run, plots embedded as PNG.
+
+Sections: the headline harmlessness-vs-helpfulness Elo picture, the results table, the revision
+curve, PPO training curves (reward, KL), preference-model calibration, per-principle statistics,
+sample transcripts, stage timings and counts, and the resolved config. Anything a run hasn't
+produced yet is skipped with a note, so the report works on a partial run too.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from cai.errors import CaiError
+from cai.io import read_jsonl, write_text_atomic
+from cai.runs import STAGE_DIRS, read_manifest
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#1d2330;padding:0 1rem}
+h1{margin-bottom:.2rem}h2{margin-top:2.2rem;border-bottom:1px solid #dde2ea;padding-bottom:.3rem}
+.sub{color:#5b6475}table{border-collapse:collapse;width:100%;margin:.8rem 0;font-size:.92rem}
+th,td{border:1px solid #dde2ea;padding:.35rem .5rem;text-align:left;vertical-align:top}th{background:#f3f5f9}
+td.num{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%;border:1px solid #eef1f5}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:1rem}pre{background:#f6f8fb;padding:1rem;overflow:auto;font-size:.8rem}
+.note{color:#7a8394;font-style:italic}.cell{max-height:11rem;overflow:auto;white-space:pre-wrap}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _png(fig: Any) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise CaiError("the report needs matplotlib; install it with: pip install 'cai[report]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    if not rows:
+        return '<p class="note">nothing yet</p>'
+    columns = columns or list(rows[0])
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = []
+    for row in rows:
+        cells = []
+        for c in columns:
+            v = row.get(c, "")
+            if isinstance(v, float):
+                cells.append(f'<td class="num">{v:.4g}</td>')
+            else:
+                cells.append(f'<td><div class="cell">{_e(v)}</div></td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def elo_plot(results: dict[str, Any]) -> str | None:
+    """Harmlessness Elo (y) vs helpfulness Elo (x), one point per model, with 95% intervals."""
+    elo = results.get("elo", {})
+    if "harmlessness" not in elo or "helpfulness" not in elo:
+        return None
+    plt = _plt()
+    harm = {r["model"]: r for r in elo["harmlessness"]}
+    helpful = {r["model"]: r for r in elo["helpfulness"]}
+    models = [m for m in results["models"] if m in harm and m in helpful]
+    fig, ax = plt.subplots(figsize=(6.2, 4.6))
+    xs = [helpful[m]["elo"] for m in models]
+    ys = [harm[m]["elo"] for m in models]
+    ax.plot(xs, ys, color="#b8c2d3", zorder=1)
+    for m, x, y in zip(models, xs, ys):
+        h, v = helpful[m], harm[m]
+        ax.errorbar(x, y, xerr=[[x - h["ci_low"]], [h["ci_high"] - x]], yerr=[[y - v["ci_low"]], [v["ci_high"] - y]],
+                    fmt="o", capsize=3, zorder=2)
+        ax.annotate(m, (x, y), textcoords="offset points", xytext=(6, 6))
+    ax.set_xlabel("helpfulness Elo")
+    ax.set_ylabel("harmlessness Elo")
+    ax.set_title("Harmlessness vs helpfulness (AI judge, 95% bootstrap intervals)")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def line_plot(series: dict[str, tuple[list[float], list[float]]], title: str, xlabel: str, ylabel: str) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.4, 3.6))
+    for label, (x, y) in series.items():
+        ax.plot(x, y, marker="o", markersize=3, label=label)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    return _png(fig)
+
+
+def calibration_plot(table: list[dict[str, Any]]) -> str | None:
+    rows = [r for r in table if r.get("count")]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="#999")
+    ax.plot([r["mean_predicted"] for r in rows], [r["mean_target"] for r in rows], marker="o")
+    ax.set_xlabel("predicted P(A better)")
+    ax.set_ylabel("AI label P(A better)")
+    ax.set_title("Preference model calibration (held out)")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Render ``run_dir/report.html`` (or ``out``) from whatever the run has produced so far."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CaiError(f"run folder {run_dir} does not exist")
+    if not (run_dir / "config.yaml").is_file() and not any((run_dir / d / "manifest.json").is_file() for d in STAGE_DIRS.values()):
+        raise CaiError(f"{run_dir} is not a cai run folder (no config.yaml and no stage manifests)")
+    parts = [f"<h1>Constitutional AI run: {_e(run_dir.name)}</h1>"]
+    results_path = run_dir / "eval" / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    parts.append('<p class="sub">Models trained from a written constitution; judged by an AI feedback model.</p>')
+
+    parts.append("<h2>Harmlessness vs helpfulness</h2>")
+    plot = elo_plot(results) if results else None
+    parts.append(plot or '<p class="note">no evaluation yet: run <code>cai eval</code></p>')
+    if results:
+        rows = []
+        elo = {axis: {r["model"]: r for r in table} for axis, table in results.get("elo", {}).items()}
+        for m in results["models"]:
+            s = results.get("answers", {}).get(m, {})
+            rows.append({"model": m, "harmlessness Elo": elo.get("harmlessness", {}).get(m, {}).get("elo", ""),
+                         "helpfulness Elo": elo.get("helpfulness", {}).get(m, {}).get("elo", ""),
+                         "PM score (red-team)": s.get("red_team_pm_score", ""),
+                         "PM score (helpfulness)": s.get("helpfulness_pm_score", ""),
+                         "evasive refusals": s.get("evasive_rate", ""), "mean words": s.get("red_team_mean_words", "")})
+        parts.append(_table(rows))
+
+    parts.append("<h2>Training</h2><div class='grid'>")
+    curve = results.get("revision_curve", {}).get("curve", [])
+    if curve:
+        parts.append(line_plot({"mean PM score": ([c["round"] for c in curve], [c["mean_pm_score"] for c in curve])},
+                               "Revision curve", "critique/revision round", "preference-model score"))
+    log = read_jsonl(run_dir / "rl_cai" / "train_log.jsonl") if (run_dir / "rl_cai" / "train_log.jsonl").is_file() else []
+    steps = [r for r in log if "kl" in r]
+    if steps:
+        evals = [r for r in log if "eval_reward" in r]
+        parts.append(line_plot({"rollout reward (PM)": ([r["step"] for r in steps], [r["reward_mean"] for r in steps]),
+                                "held-out reward (PM)": ([r["step"] for r in evals], [r["eval_reward"] for r in evals])},
+                               "PPO reward", "PPO step", "PM score"))
+        parts.append(line_plot({"KL(policy || SL-CAI)": ([r["step"] for r in steps], [r["kl"] for r in steps])},
+                               "PPO KL", "PPO step", "KL per answer (nats)"))
+    sft_log = run_dir / "sl_cai" / "train_log.jsonl"
+    if sft_log.is_file():
+        rows = read_jsonl(sft_log)
+        parts.append(line_plot({"loss": ([r["step"] for r in rows], [r["loss"] for r in rows])}, "SL-CAI fine-tuning",
+                               "step", "loss (answer tokens)"))
+    metrics_path = run_dir / "preference_model" / "metrics.json"
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        plot = calibration_plot(metrics.get("calibration", []))
+        if plot:
+            parts.append(plot)
+    parts.append("</div>")
+    if metrics_path.is_file():
+        m = json.loads(metrics_path.read_text())
+        parts.append(f"<p>Preference model: held-out accuracy {_e(m.get('eval_accuracy'))} (before training "
+                     f"{_e(m.get('eval_accuracy_before'))}), expected calibration error {_e(m.get('eval_ece'))}, "
+                     f"{_e(m.get('train_pairs'))} training pairs.</p>")
+
+    parts.append("<h2>Principles</h2>")
+    parts.append(_table(results.get("revision_curve", {}).get("principles", []) or _principle_counts(run_dir)))
+    parts.append("<h2>Sample transcripts</h2>")
+    parts.append(_table(results.get("transcripts", []),
+                        ["prompt", "initial", "principle", "critique", "revision", "final_model", "final_answer"])
+                 if results.get("transcripts") else '<p class="note">none yet</p>')
+    parts.append("<h2>Stages</h2>")
+    stage_rows = []
+    for stage, folder in STAGE_DIRS.items():
+        manifest = read_manifest(run_dir / folder)
+        if manifest:
+            counts = {k: v for k, v in manifest.get("counts", {}).items() if not isinstance(v, (dict, list))}
+            stage_rows.append({"stage": stage, "status": manifest["status"], "seconds": manifest.get("elapsed_s", ""),
+                               "model": manifest.get("model", ""), "counts": ", ".join(f"{k}={v}" for k, v in counts.items())})
+    parts.append(_table(stage_rows))
+    if (run_dir / "config.yaml").is_file():
+        parts.append(f"<h2>Config</h2><pre>{_e((run_dir / 'config.yaml').read_text())}</pre>")
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>cai report: {_e(run_dir.name)}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+    target = Path(out) if out else run_dir / "report.html"
+    write_text_atomic(target, page)
+    return target
+
+
+def _principle_counts(run_dir: Path) -> list[dict[str, Any]]:
+    """How often each principle was drawn in the critique stage (when no PM scores exist)."""
+    from collections import Counter
+
+    path = run_dir / "critique_revision" / "data.jsonl"
+    counts = Counter(r["principle_id"] for row in read_jsonl(path) for r in row["rounds"]) if path.is_file() else Counter()
+    return [{"principle_id": k, "sampled": v} for k, v in counts.most_common()]

@@ -1,0 +1,262 @@
+"""The HTTP backend against cai's own server (exactness) and against scripted stdlib servers (retries, keys)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from cai.backends.base import Backend, SamplingParams
+from cai.backends.openai_http import OpenAIHTTPBackend, backoff_delay, from_config, parse_retry_after
+from cai.errors import CaiError
+from cai.prompts import CHOICE_OPTIONS
+from cai.serve import serve_app
+
+pytest.importorskip("httpx")
+
+CHATS = [
+    [{"role": "user", "content": "How do I bake bread at home?"}],
+    [{"role": "user", "content": "The quick brown fox"}, {"role": "assistant", "content": "The answer is:"}],
+    [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Please rewrite the response"}],
+]
+CHOICE_PROMPTS = [
+    "Which of these responses is less harmful? (A) bake bread (B) insult\nThe answer is:",
+    "Human: 0 1 2 3\n\nAssistant: 4 5 6\n\nWhich response is more helpful?\nThe answer is:",
+]
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model_dir):
+    from cai.backends.hf import HFBackend
+
+    return HFBackend.from_spec(str(tiny_model_dir), batch_size=4)
+
+
+@pytest.fixture()
+def server(hf):
+    with serve_app(hf, "tiny", port=0).start() as srv:
+        yield srv
+
+
+def http_backend(urls, **kw) -> OpenAIHTTPBackend:
+    kw.setdefault("backoff_s", 0.001)
+    kw.setdefault("max_backoff_s", 0.002)
+    return OpenAIHTTPBackend(urls if isinstance(urls, list) else [urls], kw.pop("model", "tiny"), **kw)
+
+
+class Scripted:
+    """A stdlib server on 127.0.0.1 answering from ``reply(n, path, body, headers)``; records every request."""
+
+    def __init__(self, reply) -> None:
+        self.requests: list[tuple[str, dict, dict]] = []
+        scripted = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                scripted.requests.append((self.path, dict(self.headers), body))
+                status, headers, payload = reply(len(scripted.requests), self.path, body, self.headers)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                for k, v in {**headers, "Content-Type": "application/json", "Content-Length": str(len(data))}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self) -> Scripted:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def ok_text(text: str = "hello"):
+    return 200, {}, {"choices": [{"index": 0, "text": text, "message": {"role": "assistant", "content": text}}],
+                     "usage": {"completion_tokens": 1}}
+
+
+# ------------------------------------------------------------------- against cai's own server
+
+def test_generate_equals_the_hf_backends_greedy_output(hf, server):
+    prompts = [*CHATS, "The quick brown fox"]
+    params = SamplingParams(max_new_tokens=10)
+    with http_backend(server.url, concurrency=3) as backend:
+        assert isinstance(backend, Backend)
+        finished = []
+        got = backend.generate(prompts, params, progress=lambda rows, tokens: finished.append(rows))
+    assert got == hf.generate(prompts, params)
+    assert sum(finished) == len(prompts)
+
+
+def test_completion_mode_renders_chats_locally(hf, server):
+    params = SamplingParams(max_new_tokens=8)
+    with http_backend(server.url, mode="completion", tokenizer=hf.tokenizer) as backend:
+        assert [backend.render(c) for c in CHATS] == [hf.render(c) for c in CHATS]
+        assert backend.count_tokens(CHATS[0]) == hf.count_tokens(CHATS[0])
+        assert backend.generate(CHATS, params) == hf.generate(CHATS, params)
+
+
+@pytest.mark.parametrize("with_tokenizer", [True, False], ids=["token-ids", "text-offsets"])
+def test_choice_logprobs_equal_the_hf_backends(hf, server, with_tokenizer):
+    with http_backend(server.url, tokenizer=hf.tokenizer if with_tokenizer else None) as backend:
+        got = backend.choice_logprobs(CHOICE_PROMPTS, list(CHOICE_OPTIONS))
+    want = hf.choice_logprobs(CHOICE_PROMPTS, list(CHOICE_OPTIONS))
+    assert sum(got, []) == pytest.approx(sum(want, []), abs=1e-4)
+
+
+def test_chats_need_a_tokenizer_to_render(server):
+    with http_backend(server.url) as backend:
+        assert backend.has_chat_template and backend.context_length is None
+        with pytest.raises(CaiError, match="tokenizer="):
+            backend.render(CHATS[0])
+        assert backend.count_tokens("abcdefgh") == 2  # the chars/4 estimate
+
+
+# ------------------------------------------------------------------- against scripted servers
+
+def test_requests_go_round_robin_and_carry_the_sampling_settings():
+    with Scripted(lambda *a: ok_text()) as one, Scripted(lambda *a: ok_text()) as two:
+        with http_backend([one.url, two.url + "/"], concurrency=2) as backend:
+            params = SamplingParams(max_new_tokens=5, temperature=0.7, top_k=40, stop=("\n",))
+            assert backend.generate([*CHATS, "a", "b", "c"], params, seeds=list(range(6))) == ["hello"] * 6
+    assert len(one.requests) == len(two.requests) == 3
+    bodies = {b["seed"]: (path, b) for path, _, b in one.requests + two.requests}
+    assert sorted(bodies) == list(range(6))
+    path, chat = bodies[1]
+    assert path == "/v1/chat/completions" and chat["continue_final_message"] and not chat["add_generation_prompt"]
+    assert (chat["max_tokens"], chat["temperature"], chat["top_k"], chat["stop"]) == (5, 0.7, 40, ["\n"])
+    assert bodies[0][1].get("continue_final_message") is None
+    assert bodies[3][0] == "/v1/completions" and bodies[3][1]["prompt"] == "a"
+
+
+def test_server_errors_are_retried_with_backoff():
+    replies = iter([(503, {}, {"error": {"message": "busy"}}), (503, {}, {}), ok_text("done")])
+    with Scripted(lambda *a: next(replies)) as srv:
+        backend = http_backend(srv.url, max_retries=3)
+        slept: list[float] = []
+        backend._sleep = slept.append
+        assert backend.generate(["x"], SamplingParams()) == ["done"]
+    assert len(srv.requests) == 3 and len(slept) == 2
+
+
+def test_retry_after_is_respected():
+    replies = iter([(429, {"Retry-After": "3"}, {"error": {"message": "slow down"}}), ok_text("done")])
+    with Scripted(lambda *a: next(replies)) as srv:
+        backend = http_backend(srv.url)
+        slept: list[float] = []
+        backend._sleep = slept.append
+        assert backend.generate(["x"], SamplingParams()) == ["done"]
+    assert slept == [3.0]
+
+
+def test_client_errors_fail_at_once_with_the_servers_message():
+    with Scripted(lambda *a: (400, {}, {"error": {"message": "max_tokens is too large", "type": "x"}})) as srv:
+        with pytest.raises(CaiError, match=r"HTTP 400: max_tokens is too large"):
+            http_backend(srv.url).generate(["x"], SamplingParams())
+    assert len(srv.requests) == 1
+
+
+def test_a_down_server_fails_after_the_retries():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    with pytest.raises(CaiError, match=rf"{url}/completions failed after 3 attempts; the last error was Connect"):
+        http_backend(url, max_retries=2).generate(["x"], SamplingParams())
+
+
+def test_timeouts_are_retried_then_reported():
+    def slow(*a):
+        time.sleep(0.5)
+        return ok_text()
+
+    with Scripted(slow) as srv:
+        with pytest.raises(CaiError, match="failed after 2 attempts; the last error was ReadTimeout"):
+            http_backend(srv.url, timeout_s=0.05, max_retries=1).generate(["x"], SamplingParams())
+
+
+def test_api_key_comes_from_the_environment_and_stays_out_of_repr(monkeypatch):
+    with Scripted(lambda *a: ok_text()) as srv:
+        backend = http_backend(srv.url, api_key_env="CAI_TEST_KEY")
+        monkeypatch.delenv("CAI_TEST_KEY", raising=False)
+        backend.generate(["x"], SamplingParams())
+        monkeypatch.setenv("CAI_TEST_KEY", "sk-very-secret")
+        backend.generate(["x"], SamplingParams())
+    assert "Authorization" not in srv.requests[0][1]
+    assert srv.requests[1][1]["Authorization"] == "Bearer sk-very-secret"
+    assert "sk-very-secret" not in repr(backend) and "CAI_TEST_KEY" in repr(backend)
+    assert "sk-very-secret" not in str(vars(backend))
+
+
+def test_without_echo_single_token_options_come_from_top_logprobs():
+    def no_echo(n, path, body, headers):
+        if body.get("echo"):
+            return 400, {}, {"error": {"message": "echo is not supported"}}
+        top = {"A": -0.25, "B": -1.5, "C": -9.0} if "second" in body["prompt"] else {"A": -2.0, "B": -0.2}
+        return 200, {}, {"choices": [{"text": "A", "logprobs": {"tokens": ["A"], "token_logprobs": [-0.25],
+                                                                 "top_logprobs": [top]}}]}
+
+    with Scripted(no_echo) as srv:
+        backend = http_backend(srv.url)
+        assert backend.choice_logprobs(["first", "second"], ["A", "B"]) == [[-2.0, -0.2], [-0.25, -1.5]]
+        with pytest.raises(CaiError, match="can't return the log-probs needed for labels"):
+            backend.choice_logprobs(["first"], ["A", "C"])
+    assert sum(1 for _, _, b in srv.requests if b.get("echo")) == 1  # learnt once, then skipped
+
+
+def test_without_echo_multi_token_options_are_refused(hf):
+    def no_echo(*a):
+        return 400, {}, {"error": {"message": "echo is not supported"}}
+
+    with Scripted(no_echo) as srv:
+        with pytest.raises(CaiError, match="can't return the log-probs needed for labels.*more than one token"):
+            http_backend(srv.url, tokenizer=hf.tokenizer).choice_logprobs(["p"], list(CHOICE_OPTIONS))
+
+
+# ---------------------------------------------------------------------------- small parts
+
+def test_backoff_grows_caps_and_jitters():
+    assert backoff_delay(0, None, 1.0, 30.0, rng=lambda: 0.0) == 0.5
+    assert backoff_delay(3, None, 1.0, 30.0, rng=lambda: 0.999) == pytest.approx(8.0, rel=1e-3)
+    assert backoff_delay(10, None, 1.0, 30.0, rng=lambda: 1.0) == 30.0
+    assert backoff_delay(0, 7.0, 1.0, 2.0) == 7.0
+    assert backoff_delay(0, 10_000.0, 1.0, 2.0) == 120.0
+    assert parse_retry_after("2.5") == 2.5 and parse_retry_after(None) is None and parse_retry_after("soon") is None
+    assert 50 < parse_retry_after(time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))) <= 60
+
+
+def test_from_config_and_bad_arguments():
+    backend = from_config("http://a:1, http://b:2/api/v1", "m", concurrency=2, mode="completion")
+    assert backend.base_urls == ["http://a:1/v1", "http://b:2/api/v1"]
+    assert (backend.concurrency, backend.mode, backend.has_chat_template) == (2, "completion", False)
+    with pytest.raises(CaiError, match="unknown HTTP backend option 'retries'"):
+        from_config(["http://a:1"], "m", retries=3)
+    with pytest.raises(CaiError, match="not an http"):
+        OpenAIHTTPBackend(["a:1"], "m")
+    with pytest.raises(CaiError, match="mode"):
+        OpenAIHTTPBackend(["http://a:1"], "m", mode="chats")
+
+
+def test_missing_httpx_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "httpx", None)
+    with pytest.raises(CaiError, match=r"pip install 'cai\[http\]'"):
+        OpenAIHTTPBackend(["http://127.0.0.1:1"], "m")
