@@ -138,6 +138,19 @@ def test_clean_output(text, expected):
     assert clean_output(text) == expected
 
 
+@pytest.mark.parametrize("text, meta", [
+    ("The response highlights the importance of safety.", True),
+    ("This response is too harsh.", True),
+    ("The assistant's last response was fine.", True),
+    ("The best way to stay safe is to ask an adult.", False),
+    ("I can't help with that, but here is a safer idea.", False),
+])
+def test_meta_revisions_are_recognised(text, meta):
+    from cai.stages.critique_revision import is_meta_revision
+
+    assert is_meta_revision(text) is meta
+
+
 @pytest.mark.parametrize("text, bad", [
     ("", True), ("ok", True), ("A real answer with several words.", False),
     ("yes " * 30, True), ("line\n" * 5, True),

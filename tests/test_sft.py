@@ -57,10 +57,10 @@ def test_sft_mix_final_all_and_ratio():
     rows = [_row(0, ["a", "b"]), _row(1, ["c", "c"]), _row(2, ["x", "y"], kept=[True, True])]
     helpful = [[{"role": "user", "content": f"h{i}"}, {"role": "assistant", "content": f"ans{i}"}] for i in range(10)]
     final, counts = build_sft_examples(rows, helpful, revisions="final", helpfulness_ratio=0.5)
-    assert counts == {"harmlessness_examples": 3, "helpfulness_examples": 3}
+    assert counts == {"harmlessness_examples": 2, "helpfulness_examples": 2, "unrevised_rows_skipped": 1}
     everything, counts = build_sft_examples(rows, helpful, revisions="all", helpfulness_ratio=0.0)
     answers = sorted(c[-1]["content"] for c in everything)
-    assert answers == ["a", "b", "c", "y"]  # distinct, non-kept revisions; final as fallback
+    assert answers == ["a", "b", "c"]  # distinct accepted revisions; never-revised rows skipped
     assert counts["helpfulness_examples"] == 0
     again, _ = build_sft_examples(rows, helpful, revisions="final", helpfulness_ratio=0.5)
     assert again == final  # seeded

@@ -22,6 +22,9 @@ def _os_error(path: Path, err: OSError, action: str) -> CaiError:
         return CaiError(f"no space left on the device while {action} {path}; free some space and rerun (finished rows are kept)")
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return CaiError(f"permission denied while {action} {path}; choose a writable output folder")
+    if err.errno == errno.ENOTDIR:
+        blocker = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), path)
+        return CaiError(f"cannot create {path}: {blocker} is a file, not a folder; choose another output folder")
     verb = {"creating": "create", "writing": "write", "opening": "open", "closing": "close"}.get(action, action)
     return CaiError(f"could not {verb} {path}: {err.strerror or err}")
 
@@ -111,6 +114,8 @@ class JsonlWriter:
     def __init__(self, path: str | Path, *, fsync: bool = True) -> None:
         self.path = Path(path)
         ensure_dir(self.path.parent)
+        if self.path.is_file():  # cut a torn last line left by a crash, or the next row would join it
+            read_jsonl(self.path, repair=True)
         self.fsync = fsync
         try:
             self._f = self.path.open("a", encoding="utf-8")

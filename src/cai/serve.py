@@ -3,11 +3,12 @@
 Serves a model (usually the SL-CAI or RL-CAI model a run just trained) to anything that speaks
 the OpenAI API: the ``openai`` client, chat UIs, evaluation harnesses, and cai's own
 ``openai_http`` backend on other machines. Standard library only (``http.server``), one thread
-per connection.
+per connection. This module is the HTTP layer (request parsing, routes, server-sent events,
+errors); the model-side work (batching, token-level decoding, log-probs) is in `cai.serve_engine`.
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``.
 
-- Plain requests from many clients are gathered into shared batches (`_Batcher`): one
+- Plain requests from many clients are gathered into shared batches (`cai.serve_engine.Batcher`): one
   ``backend.generate`` call runs every request that arrived while the model was busy.
 - ``stream: true`` (token by token) and log-probs need the model itself, so they work over an
   `HFBackend` only, one request at a time per decode step. Reported log-probs are the model's
@@ -24,18 +25,16 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import secrets
 import threading
 import time
 import uuid
-from concurrent.futures import Future
-from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from cai.backends.base import Backend, SamplingParams, cut_at_stop
+from cai.backends.base import Backend, SamplingParams
 from cai.errors import CaiError
+from cai.serve_engine import Batcher, ContextLengthError, Generation, HFRunner, Token
 
 log = logging.getLogger(__name__)
 
@@ -57,215 +56,15 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": kind, "code": self.code}}
 
 
-# ------------------------------------------------------------------------------ batching
-
-@dataclass
-class _Job:
-    prompt: str
-    params: SamplingParams
-    seed: int
-    future: Future
-
-
-class _Batcher:
-    """Runs plain generation requests in shared ``backend.generate`` calls, one call at a time.
-
-    The first waiting request opens a batch; whatever else arrives within ``wait_s`` (or queued
-    up while the model was busy) joins it, up to ``max_batch``. Requests with different sampling
-    settings run as separate calls; each row keeps its own seed, so batching never changes a result.
-    """
-
-    def __init__(self, backend: Backend, lock: threading.Lock, max_batch: int, wait_s: float) -> None:
-        self.backend, self.lock, self.max_batch, self.wait_s = backend, lock, max_batch, wait_s
-        self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._loop, name="cai-serve-batcher", daemon=True)
-        self.thread.start()
-
-    def submit(self, prompt: str, params: SamplingParams, seed: int) -> str:
-        job = _Job(prompt, params, seed, Future())
-        self.queue.put(job)
-        return job.future.result()
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while (job := self.queue.get()) is not None:
-            jobs, deadline, closing = [job], time.monotonic() + self.wait_s, False
-            while len(jobs) < self.max_batch:
-                try:
-                    more = self.queue.get(timeout=max(deadline - time.monotonic(), 1e-4))
-                except queue.Empty:
-                    break
-                if more is None:
-                    closing = True
-                    break
-                jobs.append(more)
-            groups: dict[SamplingParams, list[_Job]] = {}
-            for j in jobs:
-                groups.setdefault(replace(j.params, seed=0), []).append(j)
-            for params, group in groups.items():
-                self._run(params, group)
-            if closing:
-                return
-
-    def _run(self, params: SamplingParams, group: list[_Job]) -> None:
-        try:
-            with self.lock:
-                texts = self.backend.generate([j.prompt for j in group], params, seeds=[j.seed for j in group])
-        except Exception as err:  # noqa: BLE001 - handed to the waiting request threads
-            if len(group) > 1:  # one bad prompt must not fail its neighbours: run them alone
-                for j in group:
-                    self._run(params, [j])
-                return
-            group[0].future.set_exception(err)
-            return
-        for j, text in zip(group, texts):
-            j.future.set_result(text)
-
-
-# ------------------------------------------------------------- token-level work (HFBackend)
-
-@dataclass
-class _Token:
-    id: int
-    text: str
-    logprob: float | None
-    top: list[tuple[str, float]]
-    offset: int = 0  # where the token's text starts in the completion (or echoed prompt)
-
-
-@dataclass
-class _Generation:
-    text: str
-    finish_reason: str
-    completion_tokens: int
-    tokens: list[_Token] | None = None
-
-
-class _HFRunner:
-    """Single-row decoding and prompt scoring straight on an `HFBackend`'s model.
-
-    Sampling uses the backend's own ``_next_tokens`` with a generator seeded like its rows, so a
-    seeded request gives the same tokens here as through ``HFBackend.generate``.
-    """
-
-    def __init__(self, backend: Any, lock: threading.Lock) -> None:
-        self.backend, self.lock = backend, lock
-        self.tokenizer = backend.tokenizer
-
-    def decode(self, ids: list[int], skip_special: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
-
-    def token_pieces(self, ids: list[int]) -> list[str]:
-        """Each token's text, decoded with a few tokens of left context so leading spaces survive."""
-        pieces = []
-        for i in range(len(ids)):
-            start = max(0, i - 4)
-            before, upto = self.decode(ids[start:i], False), self.decode(ids[start:i + 1], False)
-            pieces.append(upto[len(before):] if upto.startswith(before) else self.decode(ids[i:i + 1], False))
-        return pieces
-
-    def _top(self, logprobs: Any, n: int) -> list[tuple[str, float]]:
-        if not n:
-            return []
-        values, indices = logprobs.topk(n)
-        return [(self.decode([int(i)], False), float(v)) for v, i in zip(values.tolist(), indices.tolist())]
-
-    def run(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams | None,
-        seed: int,
-        top_n: int,
-        echo_text: str | None = None,
-        on_delta: Callable[[str, list[_Token]], None] | None = None,
-        on_prompt: Callable[[list[_Token]], None] | None = None,
-    ) -> tuple[list[_Token] | None, _Generation | None]:
-        """Score the prompt's tokens (when ``echo_text`` is given) and generate (when ``params`` is).
-
-        One forward pass over the prompt serves both. ``on_prompt(tokens)`` receives the scored
-        prompt before decoding starts; ``on_delta(text, tokens)`` receives the completion as it
-        grows, holding back text that could still turn out to start a stop string.
-        """
-        import torch
-        from transformers import DynamicCache
-
-        backend, model = self.backend, self.backend.model
-        limit = backend.max_context
-        if limit and len(prompt_ids) + (params.max_new_tokens if params else 0) > limit:
-            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens, which with max_tokens exceeds the "
-                                f"model's context of {limit} tokens", "context_length_exceeded")
-        cache = DynamicCache()
-        with self.lock, torch.inference_mode():
-            ids = torch.tensor([prompt_ids], device=backend.device)
-            logits = model(input_ids=ids, cache=cache, use_cache=True,
-                           logits_to_keep=0 if echo_text is not None else 1).logits[0]
-        prompt_tokens = None if echo_text is None else self._score_prompt(prompt_ids, logits, top_n, echo_text)
-        if on_prompt is not None and prompt_tokens is not None:
-            on_prompt(prompt_tokens)
-        if params is None:
-            return prompt_tokens, None
-        return prompt_tokens, self._decode(logits[-1:], cache, params, seed, top_n, on_delta)
-
-    def _score_prompt(self, ids: list[int], logits: Any, top_n: int, text: str) -> list[_Token]:
-        pieces = self.token_pieces(ids)
-        # A BOS the tokenizer added is not part of the text: offsets are counted from the text's end.
-        shift = max(0, sum(map(len, pieces)) - len(text))
-        tokens, offset = [], 0
-        for i, (tid, piece) in enumerate(zip(ids, pieces)):
-            if i == 0:
-                tokens.append(_Token(tid, piece, None, [], 0))
-            else:
-                lp = logits[i - 1].float().log_softmax(-1)
-                tokens.append(_Token(tid, piece, float(lp[tid]), self._top(lp, top_n), max(0, offset - shift)))
-            offset += len(piece)
-        return tokens
-
-    def _steps(self, logits: Any, cache: Any, params: SamplingParams, seed: int, top_n: int) -> Iterator[_Token | None]:
-        """One token per step; None at EOS. The next forward pass runs only when the caller asks for more."""
-        import torch
-
-        backend = self.backend
-        generators = None if params.greedy else [torch.Generator(device=backend.device).manual_seed(seed)]
-        for step in range(params.max_new_tokens):
-            token = backend._next_tokens(logits, params, generators)
-            tid = int(token[0])
-            if tid in backend.eos_ids:
-                yield None
-                return
-            lp = logits[0].float().log_softmax(-1)
-            yield _Token(tid, self.decode([tid], False), float(lp[tid]), self._top(lp, top_n))
-            if step + 1 < params.max_new_tokens:
-                with self.lock, torch.inference_mode():
-                    logits = backend.model(input_ids=token[:, None], cache=cache, use_cache=True).logits[:, -1, :]
-
-    def _decode(self, logits, cache, params, seed, top_n, on_delta) -> _Generation:
-        holdback = max((len(s) for s in params.stop), default=1) - 1
-        ids: list[int] = []
-        tokens: list[_Token] = []
-        text, emitted, sent_tokens, finish, stopped = "", 0, 0, "length", False
-        for token in self._steps(logits, cache, params, seed, top_n):
-            if token is None:
-                finish = "stop"
-                break
-            token.offset = len(text)
-            ids.append(token.id)
-            tokens.append(token)
-            text, stopped = cut_at_stop(self.decode(ids), params.stop)
-            if stopped:
-                finish = "stop"
-                break
-            safe = len(text) - holdback - (1 if text.endswith("\ufffd") else 0)
-            if on_delta is not None and safe > emitted:
-                on_delta(text[emitted:safe], tokens[sent_tokens:])
-                emitted, sent_tokens = safe, len(tokens)
-        if stopped:  # drop the tokens that only spelled the stop string
-            tokens = [t for t in tokens if t.offset < len(text)]
-        if on_delta is not None and (len(text) > emitted or len(tokens) > sent_tokens):
-            on_delta(text[emitted:], tokens[sent_tokens:])
-        return _Generation(text, finish, len(ids), tokens)
+def _api_error(err: Exception) -> ApiError:
+    """How an error raised while answering a request is reported to the client."""
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, ContextLengthError):
+        return ApiError(400, str(err), "context_length_exceeded")
+    if isinstance(err, CaiError):  # the request asked for something the backend can't do (too long, empty...)
+        return ApiError(400, str(err))
+    return ApiError(500, f"{type(err).__name__}: {err}")
 
 
 # ------------------------------------------------------------------------------ requests
@@ -320,14 +119,14 @@ def _top_n(value: Any, name: str) -> int:
     return value
 
 
-def _chat_logprobs(tokens: list[_Token]) -> dict[str, Any]:
+def _chat_logprobs(tokens: list[Token]) -> dict[str, Any]:
     def entry(text: str, lp: float) -> dict[str, Any]:
         return {"token": text, "logprob": lp, "bytes": list(text.encode())}
 
     return {"content": [{**entry(t.text, t.logprob), "top_logprobs": [entry(s, v) for s, v in t.top]} for t in tokens]}
 
 
-def _legacy_logprobs(tokens: list[_Token], base: int = 0) -> dict[str, Any]:
+def _legacy_logprobs(tokens: list[Token], base: int = 0) -> dict[str, Any]:
     """The completions endpoint's parallel lists; offsets count from ``base`` in the returned text."""
     return {
         "tokens": [t.text for t in tokens],
@@ -352,8 +151,8 @@ class OpenAIServer(ThreadingHTTPServer):
         super().__init__((host, port), _Handler)
         self.backend, self.model_name, self.api_key = backend, model_name, api_key
         self.model_lock = threading.Lock()
-        self.batcher = _Batcher(backend, self.model_lock, max_batch, batch_wait_s)
-        self.hf = _HFRunner(backend, self.model_lock) if _is_hf(backend) else None
+        self.batcher = Batcher(backend, self.model_lock, max_batch, batch_wait_s)
+        self.hf = HFRunner(backend, self.model_lock) if _is_hf(backend) else None
         self._thread: threading.Thread | None = None
 
     @property
@@ -431,15 +230,13 @@ class _Handler(BaseHTTPRequestHandler):
             if self.server.api_key and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
                 raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)", "invalid_api_key")
             route()
-        except ApiError as err:
-            self._send_json(err.status, err.body())
-        except CaiError as err:  # the request asked for something the backend can't do (too long, empty...)
-            self._send_json(400, ApiError(400, str(err)).body())
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as err:  # noqa: BLE001 - a server answers 500 and keeps serving
-            log.exception("request failed")
-            self._send_json(500, ApiError(500, f"{type(err).__name__}: {err}").body())
+            if not isinstance(err, (ApiError, CaiError)):
+                log.exception("request failed")
+            error = _api_error(err)
+            self._send_json(error.status, error.body())
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         self._handle(self._get)
@@ -482,8 +279,8 @@ class _Handler(BaseHTTPRequestHandler):
     # ---------------------------------------------------------------- generation
 
     def _generate(self, prompt: str, prompt_ids: list[int] | None, params: SamplingParams, seed: int,
-                  top_n: int | None, on_delta: Callable[[str, list[_Token]], None] | None,
-                  on_prompt: Callable[[list[_Token]], None] | None) -> _Generation:
+                  top_n: int | None, on_delta: Callable[[str, list[Token]], None] | None,
+                  on_prompt: Callable[[list[Token]], None] | None) -> Generation:
         """Token by token on the model when log-probs, echo or streaming ask for it, else through the batcher."""
         hf = self.server.hf
         if hf is not None and (top_n is not None or on_delta is not None or prompt_ids is not None):
@@ -498,12 +295,12 @@ class _Handler(BaseHTTPRequestHandler):
         # The backend returns text only, so its tokens are counted again (re-encoding can differ a
         # little from what was generated); a full budget is taken to mean the text was cut short.
         used = min(self.server.backend.count_tokens(text), params.max_new_tokens) if text else 0
-        return _Generation(text, "length" if used >= params.max_new_tokens else "stop", used)
+        return Generation(text, "length" if used >= params.max_new_tokens else "stop", used)
 
     def _respond(self, body: dict[str, Any], kind: str, prompt: str, prompt_ids: list[int] | None,
                  params: SamplingParams, seed: int, top_n: int | None,
-                 shape: Callable[[str, list[_Token] | None, str | None], dict[str, Any]],
-                 on_prompt: Callable[[list[_Token]], None] | None = None) -> None:
+                 shape: Callable[[str, list[Token] | None, str | None], dict[str, Any]],
+                 on_prompt: Callable[[list[Token]], None] | None = None) -> None:
         """Run one generation and answer it whole or as a stream; ``shape`` builds one choice."""
         head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": self.server.model_name}
@@ -519,7 +316,7 @@ class _Handler(BaseHTTPRequestHandler):
         chunk = {**head, "object": f"{kind}.chunk" if kind == "chat.completion" else kind}
         first = [kind == "chat.completion"]
 
-        def on_delta(text: str, tokens: list[_Token]) -> None:
+        def on_delta(text: str, tokens: list[Token]) -> None:
             choice = shape(text, tokens if top_n is not None else None, None)
             if first[0]:
                 choice["delta"]["role"] = "assistant"
@@ -540,8 +337,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as err:  # noqa: BLE001 - the headers are gone: report in-band
             if not isinstance(err, (ApiError, CaiError)):
                 log.exception("streamed request failed")
-            error = err if isinstance(err, ApiError) else ApiError(400 if isinstance(err, CaiError) else 500, str(err))
-            send(error.body())
+            send(_api_error(err).body())
         send("[DONE]")
         self._end_events()
 
@@ -552,7 +348,7 @@ class _Handler(BaseHTTPRequestHandler):
         prompt = self.server.backend.render(chat)
         stream = bool(body.get("stream"))
 
-        def shape(text: str, tokens: list[_Token] | None, finish: str | None) -> dict[str, Any]:
+        def shape(text: str, tokens: list[Token] | None, finish: str | None) -> dict[str, Any]:
             key, value = ("delta", {"content": text}) if stream else ("message", {"role": "assistant", "content": text})
             logprobs = None if tokens is None else _chat_logprobs(tokens)
             return {"index": 0, key: value, "logprobs": logprobs, "finish_reason": finish}
@@ -571,11 +367,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._echo_only(prompt, prompt_ids, top_n)
             return
         params, seed = _sampling(body, COMPLETION_DEFAULT_MAX_TOKENS)
-        echoed: list[_Token] = []  # the prompt's scored tokens, filled before decoding starts
+        echoed: list[Token] = []  # the prompt's scored tokens, filled before decoding starts
         on_prompt = echoed.extend if echo and top_n is not None else None
         lead = [prompt if echo else ""]
 
-        def shape(text: str, tokens: list[_Token] | None, finish: str | None) -> dict[str, Any]:
+        def shape(text: str, tokens: list[Token] | None, finish: str | None) -> dict[str, Any]:
             logprobs = None
             if tokens is not None:
                 base = len(prompt) if echo else 0

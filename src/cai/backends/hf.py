@@ -121,6 +121,12 @@ def _preallocated_layer_class():
                 self._k, self._v = self._k[indices], self._v[indices]
                 self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
 
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized:
+                self._k = self._k.repeat_interleave(repeats, dim=0)
+                self._v = self._v.repeat_interleave(repeats, dim=0)
+                self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
     return PreallocatedLayer
 
 
@@ -417,24 +423,40 @@ class HFBackend:
             kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if params.top_p < 1.0:
-            sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            # Drop a token when the mass before it already reaches top_p (the first always stays).
-            drop = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
-            logits = logits.scatter(-1, sorted_idx, sorted_logits.masked_fill(drop, float("-inf")))
+            logits = HFBackend._top_p(logits, params.top_p)
         probs = logits.softmax(-1)
         return torch.stack(
             [torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)]
         )
+
+    @staticmethod
+    def _top_p(logits: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:
+        """Nucleus filtering: drop a token once the mass of the more likely ones reaches top_p.
+
+        Sorting a 50k vocabulary every step is slow on CPUs, so only the top ``candidates`` are
+        sorted; rows whose nucleus doesn't fit in them fall back to the full sort (exact either way).
+        """
+        k = min(candidates, logits.shape[-1])
+        probs = logits.softmax(-1)
+        top_probs, top_idx = torch.topk(probs, k, dim=-1)
+        before = top_probs.cumsum(-1) - top_probs
+        if k < logits.shape[-1] and bool((before[:, -1] < top_p).any()):
+            sorted_probs, sorted_idx = torch.sort(probs, descending=True, dim=-1)
+            drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+            keep = torch.zeros_like(drop).scatter(-1, sorted_idx, ~drop)
+            return logits.masked_fill(~keep, float("-inf"))
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_idx, before < top_p)
+        return logits.masked_fill(~keep, float("-inf"))
 
     # ---------------------------------------------------------------------- choice scoring
 
     def choice_logprobs(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
         """Exact log-probability of each option after each prompt (sum over the option's tokens).
 
-        Every (prompt, option) pair becomes one sequence; a batch is one forward pass that keeps
-        logits only for the last ``max option length + 1`` positions. Options are tokenized on
-        their own and appended to the prompt's tokens.
+        Each prompt is run once: its last position scores every option's first token, then the
+        prompt's KV cache is repeated once per option and the options' remaining tokens run on
+        top of it (a few tokens each). Options are tokenized on their own and appended to the
+        prompt's tokens.
         """
         if not prompts:
             return []
@@ -454,31 +476,44 @@ class HFBackend:
                 )
         self.stats["prompt_tokens"] += sum(len(p) for p in prompt_ids)
         prefix_len, prefix_kv = self._prefix_for(prompt_ids, allow_new=len(prompt_ids) > 1)
-        pairs = [(i, j) for i in range(len(prompt_ids)) for j in range(len(option_ids))]
-        pairs.sort(key=lambda ij: -(len(prompt_ids[ij[0]]) + len(option_ids[ij[1]])))
-        result = [[0.0] * len(option_ids) for _ in prompt_ids]
-        for start in range(0, len(pairs), self.batch_size):
-            batch = pairs[start:start + self.batch_size]
-            seqs = [prompt_ids[i] + option_ids[j] for i, j in batch]
-            lengths = [len(option_ids[j]) for _, j in batch]
-            for (i, j), value in zip(batch, self._score_batch(seqs, lengths, prefix_len, prefix_kv)):
-                result[i][j] = value
+        order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+        result: list[list[float]] = [[] for _ in prompt_ids]
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            for i, scores in zip(batch, self._score_batch([prompt_ids[i] for i in batch], option_ids, prefix_len,
+                                                          prefix_kv)):
+                result[i] = scores
         return result
 
     @torch.inference_mode()
     def _score_batch(
-        self, seqs: list[list[int]], option_lengths: list[int], prefix_len: int, prefix_kv: KV | None
-    ) -> list[float]:
-        ids, mask, positions, cache = self._batch_inputs(seqs, prefix_len, prefix_kv)
-        keep = max(option_lengths) + 1
-        logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-            logits_to_keep=keep,
-        ).logits
-        logprobs = logits.float().log_softmax(-1)  # [B, keep, V]
-        scores = []
-        for b, m in enumerate(option_lengths):
-            # Positions keep-1-m .. keep-2 predict the option's m tokens at the row's end.
-            targets = ids[b, -m:]
-            scores.append(float(logprobs[b, keep - 1 - m: keep - 1].gather(-1, targets[:, None]).sum()))
+        self, rows: list[list[int]], option_ids: list[list[int]], prefix_len: int, prefix_kv: KV | None
+    ) -> list[list[float]]:
+        n_opt, longest = len(option_ids), max(len(o) for o in option_ids)
+        ids, mask, positions, cache = self._batch_inputs(rows, prefix_len, prefix_kv, extra=longest)
+        first = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1,
+        ).logits[:, -1, :].float().log_softmax(-1)
+        scores = [[float(first[b, o[0]]) for o in option_ids] for b in range(len(rows))]
+        if longest == 1:
+            return scores
+        # Row b's cache becomes rows b*n_opt + j, one per option; feed each option's tokens but the last.
+        cache.batch_repeat_interleave(n_opt)
+        width = longest - 1
+        tail = torch.full((len(rows) * n_opt, width), self.pad_id, dtype=torch.long)
+        for b in range(len(rows)):
+            for j, o in enumerate(option_ids):
+                if len(o) > 1:
+                    tail[b * n_opt + j, : len(o) - 1] = torch.tensor(o[:-1])
+        tail_positions = positions[:, -1:].repeat_interleave(n_opt, 0) + 1 + torch.arange(width, device=self.device)
+        tail_mask = torch.cat([mask.repeat_interleave(n_opt, 0),
+                               torch.ones((len(rows) * n_opt, width), dtype=mask.dtype, device=self.device)], dim=1)
+        logprobs = self.model(
+            input_ids=tail.to(self.device), attention_mask=tail_mask, position_ids=tail_positions, cache=cache,
+            use_cache=True,
+        ).logits.float().log_softmax(-1)
+        for b in range(len(rows)):
+            for j, o in enumerate(option_ids):
+                for k in range(1, len(o)):
+                    scores[b][j] += float(logprobs[b * n_opt + j, k - 1, o[k]])
         return scores

@@ -91,6 +91,18 @@ def is_degenerate(text: str) -> bool:
     return any(lines.count(line) >= 4 for line in set(lines))
 
 
+_META = re.compile(r"^\s*(?:the|this|your|my)\s+(?:(?:assistant'?s?|ai'?s?)\s+)?(?:last\s+|original\s+|previous\s+)?"
+                   r"(?:response|answer|reply)\b|^\s*the\s+assistant\b", re.IGNORECASE)
+
+
+def is_meta_revision(text: str) -> bool:
+    """A "revision" that talks about the response instead of being one ("The response highlights...").
+
+    Small models often do this; training on it would teach the model to comment, not to answer.
+    """
+    return bool(_META.match(text))
+
+
 def _params(sampling: SamplingConfig, extra_stop: tuple[str, ...]) -> SamplingParams:
     params = sampling.params()
     return SamplingParams(
@@ -200,10 +212,12 @@ def _one_round(
     )
     for t, critique, text in zip(traces, critiques, texts):
         revision = clean_output(text)
-        kept_previous = is_degenerate(revision)
+        problem = ("empty" if not revision else "degenerate" if is_degenerate(revision)
+                   else "meta" if is_meta_revision(revision) else None)
+        kept_previous = problem is not None
         if kept_previous:
             # Never drop the row or train on junk: keep the last good response and say so.
-            t.flags.append(f"round{r + 1}:{'empty' if not revision else 'degenerate'}_revision")
+            t.flags.append(f"round{r + 1}:{problem}_revision")
         t.rounds.append({
             "round": r + 1,
             "principle_id": t.principles[r].id,

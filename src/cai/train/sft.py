@@ -55,18 +55,21 @@ def build_sft_examples(
         helpfulness_ratio: the share of helpfulness examples in the mix, capped by how many exist.
 
     Returns:
-        (chats, counts) with counts of harmlessness and helpfulness examples.
+        (chats, counts) with counts of harmlessness and helpfulness examples, and of rows skipped
+        because every one of their revisions was rejected (their final answer is the original).
     """
     harmless: list[Chat] = []
+    unrevised = 0
     for row in critique_rows:
+        if row["rounds"] and all(rnd["kept_previous"] for rnd in row["rounds"]):
+            unrevised += 1  # every revision was rejected: the final answer is the unrevised original
+            continue
         if revisions == "all":
             seen: set[str] = set()
             for rnd in row["rounds"]:
                 if not rnd["kept_previous"] and rnd["revision"] not in seen:
                     seen.add(rnd["revision"])
                     harmless.append([*row["prompt"], {"role": "assistant", "content": rnd["revision"]}])
-            if not seen:
-                harmless.append(row["messages"])
         else:
             harmless.append(row["messages"])
     harmless = [c for c in harmless if c[-1]["content"].strip()]
@@ -76,7 +79,8 @@ def build_sft_examples(
     helpful = rng.sample(pool, min(wanted, len(pool)))
     mix = harmless + helpful
     rng.shuffle(mix)
-    return mix, {"harmlessness_examples": len(harmless), "helpfulness_examples": len(helpful)}
+    return mix, {"harmlessness_examples": len(harmless), "helpfulness_examples": len(helpful),
+                 "unrevised_rows_skipped": unrevised}
 
 
 def train_sft(

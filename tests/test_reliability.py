@@ -1,0 +1,469 @@
+"""Reliability: every user mistake is one `error:` line, kills lose no work, secrets never hit disk.
+
+Bad inputs go through the real CLI entry point (`cai.cli.main`) in-process. Where a mistake is
+checkable without a model, the config names a model path that does not exist, so an error about
+anything but that model proves the check ran before any model load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PIPELINE_OVERRIDES, SMALL_CONSTITUTION, tiny_run_overrides
+
+from cai.cli import main
+from cai.io import read_jsonl
+
+NO_MODEL = "/nonexistent/model-that-must-not-load"
+
+
+def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run `cai ARGS` in-process; return (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["cai", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_line(code: int, err: str, *needles: str, exit_code: int = 1) -> str:
+    """Check the exit code, that stderr has exactly one `error:` line and no traceback; return that line."""
+    assert code == exit_code, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def sets(*overrides: str) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def stage_args(command: str, tmp: Path, constitution: Path, *extra: str) -> list[str]:
+    """`cai COMMAND` on a fresh runs folder, with a model that would fail if anything loaded it."""
+    base = [f"runs_dir={tmp / 'runs'}", "name=r", f"model.name={NO_MODEL}", f"constitution={constitution}",
+            "critique.helpfulness=null"]
+    return [command, *sets(*base, *extra)]
+
+
+def _write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data, encoding="utf-8")
+    return path
+
+
+# Each case: (tmp, constitution) -> (argv, words the error line must contain).
+def _config_case(text: str | bytes, *needles: str):
+    def build(tmp, const):
+        cfg = _write(tmp / "run.yaml", text)
+        return ["critique", "-c", cfg, *sets(f"model.name={NO_MODEL}")], [str(cfg), *needles]
+    return build
+
+
+def _constitution_case(text: str | bytes, *needles: str):
+    def build(tmp, const):
+        bad = _write(tmp / "bad_constitution.yaml", text)
+        return stage_args("critique", tmp, const, f"constitution={bad}"), ["bad_constitution.yaml", *needles]
+    return build
+
+
+def _prompt_case(name: str, data: str | bytes, *needles: str):
+    def build(tmp, const):
+        path = _write(tmp / name, data)
+        return stage_args("critique", tmp, const, f"critique.prompts.source={path}"), [name, *needles]
+    return build
+
+
+def _fake_gguf(tmp, const):
+    fake = _write(tmp / "model.gguf", b"not a gguf file at all")
+    return stage_args("critique", tmp, const, f"model.name={fake}"), ["model.gguf", "GGUF"]
+
+
+def _runs_dir_is_file(tmp, const):
+    blocker = _write(tmp / "runs_file", "I am a file\n")
+    return [*stage_args("critique", tmp, const), *sets(f"runs_dir={blocker}")], [f"{blocker} is a file, not a folder"]
+
+
+def _missing_config_for_run(tmp, const):
+    return ["run", tmp / "nope.yaml"], ["nope.yaml", "does not exist"]
+
+
+def _from_unknown_stage(tmp, const):
+    cfg = _write(tmp / "run.yaml", f"runs_dir: {tmp / 'runs'}\nmodel: {{name: {NO_MODEL}}}\nconstitution: {const}\n")
+    return ["run", cfg, "--from", "nosuchstage"], ["nosuchstage", "critique"]
+
+
+def _report_not_a_run(tmp, const):
+    folder = tmp / "holiday_photos"
+    _write(folder / "beach.txt", "sand\n")
+    return ["report", folder], ["holiday_photos", "not a cai run folder"]
+
+
+def _mc_eval_bad_row(tmp, const):
+    bad = _write(tmp / "mc.jsonl", json.dumps({"prompt": "Which is kinder?", "corrects": "A"}) + "\n")
+    return ["mc-eval", bad, "--model", NO_MODEL], ["mc.jsonl", "line 1", "corrects"]
+
+
+def _mc_eval_not_json(tmp, const):
+    bad = _write(tmp / "mc.jsonl", '{"prompt": "Which is kinder?",\n')
+    return ["mc-eval", bad, "--model", NO_MODEL], ["mc.jsonl", "line 1", "not valid JSON"]
+
+
+def _extra_data_missing(tmp, const):
+    cfg = _write(tmp / "run.yaml", f"runs_dir: {tmp / 'runs'}\nmodel: {{name: {NO_MODEL}}}\nconstitution: {const}\n")
+    return ["run", cfg, *sets("sft.extra_data=/nope/extra.jsonl")], ["/nope/extra.jsonl"]
+
+
+def _late_prompt_set_missing(tmp, const):
+    # A mistake in the last stage's prompts fails `cai run` before the first stage starts.
+    cfg = _write(tmp / "run.yaml", f"runs_dir: {tmp / 'runs'}\nmodel: {{name: {NO_MODEL}}}\nconstitution: {const}\n")
+    return ["run", cfg, *sets("eval.red_team.source=/nope/held_out.jsonl")], ["/nope/held_out.jsonl"]
+
+
+def _duplicate_ids() -> str:
+    return SMALL_CONSTITUTION.replace("  - id: evasive", "  - id: harm")
+
+
+CASES = {
+    # configs
+    "config-malformed-yaml": _config_case("critique:\n  rounds: [1, 2\n", "not valid YAML", "line"),
+    "config-unknown-top-key": _config_case("nmae: typo\n", "unknown key 'nmae'"),
+    "config-unknown-nested-key": _config_case("critique:\n  roudns: 2\n", "unknown key 'critique.roudns'", "rounds"),
+    "config-not-a-mapping": _config_case("- critique\n- sft\n", "mapping"),
+    "config-not-utf8": _config_case(b"name: caf\xe9\n", "UTF-8"),
+    "config-missing": lambda tmp, const: (["critique", "-c", tmp / "nope.yaml"], ["nope.yaml", "does not exist"]),
+    "config-is-a-folder": lambda tmp, const: (["critique", "-c", tmp], [str(tmp), "folder"]),
+    "run-config-missing": _missing_config_for_run,
+    "override-unknown-nested-key": lambda tmp, const: (
+        stage_args("critique", tmp, const, "sample.sampling.temprature=1"), ["sample.sampling.temprature"]),
+    "override-wrong-type": lambda tmp, const: (
+        stage_args("critique", tmp, const, "critique.rounds=many"), ["critique.rounds", "many"]),
+    "override-wrong-bool": lambda tmp, const: (
+        stage_args("critique", tmp, const, "model.trust_remote_code=perhaps"), ["model.trust_remote_code", "perhaps"]),
+    "override-out-of-range": lambda tmp, const: (stage_args("critique", tmp, const, "sample.k=1"), ["sample.k", "2"]),
+    "override-bad-choice": lambda tmp, const: (
+        stage_args("critique", tmp, const, "model.dtype=float8"), ["model.dtype", "float8"]),
+    "override-without-equals": lambda tmp, const: (
+        stage_args("critique", tmp, const, "critique.rounds"), ["critique.rounds", "key=value"]),
+    "override-into-a-value": lambda tmp, const: (
+        stage_args("critique", tmp, const, "seed.value=3"), ["seed", "integer"]),
+    # constitutions
+    "constitution-missing": lambda tmp, const: (
+        stage_args("critique", tmp, const, "constitution=/nope.yaml"), ["/nope.yaml"]),
+    "constitution-duplicate-ids": _constitution_case(_duplicate_ids(), "harm"),
+    "constitution-malformed-yaml": _constitution_case("name: broken\ncritique_revision_principles: [\n"),
+    "constitution-not-utf8": _constitution_case(b"name: caf\xe9\n"),
+    # prompts
+    "prompts-empty-file": _prompt_case("empty.jsonl", "\n\n"),
+    "prompts-not-utf8": _prompt_case("latin1.txt", b"Comment faire du caf\xe9 ?\n"),
+    "prompts-malformed-json-line": _prompt_case(
+        "prompts.jsonl", '{"prompt": "How do I bake bread?"}\n{"prompt": "unclosed\n{"prompt": "third"}\n', "line 2"),
+    "prompts-missing-file": lambda tmp, const: (
+        stage_args("critique", tmp, const, "critique.prompts.source=/nope/prompts.jsonl"), ["/nope/prompts.jsonl"]),
+    "prompts-unknown-builtin": lambda tmp, const: (
+        stage_args("critique", tmp, const, "critique.prompts.source=red-teem"), ["red-teem"]),
+    # models
+    "model-unknown-path": lambda tmp, const: (stage_args("critique", tmp, const, "model.name=/nope"), ["/nope"]),
+    "model-gguf-not-gguf": _fake_gguf,
+    "model-http-without-urls": lambda tmp, const: (
+        stage_args("critique", tmp, const, "model.backend=http"), ["model.base_urls"]),
+    # outputs
+    "runs-dir-is-a-file": _runs_dir_is_file,
+    # stages run before their inputs exist
+    "sft-before-critique": lambda tmp, const: (stage_args("sft", tmp, const), ["cai critique"]),
+    "sample-before-sft": lambda tmp, const: (stage_args("sample", tmp, const), ["cai sft", "sample.policy"]),
+    "label-before-sample": lambda tmp, const: (stage_args("label", tmp, const), ["cai sample"]),
+    "pm-before-label": lambda tmp, const: (stage_args("pm", tmp, const), ["cai label"]),
+    "rl-before-pm": lambda tmp, const: (stage_args("rl", tmp, const), ["cai pm"]),
+    "dpo-before-label": lambda tmp, const: ([*stage_args("rl", tmp, const), "--algo", "dpo"], ["cai label"]),
+    "eval-with-one-model": lambda tmp, const: (stage_args("eval", tmp, const), ["two models"]),
+    "rl-unknown-algo": lambda tmp, const: ([*stage_args("rl", tmp, const), "--algo", "trpo"], ["trpo"]),
+    # run folders and whole runs
+    "status-missing-folder": lambda tmp, const: (["status", tmp / "no_such_run"], ["no_such_run", "does not exist"]),
+    "report-not-a-run": _report_not_a_run,
+    "report-missing-folder": lambda tmp, const: (["report", tmp / "no_such_run"], ["no_such_run"]),
+    "run-from-unknown-stage": _from_unknown_stage,
+    "run-extra-data-missing": _extra_data_missing,
+    "run-late-prompt-set-missing": _late_prompt_set_missing,
+    # other commands
+    "mc-eval-bad-row": _mc_eval_bad_row,
+    "mc-eval-not-json": _mc_eval_not_json,
+    "mc-eval-missing-file": lambda tmp, const: (["mc-eval", tmp / "nope.jsonl", "--model", NO_MODEL], ["nope.jsonl"]),
+    "constitution-validate-duplicate-ids": lambda tmp, const: (
+        ["constitution", "validate", _write(tmp / "dup.yaml", _duplicate_ids())], ["dup.yaml", "harm"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_error_line(case, monkeypatch, capsys, tmp_path, small_constitution):
+    args, needles = CASES[case](tmp_path, small_constitution)
+    code, _, err = cli(monkeypatch, capsys, *args)
+    line = error_line(code, err, *needles)
+    if case not in {"model-unknown-path", "model-gguf-not-gguf"}:
+        assert NO_MODEL not in line  # failed on the input itself, before any model was loaded
+    assert not (tmp_path / "runs" / "r" / "critique_revision" / "data.jsonl").exists()
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write to read-only folders")
+def test_read_only_runs_dir_is_one_error_line(monkeypatch, capsys, tmp_path, small_constitution):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, _, err = cli(monkeypatch, capsys, *stage_args("critique", tmp_path, small_constitution, f"runs_dir={locked}"))
+    finally:
+        locked.chmod(0o700)
+    error_line(code, err, str(locked))
+
+
+def test_changed_config_for_an_existing_run_is_refused(monkeypatch, capsys, tmp_path, small_constitution):
+    cfg = _write(tmp_path / "run.yaml", f"name: r\nruns_dir: {tmp_path / 'runs'}\nmodel: {{name: {NO_MODEL}}}\n"
+                                        f"constitution: {small_constitution}\n")
+    # The first run records its config, then stops at the model that isn't there.
+    code, _, err = cli(monkeypatch, capsys, "run", cfg)
+    error_line(code, err, NO_MODEL)
+    saved = tmp_path / "runs" / "r" / "config.yaml"
+    before = saved.read_text()
+    code, _, err = cli(monkeypatch, capsys, "run", cfg, "--set", "seed=7")
+    error_line(code, err, "different config", "seed", "--from")
+    assert saved.read_text() == before
+
+
+def test_pickle_only_model_folder_needs_allow_pickle(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "model.safetensors"
+    torch.save(load_file(weights), folder / "pytorch_model.bin")
+    weights.unlink()
+    assert (folder / "pytorch_model.bin").is_file() and not list(folder.glob("*.safetensors"))
+    code, out, err = cli(monkeypatch, capsys, "generate", "hello", "-m", folder, "--max-new-tokens", "2")
+    error_line(code, err, str(folder), "pickle", "allow_pickle=true")
+    assert out == ""
+    code, out, err = cli(monkeypatch, capsys, "generate", "hello", "-m", folder, "--max-new-tokens", "2",
+                         "--set", "model.allow_pickle=true")
+    assert code == 0, err
+    assert json.loads(out)["messages"][0]["content"] == "hello"
+
+
+def test_safe_defaults():
+    from cai.config import GenerateConfig, RunConfig
+
+    for model in (RunConfig().model, GenerateConfig().model):
+        assert model.trust_remote_code is False
+        assert model.allow_pickle is False
+        assert model.api_key_env == "OPENAI_API_KEY"
+
+
+# ---------------------------------------------------------------- crashes and kills
+
+def kill_overrides(model_dir: Path, runs: Path, constitution: Path, name: str) -> list[str]:
+    """Tiny stages that write one row per chunk, so a kill lands between rows."""
+    return [*tiny_run_overrides(model_dir, runs, constitution, name=name), *PIPELINE_OVERRIDES,
+            "critique.prompts.limit=5", "critique.rounds=1", "critique.chunk_size=1", "critique.helpfulness=null",
+            f"sample.policy={model_dir}", "sample.prompts.limit=5", "sample.helpfulness=null", "sample.chunk_size=1",
+            "label.chunk_size=1", "sft.epochs=2", "sft.save_every=2", "pm.epochs=2", "pm.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir):
+    """The data stages run once without interruption, to compare the killed-and-rerun runs with."""
+    from cai.config import RunConfig, load_config
+    from cai.pipeline import run_critique, run_label, run_sample
+
+    root = tmp_path_factory.mktemp("reference")
+    constitution = _write(root / "small.yaml", SMALL_CONSTITUTION)
+    cfg = load_config(RunConfig, None, kill_overrides(tiny_model_dir, root / "runs", constitution, "ref"))
+    for step in (run_critique, run_sample, run_label):
+        step(cfg, show_progress=False)
+    return cfg
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+# Run `cai` in a child process whose JSONL writes are slowed down (like a slow model or disk), so a
+# SIGKILL sent after the first row reliably lands in the middle of the stage on any machine.
+THROTTLED_CAI = """
+import sys, time
+import cai.io
+_write = cai.io.JsonlWriter.write
+def _slow_write(self, row):
+    _write(self, row)
+    time.sleep(0.25)
+cai.io.JsonlWriter.write = _slow_write
+from cai.cli import main
+sys.argv[0] = "cai"
+main()
+"""
+
+
+def kill_mid_stage(args: list[str], ready, tmp_path: Path, timeout: float = 120) -> None:
+    """Start `cai ARGS` in a child process, SIGKILL it as soon as `ready()` is true."""
+    log = tmp_path / "killed_stage.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", THROTTLED_CAI, *map(str, args)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"`cai {args[0]}` ended before it could be killed:\n{log.read_text()}"
+            assert time.time() < deadline, f"`cai {args[0]}` wrote nothing in {timeout} s:\n{log.read_text()}"
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the stage finished before the kill; it must be killed mid-run"
+
+
+def rows_written(path: Path, n: int = 1):
+    return lambda: path.is_file() and path.read_bytes().count(b"\n") >= n
+
+
+def tear(path: Path) -> None:
+    """A crash in the middle of writing a row leaves half a JSON object with no newline."""
+    with path.open("ab") as f:
+        f.write(b'{"id": "half-written-row", "respon')
+
+
+def check_jsonl(path: Path, expected_ids: set) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]  # every line is JSON
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), "duplicate rows after the rerun"
+    assert set(ids) == expected_ids
+    return rows
+
+
+@pytest.mark.parametrize("stage, files, count_keys", [
+    ("critique", ["critique_revision/data.jsonl"], ["rows", "prompts"]),
+    ("sample", ["samples/red-team.jsonl"], ["red-team_prompts"]),
+    ("label", ["feedback/data.jsonl"], ["pairs"]),
+])
+def test_kill_9_during_a_data_stage_then_rerun(stage, files, count_keys, reference, monkeypatch, capsys, tmp_path,
+                                               tiny_model_dir):
+    import shutil
+
+    constitution = _write(tmp_path / "small.yaml", SMALL_CONSTITUTION)
+    overrides = kill_overrides(tiny_model_dir, tmp_path / "runs", constitution, "k")
+    run = tmp_path / "runs" / "k"
+    earlier = {"critique": [], "sample": ["critique_revision"], "label": ["critique_revision", "samples"]}[stage]
+    for folder in earlier:  # inputs made without interruption
+        shutil.copytree(reference.run_dir / folder, run / folder)
+    target = run / files[0]
+    partial_before = 0
+    kill_mid_stage([stage, *sets(*overrides)], rows_written(target), tmp_path)
+    partial_before = len(read_jsonl(target))
+    expected = {r["id"] for r in read_jsonl(reference.run_dir / files[0])}
+    assert 1 <= partial_before < len(expected)
+    assert _manifest(target.parent)["status"] == "running"
+    tear(target)
+
+    code, _, err = cli(monkeypatch, capsys, stage, *sets(*overrides))
+    assert code == 0, err
+    check_jsonl(target, expected)
+    manifest, ref = _manifest(target.parent), _manifest(reference.run_dir / files[0].split("/")[0])
+    assert manifest["status"] == "done" and manifest["attempts"] == 2
+    for key in count_keys:
+        assert manifest["counts"][key] == ref["counts"][key]
+
+
+def test_disk_full_keeps_finished_rows(reference, monkeypatch, capsys, tmp_path, tiny_model_dir):
+    """ENOSPC in the middle of `cai critique`: one error line, finished rows stay, the rerun completes."""
+    import errno
+
+    import cai.io
+
+    constitution = _write(tmp_path / "small.yaml", SMALL_CONSTITUTION)
+    overrides = kill_overrides(tiny_model_dir, tmp_path / "runs", constitution, "full")
+    data = tmp_path / "runs" / "full" / "critique_revision" / "data.jsonl"
+
+    class FillingFile:
+        """The data file of a disk that fills up on the third row: half the row lands, then ENOSPC."""
+
+        def __init__(self, f):
+            self._f, self.rows = f, 0
+
+        def write(self, text):
+            self.rows += 1
+            if self.rows == 3:
+                self._f.write(text[: len(text) // 2])
+                self._f.flush()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self._f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    real_init = cai.io.JsonlWriter.__init__
+
+    def init(self, path, **kw):
+        real_init(self, path, **kw)
+        if Path(path) == data:
+            self._f = FillingFile(self._f)
+
+    with monkeypatch.context() as m:
+        m.setattr(cai.io.JsonlWriter, "__init__", init)
+        code, _, err = cli(monkeypatch, capsys, "critique", *sets(*overrides))
+    error_line(code, err, "no space left", str(data))
+    lines = data.read_bytes().split(b"\n")
+    assert [json.loads(line)["id"] for line in lines[:2]] and len(lines) == 3  # two whole rows, then the torn one
+    assert _manifest(data.parent)["status"] == "running"
+
+    code, _, err = cli(monkeypatch, capsys, "critique", *sets(*overrides))
+    assert code == 0, err
+    check_jsonl(data, {r["id"] for r in read_jsonl(reference.run_dir / "critique_revision" / "data.jsonl")})
+    assert _manifest(data.parent)["attempts"] == 2
+
+
+@pytest.mark.parametrize("stage, folder, earlier, ready_file", [
+    ("sft", "sl_cai", ["critique_revision"], "checkpoint/state.json"),
+    ("pm", "preference_model", ["critique_revision", "samples", "feedback"], "train_log.jsonl"),
+])
+def test_kill_9_during_training_then_rerun(stage, folder, earlier, ready_file, reference, monkeypatch, capsys,
+                                           tmp_path, tiny_model_dir):
+    """A kill mid-training (after a checkpoint for SFT) and a torn log line: the rerun finishes cleanly."""
+    import shutil
+
+    constitution = _write(tmp_path / "small.yaml", SMALL_CONSTITUTION)
+    overrides = kill_overrides(tiny_model_dir, tmp_path / "runs", constitution, "k")
+    run = tmp_path / "runs" / "k"
+    for name in earlier:
+        shutil.copytree(reference.run_dir / name, run / name)
+    out = run / folder
+    kill_mid_stage([stage, *sets(*overrides)], lambda: (out / ready_file).is_file(), tmp_path)
+    assert _manifest(out)["status"] == "running"
+    assert not (out / "model.safetensors").exists()
+    tear(out / "train_log.jsonl")
+
+    code, _, err = cli(monkeypatch, capsys, stage, *sets(*overrides))
+    assert code == 0, err
+    manifest = _manifest(out)
+    assert manifest["status"] == "done" and manifest["attempts"] == 2
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = manifest["counts"]["steps"] if stage == "sft" else None
+    if stage == "sft":
+        assert log[-1]["step"] == steps and not (out / "checkpoint").exists()
+    assert (out / "model.safetensors").is_file()
+    code, _, err = cli(monkeypatch, capsys, "report", run)  # reads the SFT log
+    assert code == 0, err
