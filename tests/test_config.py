@@ -52,7 +52,7 @@ def test_unknown_nested_key_names_dotted_key_and_lists_known_keys(tmp_path):
 @pytest.mark.parametrize(("text", "key", "got"), [
     ("model:\n  batch_size: many\n", "model.batch_size", '"many"'),
     ("model:\n  batch_size: true\n", "model.batch_size", "true"),  # YAML true is not the integer 1
-    ("model:\n  backend: vllm\n", "model.backend", '"vllm"'),
+    ("model:\n  backend: tpu\n", "model.backend", '"tpu"'),
     ("sampling:\n  temperature: hot\n", "sampling.temperature", '"hot"'),
     ("sampling:\n  stop: END\n", "sampling.stop", '"END"'),
     ("model: 5\n", "model", "5"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -66,6 +65,23 @@ def chats(n: int) -> list[list[dict[str, str]]]:
              {"role": "assistant", "content": f"Answer {i}: be kind and careful."}] for i in range(n)]
 
 
+def kill_tree(pid: int) -> None:
+    """Kill a launcher and every rank under it (torchrun starts each rank in a session of its own)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        processes = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=10)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,6 +91,8 @@ def free_port() -> int:
 @pytest.mark.parametrize("examples", [8, 10], ids=["4-batches", "5-batches"])
 def test_sft_on_two_cpu_processes_trains_one_model_and_saves_it_once(tmp_path, tiny_model_dir, examples):
     from transformers import AutoModelForCausalLM
+
+    from cai.train.common import warmup_linear_decay
 
     driver, data, out, results = tmp_path / "driver.py", tmp_path / "chats.json", tmp_path / "sl_cai", tmp_path / "ranks"
     driver.write_text(DRIVER)
@@ -86,17 +104,16 @@ def test_sft_on_two_cpu_processes_trains_one_model_and_saves_it_once(tmp_path, t
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()),
                str(driver), str(tiny_model_dir), str(out), str(results), str(data)]
-    # Its own process group, so a hang kills both ranks too, not just the launcher.
-    launcher = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-    try:
-        output = launcher.communicate(timeout=120)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        output = launcher.communicate()[0]
-        pytest.fail(f"the two ranks did not finish in 120 s (one waiting in a collective the other never "
-                    f"joined?)\n{output[-3000:]}")
-    assert launcher.returncode == 0, output[-3000:]
+    log_path = tmp_path / "launch.log"
+    with log_path.open("w") as log_file:
+        launcher = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            launcher.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            kill_tree(launcher.pid)
+            pytest.fail(f"the two ranks did not finish in 120 s (one waiting in a collective the other never "
+                        f"joined?)\n{log_path.read_text()[-3000:]}")
+    assert launcher.returncode == 0, log_path.read_text()[-3000:]
 
     ranks = [json.loads((results / f"rank{i}.json").read_text()) for i in range(2)]
     assert [r["process_index"] for r in ranks] == [0, 1] and all(r["num_processes"] == 2 for r in ranks)
@@ -113,4 +130,6 @@ def test_sft_on_two_cpu_processes_trains_one_model_and_saves_it_once(tmp_path, t
     assert h.hexdigest() == ranks[0]["final"]  # the trained weights, not a wrapper's or the initial ones
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == list(range(1, ranks[0]["steps"] + 1))  # one rank logs, once per step
+    steps = ranks[0]["steps"]  # the learning-rate schedule counts the steps each rank takes, so it runs to its end
+    assert log[-1]["lr"] == pytest.approx(0.01 * warmup_linear_decay(steps - 1, steps, 0))
     assert not (out / "checkpoint").exists()

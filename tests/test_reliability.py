@@ -1,8 +1,8 @@
 """Reliability: every user mistake is one `error:` line, kills lose no work, secrets never hit disk.
 
-Bad inputs go through the real CLI entry point (`cai.cli.main`) in-process. Where a mistake is
-checkable without a model, the config names a model path that does not exist, so an error about
-anything but that model proves the check ran before any model load.
+Bad inputs go through the real CLI entry point (`cai.cli.main`) in-process. Their configs name an
+empty folder as the model: loading it would fail with an error naming it, so an error about the
+input itself proves the input was checked before any model load.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from conftest import PIPELINE_OVERRIDES, SMALL_CONSTITUTION, tiny_run_overrides
 from cai.cli import main
 from cai.io import read_jsonl
 
-NO_MODEL = "/nonexistent/model-that-must-not-load"
+NO_MODEL = "model-that-must-not-load"
+"""An empty folder named as the model: every check passes it, and loading it would fail naming it."""
 
 
 def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
@@ -53,7 +54,7 @@ def sets(*overrides: str) -> list[str]:
 
 def stage_args(command: str, tmp: Path, constitution: Path, *extra: str) -> list[str]:
     """`cai COMMAND` on a fresh runs folder, with a model that would fail if anything loaded it."""
-    base = [f"runs_dir={tmp / 'runs'}", "name=r", f"model.name={NO_MODEL}", f"constitution={constitution}",
+    base = [f"runs_dir={tmp / 'runs'}", "name=r", f"model.name={tmp / NO_MODEL}", f"constitution={constitution}",
             "critique.helpfulness=null"]
     return [command, *sets(*base, *extra)]
 
@@ -71,7 +72,7 @@ def _write(path: Path, data: str | bytes) -> Path:
 def _config_case(text: str | bytes, *needles: str):
     def build(tmp, const):
         cfg = _write(tmp / "run.yaml", text)
-        return ["critique", "-c", cfg, *sets(f"model.name={NO_MODEL}")], [str(cfg), *needles]
+        return ["critique", "-c", cfg, *sets(f"model.name={tmp / NO_MODEL}")], [str(cfg), *needles]
     return build
 
 
@@ -104,7 +105,7 @@ def _missing_config_for_run(tmp, const):
 
 
 def _from_unknown_stage(tmp, const):
-    cfg = _write(tmp / "run.yaml", f"runs_dir: {tmp / 'runs'}\nmodel: {{name: {NO_MODEL}}}\nconstitution: {const}\n")
+    cfg = _write(tmp / "run.yaml", _run_yaml(tmp, const))
     return ["run", cfg, "--from", "nosuchstage"], ["nosuchstage", "critique"]
 
 
@@ -116,23 +117,33 @@ def _report_not_a_run(tmp, const):
 
 def _mc_eval_bad_row(tmp, const):
     bad = _write(tmp / "mc.jsonl", json.dumps({"prompt": "Which is kinder?", "corrects": "A"}) + "\n")
-    return ["mc-eval", bad, "--model", NO_MODEL], ["mc.jsonl", "line 1", "corrects"]
+    return ["mc-eval", bad, "--model", tmp / NO_MODEL], ["mc.jsonl", "line 1", "corrects"]
 
 
 def _mc_eval_not_json(tmp, const):
     bad = _write(tmp / "mc.jsonl", '{"prompt": "Which is kinder?",\n')
-    return ["mc-eval", bad, "--model", NO_MODEL], ["mc.jsonl", "line 1", "not valid JSON"]
+    return ["mc-eval", bad, "--model", tmp / NO_MODEL], ["mc.jsonl", "line 1", "not valid JSON"]
 
 
 def _extra_data_missing(tmp, const):
-    cfg = _write(tmp / "run.yaml", f"runs_dir: {tmp / 'runs'}\nmodel: {{name: {NO_MODEL}}}\nconstitution: {const}\n")
+    cfg = _write(tmp / "run.yaml", _run_yaml(tmp, const))
     return ["run", cfg, *sets("sft.extra_data=/nope/extra.jsonl")], ["/nope/extra.jsonl"]
 
 
 def _late_prompt_set_missing(tmp, const):
     # A mistake in the last stage's prompts fails `cai run` before the first stage starts.
-    cfg = _write(tmp / "run.yaml", f"runs_dir: {tmp / 'runs'}\nmodel: {{name: {NO_MODEL}}}\nconstitution: {const}\n")
+    cfg = _write(tmp / "run.yaml", _run_yaml(tmp, const))
     return ["run", cfg, *sets("eval.red_team.source=/nope/held_out.jsonl")], ["/nope/held_out.jsonl"]
+
+
+def _run_yaml(tmp: Path, const: Path) -> str:
+    return f"name: r\nruns_dir: {tmp / 'runs'}\nmodel: {{name: {tmp / NO_MODEL}}}\nconstitution: {const}\n"
+
+
+def _run_case(*overrides: str, needles: list[str]):
+    def build(tmp, const):
+        return ["run", _write(tmp / "run.yaml", _run_yaml(tmp, const)), *sets(*overrides)], needles
+    return build
 
 
 def _duplicate_ids() -> str:
@@ -200,10 +211,18 @@ CASES = {
     "run-from-unknown-stage": _from_unknown_stage,
     "run-extra-data-missing": _extra_data_missing,
     "run-late-prompt-set-missing": _late_prompt_set_missing,
+    "run-judge-model-missing": _run_case("label.feedback_model.name=/nope/judge",
+                                         needles=["label.feedback_model.name", "/nope/judge"]),
+    "run-critic-gguf-missing": _run_case("critique.critic.name=critic.gguf",
+                                         needles=["critique.critic.name", "critic.gguf"]),
+    "run-http-judge-without-urls": _run_case("eval.judge.backend=http", needles=["eval.judge.base_urls"]),
+    "run-runs-dir-is-a-file": lambda tmp, const: _run_case(
+        f"runs_dir={_write(tmp / 'runs_file', 'x')}", needles=["runs_file is a file, not a folder"])(tmp, const),
     # other commands
     "mc-eval-bad-row": _mc_eval_bad_row,
     "mc-eval-not-json": _mc_eval_not_json,
-    "mc-eval-missing-file": lambda tmp, const: (["mc-eval", tmp / "nope.jsonl", "--model", NO_MODEL], ["nope.jsonl"]),
+    "mc-eval-missing-file": lambda tmp, const: (
+        ["mc-eval", tmp / "nope.jsonl", "--model", tmp / NO_MODEL], ["nope.jsonl"]),
     "constitution-validate-duplicate-ids": lambda tmp, const: (
         ["constitution", "validate", _write(tmp / "dup.yaml", _duplicate_ids())], ["dup.yaml", "harm"]),
 }
@@ -211,11 +230,13 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_error_line(case, monkeypatch, capsys, tmp_path, small_constitution):
+    (tmp_path / NO_MODEL).mkdir()
     args, needles = CASES[case](tmp_path, small_constitution)
     code, _, err = cli(monkeypatch, capsys, *args)
     line = error_line(code, err, *needles)
-    if case not in {"model-unknown-path", "model-gguf-not-gguf"}:
-        assert NO_MODEL not in line  # failed on the input itself, before any model was loaded
+    assert NO_MODEL not in line  # failed on the input itself, before any model was loaded
+    if args[0] == "run":  # whole runs check every stage's inputs before the first stage starts
+        assert not (tmp_path / "runs" / "r" / "critique_revision").exists()
     assert not (tmp_path / "runs" / "r" / "critique_revision" / "data.jsonl").exists()
 
 
@@ -225,18 +246,19 @@ def test_read_only_runs_dir_is_one_error_line(monkeypatch, capsys, tmp_path, sma
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        code, _, err = cli(monkeypatch, capsys, *stage_args("critique", tmp_path, small_constitution, f"runs_dir={locked}"))
+        code, _, err = cli(monkeypatch, capsys, *stage_args("critique", tmp_path, small_constitution,
+                                                            f"runs_dir={locked}"))
     finally:
         locked.chmod(0o700)
     error_line(code, err, str(locked))
 
 
 def test_changed_config_for_an_existing_run_is_refused(monkeypatch, capsys, tmp_path, small_constitution):
-    cfg = _write(tmp_path / "run.yaml", f"name: r\nruns_dir: {tmp_path / 'runs'}\nmodel: {{name: {NO_MODEL}}}\n"
-                                        f"constitution: {small_constitution}\n")
-    # The first run records its config, then stops at the model that isn't there.
+    (tmp_path / NO_MODEL).mkdir()
+    cfg = _write(tmp_path / "run.yaml", _run_yaml(tmp_path, small_constitution))
+    # The first run records its config, then stops when it tries to load the (empty) model folder.
     code, _, err = cli(monkeypatch, capsys, "run", cfg)
-    error_line(code, err, NO_MODEL)
+    error_line(code, err, NO_MODEL, "config.json")
     saved = tmp_path / "runs" / "r" / "config.yaml"
     before = saved.read_text()
     code, _, err = cli(monkeypatch, capsys, "run", cfg, "--set", "seed=7")
@@ -355,12 +377,12 @@ def check_jsonl(path: Path, expected_ids: set) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("stage, files, count_keys", [
-    ("critique", ["critique_revision/data.jsonl"], ["rows", "prompts"]),
-    ("sample", ["samples/red-team.jsonl"], ["red-team_prompts"]),
-    ("label", ["feedback/data.jsonl"], ["pairs"]),
+@pytest.mark.parametrize("stage, file, count_keys", [
+    ("critique", "critique_revision/data.jsonl", ["rows", "prompts"]),
+    ("sample", "samples/red-team.jsonl", ["red-team_prompts"]),
+    ("label", "feedback/data.jsonl", ["pairs"]),
 ])
-def test_kill_9_during_a_data_stage_then_rerun(stage, files, count_keys, reference, monkeypatch, capsys, tmp_path,
+def test_kill_9_during_a_data_stage_then_rerun(stage, file, count_keys, reference, monkeypatch, capsys, tmp_path,
                                                tiny_model_dir):
     import shutil
 
@@ -368,21 +390,21 @@ def test_kill_9_during_a_data_stage_then_rerun(stage, files, count_keys, referen
     overrides = kill_overrides(tiny_model_dir, tmp_path / "runs", constitution, "k")
     run = tmp_path / "runs" / "k"
     earlier = {"critique": [], "sample": ["critique_revision"], "label": ["critique_revision", "samples"]}[stage]
-    for folder in earlier:  # inputs made without interruption
+    for folder in earlier:  # this stage's inputs, made without interruption
         shutil.copytree(reference.run_dir / folder, run / folder)
-    target = run / files[0]
-    partial_before = 0
+    target = run / file
     kill_mid_stage([stage, *sets(*overrides)], rows_written(target), tmp_path)
-    partial_before = len(read_jsonl(target))
-    expected = {r["id"] for r in read_jsonl(reference.run_dir / files[0])}
-    assert 1 <= partial_before < len(expected)
+    kept = [r["id"] for r in read_jsonl(target, repair=True)]
+    expected = {r["id"] for r in read_jsonl(reference.run_dir / file)}
+    assert 1 <= len(kept) < len(expected)
     assert _manifest(target.parent)["status"] == "running"
     tear(target)
 
     code, _, err = cli(monkeypatch, capsys, stage, *sets(*overrides))
     assert code == 0, err
-    check_jsonl(target, expected)
-    manifest, ref = _manifest(target.parent), _manifest(reference.run_dir / files[0].split("/")[0])
+    rows = check_jsonl(target, expected)
+    assert [r["id"] for r in rows[: len(kept)]] == kept  # finished rows were kept, not redone
+    manifest, ref = _manifest(target.parent), _manifest(reference.run_dir / file.split("/")[0])
     assert manifest["status"] == "done" and manifest["attempts"] == 2
     for key in count_keys:
         assert manifest["counts"][key] == ref["counts"][key]
@@ -461,9 +483,56 @@ def test_kill_9_during_training_then_rerun(stage, folder, earlier, ready_file, r
     manifest = _manifest(out)
     assert manifest["status"] == "done" and manifest["attempts"] == 2
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    steps = manifest["counts"]["steps"] if stage == "sft" else None
-    if stage == "sft":
-        assert log[-1]["step"] == steps and not (out / "checkpoint").exists()
+    if stage == "sft":  # resumed from the checkpoint and finished every step
+        assert log[-1]["step"] == manifest["counts"]["steps"] and not (out / "checkpoint").exists()
     assert (out / "model.safetensors").is_file()
     code, _, err = cli(monkeypatch, capsys, "report", run)  # reads the SFT log
     assert code == 0, err
+
+
+# ---------------------------------------------------------------- secrets
+
+SECRET = "sk-test-SECRET123"
+CUSTOM_SECRET = "sk-test-CUSTOM456"
+
+
+def test_api_keys_never_reach_files_logs_or_reprs(monkeypatch, capsys, tmp_path, tiny_model_dir, tiny_backend):
+    """A run whose model is served over HTTP with a bearer key: the key is used, and written nowhere."""
+    from cai.backends.openai_http import OpenAIHTTPBackend
+    from cai.serve import serve_app
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.setenv("CAI_TEST_KEY", CUSTOM_SECRET)
+    constitution = _write(tmp_path / "small.yaml", SMALL_CONSTITUTION)
+    run = tmp_path / "runs" / "s"
+    with serve_app(tiny_backend, "tiny", port=0, api_key=CUSTOM_SECRET).start() as server:
+        http = ["model.backend=http", f"model.base_urls={json.dumps([server.url])}", "model.name=tiny",
+                "model.api_key_env=CAI_TEST_KEY", f"model.tokenizer={tiny_model_dir}", "model.max_retries=0",
+                "sample.policy=tiny", f"pm.base={tiny_model_dir}"]
+        overrides = [*kill_overrides(tiny_model_dir, tmp_path / "runs", constitution, "s"), *http]
+        printed = ""
+        for stage in ("critique", "sample", "label", "pm"):
+            code, out, err = cli(monkeypatch, capsys, stage, *sets(*overrides))
+            assert code == 0, err
+            printed += out + err
+        # A wrong key is refused by the server; the error names the variable, never a key.
+        monkeypatch.setenv("CAI_TEST_KEY", SECRET)
+        code, out, err = cli(monkeypatch, capsys, "critique", *sets(*overrides, "name=wrong-key"))
+        line = error_line(code, err, "401", "CAI_TEST_KEY")
+        printed += out + err
+        backend = OpenAIHTTPBackend([server.url], "tiny", api_key_env="CAI_TEST_KEY")
+        assert SECRET not in repr(backend) and SECRET not in str(backend) and "CAI_TEST_KEY" in repr(backend)
+        backend.close()
+    code, out, err = cli(monkeypatch, capsys, "report", run)
+    assert code == 0, err
+    printed += out + err
+    assert (run / "report.html").is_file() and (run / "preference_model" / "README.md").is_file()
+    assert "api_key_env: CAI_TEST_KEY" in (run / "feedback" / "config.yaml").read_text()  # the name, not the key
+    files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert len(files) >= 10
+    for path in files:
+        content = path.read_bytes()
+        for key in (SECRET, CUSTOM_SECRET, SECRET[3:], CUSTOM_SECRET[3:]):
+            assert key.encode() not in content, f"{key} written to {path}"
+    for key in (SECRET, CUSTOM_SECRET):
+        assert key not in printed and key not in line

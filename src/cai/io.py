@@ -22,10 +22,10 @@ def _os_error(path: Path, err: OSError, action: str) -> CaiError:
         return CaiError(f"no space left on the device while {action} {path}; free some space and rerun (finished rows are kept)")
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return CaiError(f"permission denied while {action} {path}; choose a writable output folder")
+    verb = {"creating": "create", "writing": "write", "opening": "open", "closing": "close"}.get(action, action)
     if err.errno == errno.ENOTDIR:
         blocker = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), path)
-        return CaiError(f"cannot create {path}: {blocker} is a file, not a folder; choose another output folder")
-    verb = {"creating": "create", "writing": "write", "opening": "open", "closing": "close"}.get(action, action)
+        return CaiError(f"could not {verb} {path}: {blocker} is a file, not a folder; choose another output folder")
     return CaiError(f"could not {verb} {path}: {err.strerror or err}")
 
 

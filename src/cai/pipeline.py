@@ -428,7 +428,7 @@ PIPELINE = ("critique", "sft", "sample", "label", "pm", "rl", "eval", "report")
 
 def check_inputs(cfg: RunConfig) -> None:
     """Everything checkable without a model, before the first stage starts: constitution, prompt
-    sources, extra data files, and that the run folder is writable."""
+    sources, extra data files, that every stage's model exists, and that the run folder is writable."""
     from cai.constitution import load_constitution
     from cai.data import load_prompts
     from cai.io import ensure_dir
@@ -442,6 +442,20 @@ def check_inputs(cfg: RunConfig) -> None:
     for path in (cfg.sft.extra_data, cfg.pm.human_data, *cfg.eval.mc_files):
         if path and not Path(path).exists() and not str(path).startswith("hf:"):
             raise CaiError(f"file {path} named in the config does not exist")
+    # Every stage's model too, so a typo in a late stage's model fails now, not hours in.
+    from cai.models import _HUB_ID
+
+    models = {"model": cfg.model, "critique.critic": cfg.critique.critic,
+              "label.feedback_model": cfg.label.feedback_model, "eval.judge": cfg.eval.judge}
+    for key, model in ((k, m) for k, m in models.items() if m is not None):
+        if model.backend == "http" and not model.base_urls:
+            raise CaiError(f"{key}.backend is http but {key}.base_urls is empty; give the server URLs "
+                           "(e.g. http://localhost:8000/v1)")
+        spec = model.name
+        local = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or not _HUB_ID.match(spec)
+        if model.backend in ("hf", "vllm") and spec != "bundled" and local and not Path(spec).expanduser().exists():
+            raise CaiError(f"{key}.name: model '{spec}' does not exist; give a model folder, a .gguf file, "
+                           "'bundled' or a hub id")
     ensure_dir(cfg.run_dir)
 
 

@@ -280,6 +280,8 @@ class OpenAIHTTPBackend:
                     except ValueError as err:
                         raise CaiError(f"{url} answered 200 with a body that is not JSON: {response.text[:200]!r}") from err
                 message = _error_message(response)
+                if response.status_code in (401, 403):
+                    message += f"; check the API key in the environment variable {self.api_key_env} (model.api_key_env)"
                 if response.status_code not in RETRY_STATUSES:
                     raise HTTPRequestError(
                         f"{url} rejected the request with HTTP {response.status_code}: {message}", response.status_code

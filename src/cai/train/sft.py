@@ -118,7 +118,9 @@ def train_sft(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps = total_steps(len(data), config.batch_size, config.gradient_accumulation, config.epochs, config.max_steps)
+    # Steps per rank: each takes 1/num_processes of every epoch's batches.
+    steps = total_steps(len(data), config.batch_size * accelerator.num_processes, config.gradient_accumulation,
+                        config.epochs, config.max_steps)
     warmup = int(config.warmup_ratio * steps)
     checkpoint = out_dir / "checkpoint"
     state = load_checkpoint(checkpoint, model, optimizer) or {"step": 0, "tokens": 0, "seconds": 0.0}
@@ -134,7 +136,11 @@ def train_sft(
             order = list(range(len(data)))
             random.Random(f"{seed}:sft-epoch:{epoch}").shuffle(order)
             batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-            batches = batches[accelerator.process_index::accelerator.num_processes]
+            # Every rank must take as many steps as the others, or one waits forever in DDP's all-reduce:
+            # the first batches are repeated to fill the last round (what accelerate's even_batches does).
+            ranks = accelerator.num_processes
+            batches += [batches[i % len(batches)] for i in range(-len(batches) % ranks)]
+            batches = batches[accelerator.process_index::ranks]
             steps_per_epoch = len(batches) // accum or 1
             for index in range(0, steps_per_epoch * accum, accum):
                 global_step = epoch * steps_per_epoch + index // accum
