@@ -137,3 +137,28 @@ def test_report_in_headless_chromium(tiny_run):
 
     pixels = mpimg.imread(shot)
     assert (pixels[..., :3] < 0.9).mean() > 0.02  # plots and text drawn, not a blank page
+
+
+def test_sharded_critique_merges_to_the_unsharded_rows(tiny_model_dir, small_constitution, tmp_path):
+    """Two machines each run half the prompts (`--shard i/2`); `cai merge` gives the same rows as one machine."""
+    from conftest import tiny_run_overrides
+
+    from cai.pipeline import merge_stage, run_critique
+
+    overrides = tiny_run_overrides(tiny_model_dir, tmp_path / "runs", small_constitution) + ["critique.helpfulness.limit=2"]
+    sharded = load_config(RunConfig, None, overrides)
+    whole = load_config(RunConfig, None, [*overrides, "name=whole"])
+    for i in range(2):
+        run_critique(sharded, shard=f"{i}/2", show_progress=False)
+    with pytest.raises(CaiError, match="not finished"):
+        merge_stage(sharded, "critique", 3)
+    folder = merge_stage(sharded, "critique", 2)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["counts"]["merged_shards"] == 2
+    run_critique(whole, show_progress=False)
+    merged = {r["id"]: r for r in read_jsonl(folder / "data.jsonl")}
+    single = {r["id"]: r for r in read_jsonl(whole.run_dir / "critique_revision" / "data.jsonl")}
+    assert merged.keys() == single.keys()
+    strip = lambda r: {k: v for k, v in r.items() if k != "timings"}  # noqa: E731
+    assert all(strip(merged[i]) == strip(single[i]) for i in single)  # seeds come from row ids, not machines
+    assert len(read_jsonl(folder / "helpfulness.jsonl")) == 2

@@ -231,12 +231,23 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs
     out.print(f"report: {write_report(run_dir)}")
 
 
+ShardOpt = Annotated[Optional[str], typer.Option(help="Run only shard i of N (e.g. 0/4) of the rows; merge with `cai merge`.")]
+
+
+def _check_shard(shard: str | None) -> None:
+    if shard is not None:
+        from cai.sharding import parse_shard
+
+        parse_shard(shard)
+
+
 @app.command()
-def critique(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def critique(config: ConfigOpt = None, set_: SetOpt = None, shard: ShardOpt = None) -> None:
     """SL-CAI data: answer red-team prompts, then critique and revise them (resumable)."""
     from cai.pipeline import run_critique
 
-    out.print(f"critique/revision data in {run_critique(_run_config(config, set_))}")
+    _check_shard(shard)
+    out.print(f"critique/revision data in {run_critique(_run_config(config, set_), shard=shard)}")
 
 
 @app.command()
@@ -248,19 +259,36 @@ def sft(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def sample(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def sample(config: ConfigOpt = None, set_: SetOpt = None, shard: ShardOpt = None) -> None:
     """RL-CAI data: K responses per prompt from the SL-CAI policy (resumable)."""
     from cai.pipeline import run_sample
 
-    out.print(f"samples in {run_sample(_run_config(config, set_))}")
+    _check_shard(shard)
+    out.print(f"samples in {run_sample(_run_config(config, set_), shard=shard)}")
 
 
 @app.command()
-def label(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def label(config: ConfigOpt = None, set_: SetOpt = None, shard: ShardOpt = None) -> None:
     """RL-CAI data: soft AI preference labels for the sampled pairs (resumable)."""
     from cai.pipeline import run_label
 
-    out.print(f"AI feedback labels in {run_label(_run_config(config, set_))}")
+    _check_shard(shard)
+    out.print(f"AI feedback labels in {run_label(_run_config(config, set_), shard=shard)}")
+
+
+@app.command()
+def merge(
+    stage: Annotated[str, typer.Argument(help="critique, sample or label.")],
+    shards: Annotated[int, typer.Option(help="How many shards the stage was split into.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Merge a generation stage run as N shards (on N machines) into its stage folder."""
+    from cai.pipeline import merge_stage
+
+    if shards < 1:
+        raise CaiError(f"--shards must be at least 1, got {shards}")
+    out.print(f"merged {shards} shards into {merge_stage(_run_config(config, set_), stage, shards)}")
 
 
 @app.command()

@@ -17,12 +17,52 @@ from cai.config import RunConfig, config_hash, config_to_yaml
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_text_atomic
 from cai.runs import STAGE_DIRS, StageRecord, is_done, read_manifest
+from cai.sharding import shard_rows
 
 console = Console(stderr=True)
 
 
 def stage_dir(cfg: RunConfig, stage: str) -> Path:
     return cfg.run_dir / STAGE_DIRS[stage]
+
+
+SHARDABLE = {"critique": ("data.jsonl", "helpfulness.jsonl"), "sample": ("red-team.jsonl", "helpfulness.jsonl"),
+             "label": ("data.jsonl",)}
+
+
+def shard_dir(cfg: RunConfig, stage: str, shard: str | None) -> Path:
+    """Where a stage writes: its own folder, or ``<stage>/shards/i-of-N`` for one shard of it.
+
+    A shard's manifest never marks the stage itself done; `merge_stage` does, once every shard is.
+    """
+    if shard is None:
+        return stage_dir(cfg, stage)
+    from cai.sharding import parse_shard
+
+    index, count = parse_shard(shard)
+    return stage_dir(cfg, stage) / "shards" / f"{index}-of-{count}"
+
+
+def merge_stage(cfg: RunConfig, stage: str, count: int) -> Path:
+    """Merge the N shard outputs of a generation stage (run on N machines) into the stage folder."""
+    from cai.sharding import merge_shards
+
+    if stage not in SHARDABLE:
+        raise CaiError(f"only {', '.join(SHARDABLE)} can be sharded and merged, not '{stage}'")
+    folder = stage_dir(cfg, stage)
+    shards = [folder / "shards" / f"{i}-of-{count}" for i in range(count)]
+    unfinished = [str(s) for s in shards if not is_done(s)]
+    if unfinished:
+        raise CaiError(f"cannot merge {stage}: shard(s) not finished: {', '.join(unfinished)}")
+    record = StageRecord(folder, stage, config_yaml=config_to_yaml(cfg), config_hash=config_hash(cfg),
+                         model=(read_manifest(shards[0]) or {}).get("model", ""), seed=cfg.seed)
+    counts = {}
+    for name in SHARDABLE[stage]:
+        paths = [s / name for s in shards if (s / name).is_file()]
+        if paths:
+            counts[name.removesuffix(".jsonl").replace("-", "_") + "_rows"] = merge_shards(paths, folder / name)
+    record.done(merged_shards=count, **counts)
+    return folder
 
 
 def _load_rows(prompt_cfg: Any, what: str) -> list:
@@ -49,7 +89,7 @@ def _fit(rows: list, backend: Any, budget: int, build: Any, policy: str, what: s
     return fitted
 
 
-def run_critique(cfg: RunConfig, *, show_progress: bool = True) -> Path:
+def run_critique(cfg: RunConfig, *, show_progress: bool = True, shard: str | None = None) -> Path:
     """Stage 1 of SL-CAI: critique/revision traces (+ helpfulness answers) into critique_revision/."""
     from cai import prompts as P
     from cai.backends import load_backend
@@ -57,7 +97,7 @@ def run_critique(cfg: RunConfig, *, show_progress: bool = True) -> Path:
     from cai.stages.critique_revision import clean_output, run_critique_revision
     from cai.stages.sampling import sample_responses
 
-    out = stage_dir(cfg, "critique")
+    out = shard_dir(cfg, "critique", shard)
     if is_done(out):
         console.print(f"critique: already done in {out} (delete the folder to redo it)")
         return out
@@ -68,8 +108,8 @@ def run_critique(cfg: RunConfig, *, show_progress: bool = True) -> Path:
 
         constitution = dataclasses.replace(
             constitution, critique_revision_examples=constitution.critique_revision_examples[: ccfg.max_examples])
-    rows = _load_rows(ccfg.prompts, "red-team prompts")
-    helpful_rows = _load_rows(ccfg.helpfulness, "helpfulness prompts") if ccfg.helpfulness else []
+    rows = shard_rows(_load_rows(ccfg.prompts, "red-team prompts"), shard)
+    helpful_rows = shard_rows(_load_rows(ccfg.helpfulness, "helpfulness prompts"), shard) if ccfg.helpfulness else []
     record = StageRecord(out, "critique", config_yaml=config_to_yaml(cfg), config_hash=config_hash(cfg),
                          model=cfg.model.name, seed=cfg.seed)
     backend = load_backend(cfg.model)
@@ -155,13 +195,13 @@ def policy_spec(cfg: RunConfig) -> str:
     return str(sl)
 
 
-def run_sample(cfg: RunConfig, *, show_progress: bool = True) -> Path:
+def run_sample(cfg: RunConfig, *, show_progress: bool = True, shard: str | None = None) -> Path:
     """K responses per red-team (and helpfulness) prompt from the policy, into samples/."""
     from cai.backends import load_backend
     from cai.stages.critique_revision import clean_output
     from cai.stages.sampling import sample_responses
 
-    out = stage_dir(cfg, "sample")
+    out = shard_dir(cfg, "sample", shard)
     if is_done(out):
         console.print(f"sample: already done in {out} (delete the folder to redo it)")
         return out
@@ -175,6 +215,7 @@ def run_sample(cfg: RunConfig, *, show_progress: bool = True) -> Path:
     backend = load_backend(cfg.model.model_copy(update={"name": spec}))
     counts = {}
     for name, rows in sets:
+        rows = shard_rows(rows, shard)
         rows = _fit(rows, backend, scfg.sampling.max_new_tokens, lambda chat: chat, scfg.prompts.too_long, name)
         data = sample_responses(rows, backend=backend, params=scfg.sampling.params(), out_path=out / f"{name}.jsonl",
                                 k=scfg.k, seed=cfg.seed, chunk_size=scfg.chunk_size, clean=clean_output,
@@ -185,13 +226,13 @@ def run_sample(cfg: RunConfig, *, show_progress: bool = True) -> Path:
     return out
 
 
-def run_label(cfg: RunConfig, *, show_progress: bool = True) -> Path:
+def run_label(cfg: RunConfig, *, show_progress: bool = True, shard: str | None = None) -> Path:
     """Soft AI preference labels for the sampled pairs, into feedback/."""
     from cai.backends import load_backend
     from cai.constitution import FeedbackPrinciple, load_constitution
     from cai.stages.feedback import label_pairs, make_pairs, position_bias
 
-    out = stage_dir(cfg, "label")
+    out = shard_dir(cfg, "label", shard)
     if is_done(out):
         console.print(f"label: already done in {out} (delete the folder to redo it)")
         return out
@@ -203,6 +244,7 @@ def run_label(cfg: RunConfig, *, show_progress: bool = True) -> Path:
     pairs, identical = make_pairs(rows, cfg.label.pairing)
     if not pairs:
         raise CaiError(f"every sampled pair in {source} has two identical responses; sample at a higher temperature")
+    pairs = shard_rows(pairs, shard)
     model_cfg = cfg.label.feedback_model or cfg.model
     record = StageRecord(out, "label", config_yaml=config_to_yaml(cfg), config_hash=config_hash(cfg),
                          model=model_cfg.name, seed=cfg.seed)
