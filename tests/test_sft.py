@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_run_overrides
 
-from cai.config import RunConfig, SFTConfig, load_config
+from cai.config import RunConfig, load_config
 from cai.errors import CaiError
 from cai.io import read_jsonl
 from cai.train.common import IGNORE, load_checkpoint, save_checkpoint, tokenize_for_answer_loss, warmup_linear_decay

@@ -30,6 +30,23 @@ STAGE_DIRS = {
 }
 
 
+def stage_dir(cfg: Any, stage: str) -> Path:
+    return cfg.run_dir / STAGE_DIRS[stage]
+
+
+def shard_dir(cfg: Any, stage: str, shard: str | None) -> Path:
+    """Where a stage writes: its own folder, or ``<stage>/shards/i-of-N`` for one shard of it.
+
+    A shard's manifest never marks the stage itself done; `merge_stage` does, once every shard is.
+    """
+    if shard is None:
+        return stage_dir(cfg, stage)
+    from cai.sharding import parse_shard
+
+    index, count = parse_shard(shard)
+    return stage_dir(cfg, stage) / "shards" / f"{index}-of-{count}"
+
+
 def library_versions() -> dict[str, str]:
     versions = {"cai": __version__, "python": platform.python_version()}
     for name in ("torch", "transformers", "trl", "accelerate", "peft", "datasets"):

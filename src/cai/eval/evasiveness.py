@@ -55,7 +55,7 @@ _VERB = (r"(?:help|assist|provide|offer|give|share|do (?:that|this|it)|comply|fu
 REFUSAL_PATTERNS: list[str] = [
     rf"\bi (?:can't|can ?not|cannot|won't|will not|shouldn't|should not|am not going to|'m not going to)"
     rf"\s+(?:\w+\s+){{0,2}}{_VERB}",
-    rf"\b(?:i am|i'm) (?:unable|not able) to\b",
+    r"\b(?:i am|i'm) (?:unable|not able) to\b",
     r"\bi (?:won't|will not) be able to\b",
     r"\b(?:i am not|i'm not|i don't feel|i do not feel|i'm not feeling) comfortable "
     r"(?:with|helping|providing|doing|writing|sharing)",
