@@ -145,3 +145,21 @@ def test_labels_load_in_datasets_and_trl(tmp_path, small_constitution, tiny_mode
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     result = trainer.train()
     assert math.isfinite(result.training_loss)
+
+
+def test_labels_train_trl_reward_trainer(tmp_path, small_constitution, tiny_model_dir):
+    """The same file trains TRL's RewardTrainer as is (one step on a tiny scalar-head model)."""
+    from datasets import load_dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    run(tmp_path, slot_scorer(), small_constitution, name="rm.jsonl")
+    dataset = load_dataset("json", data_files=str(tmp_path / "rm.jsonl"), split="train")
+    dataset = dataset.select_columns(["prompt", "chosen", "rejected"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    args = RewardConfig(output_dir=str(tmp_path / "rm"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                        use_cpu=True, bf16=False, save_strategy="no", max_length=128)
+    result = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+    assert math.isfinite(result.training_loss)

@@ -61,8 +61,10 @@ class RewardScorer:
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, max_length: int = 1024) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
+        config = getattr(model, "module", model).config  # through a DDP wrapper when distributed
+        if config.pad_token_id is None:
+            config.pad_token_id = tokenizer.pad_token_id
+        self.pad_id = config.pad_token_id
 
     @classmethod
     def from_folder(cls, folder: str | Path, **kwargs: Any) -> RewardScorer:
@@ -82,8 +84,7 @@ class RewardScorer:
         """Scores [B] for token rows (with gradients if enabled)."""
         width = max(len(r) for r in rows)
         device = next(self.model.parameters()).device
-        pad = self.model.config.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
@@ -170,6 +171,7 @@ def train_preference_model(
     device: str = "auto", show_progress: bool = True,
 ) -> dict[str, Any]:
     """Train a scalar-head PM on soft labels; save the HF folder, ``metrics.json`` and a log."""
+    from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification
 
     from cai.models import load_model
@@ -180,47 +182,57 @@ def train_preference_model(
     torch.manual_seed(seed)
     loaded = load_model(base, dtype=config.dtype, device=device, model_class=AutoModelForSequenceClassification,
                         num_labels=1)
+    accelerator = Accelerator(cpu=loaded.device.type == "cpu")
     model = apply_lora(loaded.model, config.lora)
-    scorer = RewardScorer(model, loaded.tokenizer, batch_size=config.batch_size, max_length=config.max_length)
-    before = evaluate_pm(scorer, held_out)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps = max(1, -(-len(train) // config.batch_size)) * config.epochs
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scorer = RewardScorer(model, loaded.tokenizer, batch_size=config.batch_size, max_length=config.max_length)
+    before = evaluate_pm(scorer, held_out)
+    ranks = accelerator.num_processes
+    steps = max(1, -(-len(train) // (config.batch_size * ranks))) * config.epochs
     warmup = int(config.warmup_ratio * steps)
     log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False)
     model.train()
     step, started, losses = 0, time.perf_counter(), []
-    with progress_bar("preference model", steps, enabled=show_progress) as advance:
+    with progress_bar("preference model", steps, enabled=show_progress and accelerator.is_main_process) as advance:
         for epoch in range(config.epochs):
             order = list(range(len(train)))
             random.Random(f"{seed}:pm-epoch:{epoch}").shuffle(order)
-            for start in range(0, len(order), config.batch_size):
-                batch = [train[i] for i in order[start:start + config.batch_size]]
+            batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+            batches += [batches[i % len(batches)] for i in range(-len(batches) % ranks)]  # equal count per rank
+            for indices in batches[accelerator.process_index::ranks]:
+                batch = [train[i] for i in indices]
                 rows = scorer.encode([p.prompt for p in batch] * 2,
                                      [p.response_a for p in batch] + [p.response_b for p in batch])
                 scores = scorer.forward(rows)
                 r_a, r_b = scores[: len(batch)], scores[len(batch):]
                 loss = soft_bradley_terry_loss(r_a, r_b, torch.tensor([p.p_a for p in batch], device=scores.device))
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 for group in optimizer.param_groups:
                     group["lr"] = config.learning_rate * warmup_linear_decay(step, steps, warmup)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 losses.append(loss.item())
-                log.write({"step": step, "epoch": epoch, "loss": round(loss.item(), 5),
-                           "seconds": round(time.perf_counter() - started, 2)})
+                if accelerator.is_main_process:
+                    log.write({"step": step, "epoch": epoch, "loss": round(loss.item(), 5),
+                               "seconds": round(time.perf_counter() - started, 2)})
                 advance(1, 0)
     log.close()
     after = evaluate_pm(scorer, held_out)
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(model)
     model.eval()
-    save_model_folder(model, loaded.tokenizer, out_dir, merge_lora=config.lora.merge_on_save)
+    if accelerator.is_main_process:
+        save_model_folder(model, loaded.tokenizer, out_dir, merge_lora=config.lora.merge_on_save)
     total, trainable = count_parameters(model)
     metrics = {"steps": step, "train_pairs": len(train), "eval_pairs": len(held_out),
                "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
                "eval_accuracy_before": before["accuracy"], "eval_accuracy": after["accuracy"],
                "eval_ece": after["ece"], "eval_mean_margin": after.get("mean_margin"),
                "seconds": round(time.perf_counter() - started, 2), "parameters": total, "trainable_parameters": trainable}
-    write_json_atomic(out_dir / "metrics.json", {**metrics, "calibration": after["calibration"]})
+    if accelerator.is_main_process:
+        write_json_atomic(out_dir / "metrics.json", {**metrics, "calibration": after["calibration"]})
     return metrics
