@@ -158,3 +158,17 @@ def test_meta_revisions_are_recognised(text, meta):
 ])
 def test_is_degenerate(text, bad):
     assert is_degenerate(text) is bad
+
+
+def test_a_revision_that_parrots_a_few_shot_example_is_rejected(small_constitution, tmp_path):
+    def respond(text: str, seed: int) -> str:
+        last = text.rsplit("<|user|>", 1)[-1]
+        if "Rewrite" in last:
+            return "Mix flour, water, yeast and salt, knead, rise, bake."  # the example's revision, verbatim
+        return "An initial answer with enough words."
+
+    out = run_critique_revision(rows(1), constitution=load_constitution(str(small_constitution)),
+                                backend=FakeBackend(respond=respond), config=config(),
+                                out_path=tmp_path / "d.jsonl", show_progress=False)
+    assert out[0]["flags"] == [f"round{i}:copied_example_revision" for i in (1, 2, 3)]
+    assert out[0]["final_response"] == "An initial answer with enough words."

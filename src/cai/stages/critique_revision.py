@@ -103,6 +103,15 @@ def is_meta_revision(text: str) -> bool:
     return bool(_META.match(text))
 
 
+def copies_an_example(text: str, constitution: Constitution) -> bool:
+    """True when the text repeats a few-shot example's answer (small models often parrot the prompt)."""
+    head = " ".join(text.split()[:12]).lower()
+    if len(head) < 20:
+        return False
+    examples = constitution.critique_revision_examples
+    return any(head in " ".join(t.split()).lower() for ex in examples for t in (ex.revision, ex.response, ex.critique))
+
+
 def _params(sampling: SamplingConfig, extra_stop: tuple[str, ...]) -> SamplingParams:
     params = sampling.params()
     return SamplingParams(
@@ -213,7 +222,8 @@ def _one_round(
     for t, critique, text in zip(traces, critiques, texts):
         revision = clean_output(text)
         problem = ("empty" if not revision else "degenerate" if is_degenerate(revision)
-                   else "meta" if is_meta_revision(revision) else None)
+                   else "meta" if is_meta_revision(revision)
+                   else "copied_example" if copies_an_example(revision, constitution) else None)
         kept_previous = problem is not None
         if kept_previous:
             # Never drop the row or train on junk: keep the last good response and say so.
