@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 
 from cai import prompts as P
-from cai.backends.base import SamplingParams
 from cai.backends.hf import HFBackend
 from cai.config import CritiqueConfig, SamplingConfig
 from cai.constitution import load_constitution, sample_critique_principles
 from cai.data import load_prompts
-from cai.stages.critique_revision import CHAT_STOP_STRINGS, clean_output, run_critique_revision
+from cai.stages.critique_revision import clean_output, run_critique_revision
 
 RESULTS = Path(__file__).parent / "results"
 

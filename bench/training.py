@@ -48,7 +48,6 @@ def main() -> None:
     from cai.train.preference_model import Pair, RewardScorer, train_preference_model
     from cai.train.ppo import train_ppo
     from cai.train.sft import train_sft
-    from cai.train.common import save_model_folder
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bundled")
