@@ -210,10 +210,9 @@ def test_split_category_and_limit_filters(tmp_path):
         load_prompts(path, limit=0)
 
 
-def test_builtin_sets_when_present():
+def test_builtin_sets_ship_and_load():
     folder = resources.files("cai.data")
-    if not all((folder / f).is_file() for f in ("red_team.jsonl", "helpfulness.jsonl")):
-        pytest.skip("built-in prompt sets not written yet")
+    assert all((folder / f).is_file() for f in ("red_team.jsonl", "helpfulness.jsonl"))
     for name in ("red-team", "helpfulness"):
         rows, report = load_prompts(name)
         assert len(rows) >= 400 and report.source == name

@@ -382,7 +382,6 @@ def serve(
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise CaiError(f"environment variable {api_key_env} is not set")
-    err.print(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
     run_server(model, host=host, port=port, model_name=name, api_key=api_key)
 
 
