@@ -77,13 +77,17 @@ def test_rerun_from_a_stage_deletes_it_and_later_stages(tiny_run, tmp_path):
 
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run.run_dir, runs / tiny_run.name)
-    cfg = tiny_run.model_copy(update={"runs_dir": str(runs), "seed": 5})
+    too_early = tiny_run.model_copy(update={"runs_dir": str(runs), "seed": 5})
+    with pytest.raises(CaiError, match="affects the critique stage.*use --from critique"):
+        prepare_run(too_early, from_stage="pm")  # the seed changes every stage's data
+    pm = tiny_run.pm.model_copy(update={"epochs": 5})
+    cfg = tiny_run.model_copy(update={"runs_dir": str(runs), "pm": pm})
     prepare_run(cfg, from_stage="pm")
     run = cfg.run_dir
     assert (run / "feedback").is_dir() and (run / "sl_cai").is_dir()
     for gone in ("preference_model", "rl_cai", "rl_cai_dpo", "eval", "report.html"):
         assert not (run / gone).exists(), gone
-    assert "seed: 5" in (run / "config.yaml").read_text()
+    assert "epochs: 5" in (run / "config.yaml").read_text()
     with pytest.raises(CaiError, match="unknown stage 'nope'"):
         prepare_run(cfg, from_stage="nope")
 
@@ -162,3 +166,23 @@ def test_sharded_critique_merges_to_the_unsharded_rows(tiny_model_dir, small_con
     strip = lambda r: {k: v for k, v in r.items() if k != "timings"}  # noqa: E731
     assert all(strip(merged[i]) == strip(single[i]) for i in single)  # seeds come from row ids, not machines
     assert len(read_jsonl(folder / "helpfulness.jsonl")) == 2
+
+
+def test_resuming_a_stage_with_a_different_config_is_refused(tmp_path):
+    from cai.runs import StageRecord
+
+    StageRecord(tmp_path / "stage", "critique", config_yaml="a: 1\n", config_hash="aaaa", model="m", seed=0)
+    with pytest.raises(CaiError, match="started with a different critique config"):
+        StageRecord(tmp_path / "stage", "critique", config_yaml="a: 2\n", config_hash="bbbb", model="m", seed=0)
+    StageRecord(tmp_path / "stage", "critique", config_yaml="a: 1\n", config_hash="aaaa", model="m", seed=0)
+
+
+def test_stage_hash_ignores_other_stages_sections():
+    from cai.runs import stage_config_hash
+
+    base = RunConfig()
+    other = base.model_copy(update={"rl": base.rl.model_copy(update={"steps": 99})})
+    assert stage_config_hash(base, "critique") == stage_config_hash(other, "critique")
+    assert stage_config_hash(base, "ppo") != stage_config_hash(other, "ppo")
+    seeded = base.model_copy(update={"seed": 3})
+    assert stage_config_hash(base, "critique") != stage_config_hash(seeded, "critique")

@@ -120,14 +120,17 @@ class CritiqueConfig(Strict):
 
 
 class LoraConfig(Strict):
-    """Low-rank adapters (peft) instead of full fine-tuning."""
+    """Low-rank adapters (peft) instead of full fine-tuning.
+
+    The saved model always has the adapter merged in (every backend loads it as is); the adapter
+    alone is kept in the stage folder's ``adapter/``.
+    """
 
     enabled: bool = False
     r: StrictInt = Field(16, ge=1)
     alpha: StrictInt = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | str = Field("all-linear", description="Module names, or 'all-linear'.")
-    merge_on_save: bool = Field(True, description="Save a plain model with the adapter merged in.")
 
 
 class SFTConfig(Strict):

@@ -136,5 +136,10 @@ def config_to_yaml(config: BaseModel) -> str:
 
 def config_hash(config: BaseModel) -> str:
     """A short stable hash of a config's content, to detect a changed config for an existing run."""
-    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return config_hash_of(config.model_dump(mode="json"))
+
+
+def config_hash_of(data: Any) -> str:
+    """A short stable hash of plain (JSON-able) data."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

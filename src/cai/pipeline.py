@@ -112,10 +112,23 @@ def prepare_run(cfg: RunConfig, *, from_stage: str | None = None) -> None:
     saved = cfg.run_dir / "config.yaml"
     if from_stage is not None and from_stage not in PIPELINE:
         raise CaiError(f"unknown stage '{from_stage}'; stages are: {', '.join(PIPELINE)}")
-    if saved.is_file() and from_stage is None:
-        previous = RunConfig.model_validate(read_yaml(saved))
-        if config_hash(previous) != config_hash(cfg):
-            changed = _changed_keys(previous.model_dump(), cfg.model_dump())
+    if saved.is_file():
+        from pydantic import ValidationError
+
+        try:
+            previous = RunConfig.model_validate(read_yaml(saved))
+        except ValidationError as err:
+            raise CaiError(f"{saved} no longer matches this version of cai ({err.errors()[0]['msg']}); "
+                           "use another run name, or --from STAGE to redo it with the new config") from err
+        # Where the run lives is not what it computes: a copied or renamed run folder is the same run.
+        changed = [k for k in _changed_keys(previous.model_dump(), cfg.model_dump()) if k not in ("name", "runs_dir")]
+        first = min((_first_stage_affected(key) for key in changed), default=len(PIPELINE))
+        if from_stage is not None and changed and PIPELINE.index(from_stage) > first:
+            raise CaiError(
+                f"the config change ({', '.join(changed[:5])}) affects the {PIPELINE[first]} stage, which comes before "
+                f"--from {from_stage}; use --from {PIPELINE[first]}"
+            )
+        if from_stage is None and changed:
             raise CaiError(
                 f"run '{cfg.name}' in {cfg.run_dir} was made with a different config (changed: {', '.join(changed[:5])}); "
                 "use another name, or --from STAGE to redo that stage and everything after it"
@@ -131,6 +144,14 @@ def prepare_run(cfg: RunConfig, *, from_stage: str | None = None) -> None:
                 elif target.exists():
                     target.unlink()
     write_text_atomic(saved, config_to_yaml(cfg))
+
+
+def _first_stage_affected(key: str) -> int:
+    """Index in PIPELINE of the first stage whose output a changed config key can alter."""
+    section = key.split(".")[0]
+    stages = {"critique": "critique", "sft": "sft", "sample": "sample", "label": "label", "pm": "pm", "rl": "rl",
+              "eval": "eval"}
+    return PIPELINE.index(stages[section]) if section in stages else 0
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -14,13 +14,31 @@ from typing import Any
 
 from rich.console import Console
 
-from cai.config import RunConfig, config_hash, config_to_yaml
+from cai.config import RunConfig, config_to_yaml
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_text_atomic
-from cai.runs import StageRecord, is_done, shard_dir, stage_dir
+from cai.runs import StageRecord, is_done, shard_dir, stage_config_hash, stage_dir
 from cai.sharding import shard_rows
 
 console = Console(stderr=True)
+
+
+class _TokenSizer:
+    """Counts a model's prompt tokens with its tokenizer alone (no weights loaded), for `_fit`."""
+
+    def __init__(self, spec: str) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from cai.models import resolve_model_path
+
+        path, _ = resolve_model_path(spec)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.context_length = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+
+    def count_tokens(self, chat: Any) -> int:
+        text = chat if isinstance(chat, str) else self.tokenizer.apply_chat_template(
+            list(chat), tokenize=False, add_generation_prompt=True)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _skip_if_done(out: Path, name: str) -> bool:
@@ -39,8 +57,8 @@ def _require(cfg: RunConfig, stage: str, message: str) -> Path:
 
 
 def _record(cfg: RunConfig, out: Path, stage: str, model: str) -> StageRecord:
-    return StageRecord(out, stage, config_yaml=config_to_yaml(cfg), config_hash=config_hash(cfg), model=model,
-                       seed=cfg.seed)
+    return StageRecord(out, stage, config_yaml=config_to_yaml(cfg), config_hash=stage_config_hash(cfg, stage),
+                       model=model, seed=cfg.seed)
 
 
 def _load_rows(prompt_cfg: Any, what: str) -> list:
@@ -212,6 +230,9 @@ def run_label(cfg: RunConfig, *, show_progress: bool = True, shard: str | None =
     if not pairs:
         raise CaiError(f"every sampled pair in {source} has two identical responses; sample at a higher temperature")
     pairs = shard_rows(pairs, shard)
+    if not pairs:  # a small set can leave a hash shard empty: nothing to label is a finished shard
+        _record(cfg, out, "label", (cfg.label.feedback_model or cfg.model).name).done(pairs=0)
+        return out
     model_cfg = cfg.label.feedback_model or cfg.model
     record = _record(cfg, out, "label", model_cfg.name)
     record.update(pairs=len(pairs), identical_pairs_dropped=identical)
@@ -272,6 +293,13 @@ def _run_ppo(cfg: RunConfig, show_progress: bool) -> Path:
     prompts = _load_rows(rcfg.prompts, "PPO red-team prompts")
     helpful = _load_rows(rcfg.helpfulness, "PPO helpfulness prompts") if rcfg.helpfulness else []
     eval_prompts = _load_rows(rcfg.eval_prompts, "PPO held-out prompts")
+    # Prompts that can't fit with their answer are fitted now: a resume redraws the same batches.
+    sizer = _TokenSizer(policy)
+    budget = rcfg.sampling.max_new_tokens
+    prompts = _fit(prompts, sizer, budget, lambda chat: chat, rcfg.prompts.too_long, "PPO red-team prompts")
+    if helpful:
+        helpful = _fit(helpful, sizer, budget, lambda chat: chat, rcfg.helpfulness.too_long, "PPO helpfulness prompts")
+    eval_prompts = _fit(eval_prompts, sizer, budget, lambda chat: chat, rcfg.eval_prompts.too_long, "PPO held-out prompts")
     record = _record(cfg, out, "ppo", policy)
     metrics = train_ppo(prompts, helpful, eval_prompts, policy_spec=policy, pm_folder=pm, out_dir=out, config=rcfg,
                         seed=cfg.seed, device=cfg.model.device, show_progress=show_progress)
@@ -349,6 +377,9 @@ def run_eval(cfg: RunConfig, *, show_progress: bool = True) -> Path:
         return load_backend(base_cfg.model_copy(update={"name": spec}))
 
     answers = E.generate_answers(models, sets, out / "responses.jsonl", ecfg.sampling.params(), load, show_progress)
+    traces = read_jsonl(stage_dir(cfg, "critique") / "data.jsonl")
+    # Before the judge loads, so two engines never hold memory at once.
+    transcripts = _transcripts(traces[: ecfg.transcripts], models, load, ecfg.sampling.params())
     judge = load_backend(ecfg.judge or cfg.label.feedback_model or cfg.model)
     judgements = E.judge_pairs(answers, constitution=constitution, judge=judge, label_config=cfg.label,
                                out_path=out / "judgements.jsonl", seed=cfg.seed, show_progress=show_progress)
@@ -362,10 +393,9 @@ def run_eval(cfg: RunConfig, *, show_progress: bool = True) -> Path:
         scorer = RewardScorer.from_folder(pm_folder)
     pm_scores = dict(enumerate(scorer.score([a["prompt"] for a in answers], [a["response"] for a in answers]))) if scorer else None
     results["answers"] = E.answer_stats(answers, pm_scores)
-    traces = read_jsonl(stage_dir(cfg, "critique") / "data.jsonl")
     curve_traces = traces[: ecfg.revision_curve_traces]
     results["revision_curve"] = E.revision_curve(curve_traces, scorer) if scorer and curve_traces else {}
-    results["transcripts"] = _transcripts(traces[: ecfg.transcripts], models, load, ecfg.sampling.params())
+    results["transcripts"] = transcripts
     if mc:
         from cai.eval.mc import mc_eval
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cai import __version__
+from cai.errors import CaiError
 from cai.io import ensure_dir, write_json_atomic, write_text_atomic
 
 STAGE_DIRS = {
@@ -45,6 +46,25 @@ def shard_dir(cfg: Any, stage: str, shard: str | None) -> Path:
 
     index, count = parse_shard(shard)
     return stage_dir(cfg, stage) / "shards" / f"{index}-of-{count}"
+
+
+STAGE_SECTIONS = {"critique": "critique", "sft": "sft", "sample": "sample", "label": "label", "pm": "pm",
+                  "ppo": "rl", "dpo": "rl", "eval": "eval"}
+"""The config section each stage reads, besides the shared keys (model, constitution, seed)."""
+
+
+def stage_config_hash(cfg: Any, stage: str) -> str:
+    """Hash of what one stage's output depends on: the shared keys and its own section.
+
+    Changing another stage's section (say ``rl.steps``) doesn't invalidate this stage's data.
+    """
+    from cai.config_loader import config_hash_of
+
+    data = cfg.model_dump(mode="json")
+    own = STAGE_SECTIONS.get(stage)
+    kept = {k: v for k, v in data.items()
+            if k not in ("name", "runs_dir") and (k == own or k not in STAGE_SECTIONS.values())}
+    return config_hash_of(kept)
 
 
 def library_versions() -> dict[str, str]:
@@ -79,6 +99,10 @@ class StageRecord:
                  model: str, seed: int) -> None:
         self.dir = ensure_dir(stage_dir)
         previous = read_manifest(self.dir) or {}
+        if previous.get("status") == "running" and previous.get("config_hash") not in (None, config_hash):
+            # Resuming with another config would mix rows made two different ways in one file.
+            raise CaiError(f"{self.dir} was started with a different {stage} config; restore that config to resume, "
+                           "or delete the folder to start the stage over")
         self.started = time.time()
         self.manifest: dict[str, Any] = {
             "stage": stage,

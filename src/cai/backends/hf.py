@@ -42,6 +42,8 @@ class Generation:
     text: str
     ended: bool
     """True when the row stopped on EOS or a stop string, False when it hit max_new_tokens."""
+    end_token: int | None = None
+    """The EOS id the model sampled to stop (None for a stop string or the length limit)."""
 
 
 class HFBackend:
@@ -254,8 +256,9 @@ class HFBackend:
             results = self._generate_batch(
                 [rows[i] for i in batch], prefix_len, prefix_kv, params, [row_seeds[i] for i in batch]
             )
-            for i, (text, tokens, ended) in zip(batch, results):
-                outputs[i] = Generation(prompt_ids=list(rows[i]), token_ids=tokens, text=text, ended=ended)
+            for i, (text, tokens, ended, end_token) in zip(batch, results):
+                outputs[i] = Generation(prompt_ids=list(rows[i]), token_ids=tokens, text=text, ended=ended,
+                                        end_token=end_token)
             if progress is not None:
                 progress(len(batch), sum(len(r[1]) for r in results))
         return outputs  # type: ignore[return-value]
@@ -268,8 +271,8 @@ class HFBackend:
         prefix_kv: KV | None,
         params: SamplingParams,
         seeds: list[int],
-    ) -> list[tuple[str, list[int], bool]]:
-        """(text, generated token ids, whether it ended by EOS/stop) per row."""
+    ) -> list[tuple[str, list[int], bool, int | None]]:
+        """(text, generated token ids, whether it ended by EOS/stop, the EOS id sampled) per row."""
         ids, mask, positions, cache = self._batch_inputs(rows, prefix_len, prefix_kv, extra=params.max_new_tokens)
         logits = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
@@ -281,12 +284,14 @@ class HFBackend:
         active = list(range(len(rows)))
         generated: list[list[int]] = [[] for _ in rows]
         ended = [False] * len(rows)
+        end_tokens: list[int | None] = [None] * len(rows)
         for step in range(params.max_new_tokens):
             tokens = self._next_tokens(logits, params, generators)
             keep: list[int] = []
             for a, (i, tok) in enumerate(zip(active, tokens.tolist())):
                 if tok in self.eos_ids:
                     ended[i] = True
+                    end_tokens[i] = tok
                     continue
                 generated[i].append(tok)
                 if params.stop and cut_at_stop(self.tokenizer.decode(generated[i]), params.stop)[1]:
@@ -311,7 +316,7 @@ class HFBackend:
             next_pos = next_pos + 1
         self.stats["generated_tokens"] += sum(len(g) for g in generated)
         texts = [cut_at_stop(self.tokenizer.decode(g, skip_special_tokens=True), params.stop)[0] for g in generated]
-        return list(zip(texts, generated, ended))
+        return list(zip(texts, generated, ended, end_tokens))
 
     @staticmethod
     def _next_tokens(

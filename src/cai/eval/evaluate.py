@@ -31,7 +31,7 @@ from cai.stages.feedback import label_pairs
 
 
 def generate_answers(models: dict[str, Any], sets: dict[str, list[PromptRow]], out_path: Path, params: Any,
-                     load: Any, show_progress: bool = True) -> list[dict[str, Any]]:
+                     load: Any, show_progress: bool = True, chunk_size: int = 16) -> list[dict[str, Any]]:
     """Greedy answers of every model to every prompt; rows ``{model, set, id, prompt, response}``."""
     from cai.progress import progress_bar
 
@@ -43,9 +43,12 @@ def generate_answers(models: dict[str, Any], sets: dict[str, list[PromptRow]], o
                 continue
             backend = load(spec)
             with progress_bar(f"answers: {name}", len(todo), enabled=show_progress) as advance:
-                texts = backend.generate([row.messages for _, row in todo], params, progress=advance)
-            for (s, row), text in zip(todo, texts):
-                writer.write({"model": name, "set": s, "id": row.id, "prompt": row.messages, "response": clean_output(text)})
+                for start in range(0, len(todo), chunk_size):  # written as they finish: a crash keeps them
+                    chunk = todo[start:start + chunk_size]
+                    texts = backend.generate([row.messages for _, row in chunk], params, progress=advance)
+                    for (s, row), text in zip(chunk, texts):
+                        writer.write({"model": name, "set": s, "id": row.id, "prompt": row.messages,
+                                      "response": clean_output(text)})
             del backend
     return read_jsonl(out_path)
 

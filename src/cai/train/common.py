@@ -91,10 +91,15 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
     return get_peft_model(model, config)
 
 
-def save_model_folder(model: Any, tokenizer: Any, folder: Path, *, merge_lora: bool = True) -> None:
-    """Save an HF model folder (safetensors) that transformers and every backend load as is."""
+def save_model_folder(model: Any, tokenizer: Any, folder: Path) -> None:
+    """Save an HF model folder (safetensors) that transformers and every backend load as is.
+
+    A LoRA model is saved with its adapter merged in, and the adapter alone is also kept in
+    ``adapter/`` (load it with peft on top of the base model).
+    """
     to_save = model
-    if hasattr(model, "merge_and_unload") and merge_lora:
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(folder / "adapter", safe_serialization=True)
         to_save = model.merge_and_unload()
     to_save.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)

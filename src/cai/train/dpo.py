@@ -81,7 +81,7 @@ def train_dpo(
             log.write(entry)
     model = trainer.model
     model.eval()
-    save_model_folder(model, loaded.tokenizer, out_dir, merge_lora=config.lora.merge_on_save)
+    save_model_folder(model, loaded.tokenizer, out_dir)
     import shutil
 
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)

@@ -85,14 +85,16 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> d
             "response_mask": mask[:, p_len:].float(), "prompt_len": p_len}
 
 
-def forward_response(model: Any, value_head: ValueHead | None, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Log-probs [B,T], entropy [B,T] and values [B,T] of the response tokens of a packed batch."""
+def forward_response(model: Any, value_head: ValueHead | None, batch: dict[str, Any],
+                     entropy: bool = True) -> dict[str, torch.Tensor]:
+    """Log-probs [B,T], entropy [B,T] (when asked) and values [B,T] of a packed batch's response tokens."""
     p = batch["prompt_len"]
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], output_hidden_states=value_head is not None)
     logits = out.logits[:, p - 1:-1]
-    result = {"logprobs": logprobs_from_logits(logits, batch["input_ids"][:, p:]),
-              "entropy": entropy_from_logits(logits)}
+    result = {"logprobs": logprobs_from_logits(logits, batch["input_ids"][:, p:])}
+    if entropy:
+        result["entropy"] = entropy_from_logits(logits)
     if value_head is not None:
         result["values"] = value_head(out.hidden_states[-1][:, p - 1:-1])
     return result
@@ -142,7 +144,6 @@ def train_ppo(
     trackers = _trackers(config, out_dir)
     log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False)
     params_sampling = config.sampling.params()
-    eos = tokenizer.eos_token_id
     evals: list[dict[str, float]] = list(state.get("evals", []))
     if not evals:
         evals.append({"step": 0, "eval_reward": _eval_reward(backend, scorer, eval_prompts, params_sampling)})
@@ -158,8 +159,8 @@ def train_ppo(
                 [r.messages for r in batch_prompts], params_sampling,
                 seeds=[stable_seed(seed, "ppo", step, i) for i in range(len(batch_prompts))],
             )
-            # A row that ended on EOS keeps it, so the policy is also rewarded for stopping.
-            responses = [g.token_ids + ([eos] if g.ended and eos is not None else []) for g in generations]
+            # A row that ended on EOS keeps the exact EOS it sampled, so stopping is part of the action.
+            responses = [g.token_ids + ([g.end_token] if g.end_token is not None else []) for g in generations]
             gen_s = time.perf_counter() - started
             # 2. Score -------------------------------------------------------------------
             started = time.perf_counter()
@@ -172,10 +173,9 @@ def train_ppo(
                 score = score.clamp(-config.reward_clip, config.reward_clip)
             batch = _to(pack([g.prompt_ids for g in generations], responses, tokenizer.pad_token_id), dev)
             mask = batch["response_mask"]
-            with torch.no_grad():
-                old = forward_response(policy, value_head, batch)
-                with (policy.disable_adapter() if reference is None else nullcontext()):
-                    ref = forward_response(reference or policy, None, batch)
+            old = _no_grad_in_chunks(policy, value_head, batch, config.minibatch)
+            with (policy.disable_adapter() if reference is None else nullcontext()):
+                ref = _no_grad_in_chunks(reference or policy, None, batch, config.minibatch)
             kl = kl_penalty(old["logprobs"], ref["logprobs"]) * mask
             rewards = per_token_rewards(score.to(dev), kl, mask, kl_ctl.value)
             advantages, returns = gae(rewards, old["values"], mask, config.gamma, config.lam)
@@ -183,7 +183,8 @@ def train_ppo(
             score_s = time.perf_counter() - started
             # 3. Optimise ----------------------------------------------------------------
             started = time.perf_counter()
-            policy.train()
+            # The policy stays in eval mode: with dropout on (LoRA's, say) the ratio to the old policy
+            # would not start at 1 and the clipping would act on noise.
             stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction",
                                                               "value_clip_fraction", "approx_kl", "entropy")}
             order = list(range(len(generations)))
@@ -234,7 +235,7 @@ def train_ppo(
     for tracker in trackers:
         tracker.finish()
     policy.eval()
-    save_model_folder(policy, tokenizer, out_dir, merge_lora=config.lora.merge_on_save)
+    save_model_folder(policy, tokenizer, out_dir)
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, str(out_dir / "value_head.safetensors"))
@@ -243,6 +244,18 @@ def train_ppo(
     shutil.rmtree(checkpoint, ignore_errors=True)
     return {"steps": config.steps, "eval_reward_start": evals[0]["eval_reward"], "eval_reward_end": evals[-1]["eval_reward"],
             "evals": evals}
+
+
+def _no_grad_in_chunks(model: Any, value_head: ValueHead | None, batch: dict[str, Any],
+                       size: int) -> dict[str, torch.Tensor]:
+    """Old-policy / reference log-probs (and values) of a rollout batch, a minibatch at a time,
+    without the full-vocabulary entropy: [B, T, V] logits for a whole batch don't fit a GPU."""
+    parts: list[dict[str, torch.Tensor]] = []
+    with torch.no_grad():
+        for start in range(0, batch["input_ids"].shape[0], size):
+            rows = list(range(start, min(start + size, batch["input_ids"].shape[0])))
+            parts.append(forward_response(model, value_head, _to(batch, batch["input_ids"].device, rows), entropy=False))
+    return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
 
 
 def _prompt_batch(prompts: list[PromptRow], helpful: list[PromptRow], config: RLConfig, seed: int,

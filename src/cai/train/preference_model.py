@@ -226,7 +226,7 @@ def train_preference_model(
     model = accelerator.unwrap_model(model)
     model.eval()
     if accelerator.is_main_process:
-        save_model_folder(model, loaded.tokenizer, out_dir, merge_lora=config.lora.merge_on_save)
+        save_model_folder(model, loaded.tokenizer, out_dir)
     total, trainable = count_parameters(model)
     metrics = {"steps": step, "train_pairs": len(train), "eval_pairs": len(held_out),
                "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),

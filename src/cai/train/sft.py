@@ -141,17 +141,18 @@ def train_sft(
             ranks = accelerator.num_processes
             batches += [batches[i % len(batches)] for i in range(-len(batches) % ranks)]
             batches = batches[accelerator.process_index::ranks]
-            steps_per_epoch = len(batches) // accum or 1
-            for index in range(0, steps_per_epoch * accum, accum):
+            steps_per_epoch = -(-len(batches) // accum)  # the last group may be smaller; it still trains
+            for index in range(0, len(batches), accum):
                 global_step = epoch * steps_per_epoch + index // accum
                 if global_step < step:
                     continue  # already trained before the resume
                 if step >= steps:
                     break
                 micro_losses = []
-                for micro in batches[index:index + accum]:
+                group = batches[index:index + accum]
+                for micro in group:
                     batch = {k: v.to(accelerator.device) for k, v in pad_batch([data[i] for i in micro], tokenizer.pad_token_id).items()}
-                    loss = model(**batch).loss / accum
+                    loss = model(**batch).loss / len(group)
                     accelerator.backward(loss)
                     micro_losses.append(loss.item())
                     tokens_seen += int(batch["attention_mask"].sum())
@@ -177,7 +178,7 @@ def train_sft(
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
-        save_model_folder(unwrapped, tokenizer, out_dir, merge_lora=config.lora.merge_on_save)
+        save_model_folder(unwrapped, tokenizer, out_dir)
         import shutil
 
         shutil.rmtree(checkpoint, ignore_errors=True)
