@@ -16,7 +16,7 @@ Conventions shared by all backends:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from cai.errors import CaiError
 from cai.types import Chat
@@ -94,6 +94,19 @@ class Backend(Protocol):
     def choice_logprobs(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
         """``result[i][j]`` = log P(options[j] | prompts[i]), summed over the option's tokens."""
         ...
+
+
+def encode_rendered(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of already rendered texts, the same way in every backend.
+
+    Special tokens come from the chat template, so none are added, except the BOS that a
+    tokenizer like Llama's puts before raw text (unless the text already starts with it).
+    """
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    bos, bos_text = tokenizer.bos_token_id, tokenizer.bos_token
+    if bos is not None and getattr(tokenizer, "add_bos_token", False):
+        ids = [row if text.startswith(bos_text) else [bos, *row] for row, text in zip(ids, texts)]
+    return ids
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:

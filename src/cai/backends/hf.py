@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from cai.backends.base import Prompt, ProgressFn, SamplingParams, cut_at_stop, row_seed
+from cai.backends.base import Prompt, ProgressFn, SamplingParams, cut_at_stop, encode_rendered, row_seed
 from cai.errors import CaiError
 
 if TYPE_CHECKING:
@@ -137,11 +137,7 @@ class HFBackend:
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of rendered texts. Special tokens come from the chat template, except a BOS
         that the tokenizer would normally add to raw text."""
-        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        bos, bos_text = self.tokenizer.bos_token_id, self.tokenizer.bos_token
-        if bos is not None and getattr(self.tokenizer, "add_bos_token", False):
-            ids = [row if text.startswith(bos_text) else [bos, *row] for row, text in zip(ids, texts)]
-        return ids
+        return encode_rendered(self.tokenizer, texts)
 
     # ------------------------------------------------------------------------ shared prefix
 

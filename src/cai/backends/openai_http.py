@@ -37,7 +37,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 from urllib.parse import urlsplit
 
-from cai.backends.base import Prompt, ProgressFn, SamplingParams, cut_at_stop, row_seed
+from cai.backends.base import Prompt, ProgressFn, SamplingParams, cut_at_stop, encode_rendered, row_seed
 from cai.errors import CaiError
 
 if TYPE_CHECKING:
@@ -241,12 +241,7 @@ class OpenAIHTTPBackend:
 
     def _encode(self, text: str) -> list[int]:
         """Token ids as `HFBackend.encode` makes them (a BOS the tokenizer adds to raw text, no other specials)."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and getattr(self.tokenizer, "add_bos_token", False) and not text.startswith(
-                self.tokenizer.bos_token):
-            ids = [bos, *ids]
-        return ids
+        return encode_rendered(self.tokenizer, [text])[0]
 
     # ------------------------------------------------------------------------------ HTTP
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from cai.backends.base import Prompt, ProgressFn, SamplingParams, row_seed
+from cai.backends.base import Prompt, ProgressFn, SamplingParams, encode_rendered, row_seed
 from cai.errors import CaiError
 
 
@@ -61,15 +61,14 @@ class VLLMBackend:
                                                   continue_final_message=cont)
 
     def count_tokens(self, prompt: Prompt) -> int:
-        return len(self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"])
+        return len(encode_rendered(self.tokenizer, [self.render(prompt)])[0])
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, *, seeds: Sequence[int] | None = None,
                  progress: ProgressFn | None = None) -> list[str]:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
-        rows = [TokensPrompt(prompt_token_ids=self.tokenizer(self.render(p), add_special_tokens=False)["input_ids"])
-                for p in prompts]
+        rows = [TokensPrompt(prompt_token_ids=ids) for ids in encode_rendered(self.tokenizer, [self.render(p) for p in prompts])]
         seeds = list(seeds) if seeds is not None else [row_seed(params.seed, i) for i in range(len(rows))]
         sampling = [VSamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                                     top_p=params.top_p, top_k=params.top_k or -1, stop=list(params.stop) or None,
@@ -86,7 +85,7 @@ class VLLMBackend:
 
         if not options:
             raise CaiError("choice_logprobs needs at least one option")
-        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        prompt_ids = encode_rendered(self.tokenizer, list(prompts))
         option_ids = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
         rows = [TokensPrompt(prompt_token_ids=p + o) for p in prompt_ids for o in option_ids]
         outputs = self.llm.generate(rows, VSamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
