@@ -59,7 +59,10 @@ def stage_status(cfg: RunConfig) -> list[dict[str, Any]]:
     rows = []
     for stage, folder in STAGE_DIRS.items():
         manifest = read_manifest(cfg.run_dir / folder) or {}
-        rows.append({"stage": stage, "folder": folder, "status": manifest.get("status", "not started"),
+        status = manifest.get("status", "not started")
+        if not manifest and stage in ("ppo", "dpo") and cfg.rl.algo not in (stage, "both"):
+            status = f"not in this run (rl.algo: {cfg.rl.algo})"
+        rows.append({"stage": stage, "folder": folder, "status": status,
                      "counts": manifest.get("counts", {}), "elapsed_s": manifest.get("elapsed_s")})
     return rows
 
