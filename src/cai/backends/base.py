@@ -96,6 +96,23 @@ class Backend(Protocol):
         ...
 
 
+def render_with_template(tokenizer: Any, prompt: Prompt, missing: str) -> str:
+    """Render a prompt with a tokenizer's chat template, continuing a final assistant message.
+
+    Args:
+        missing: the sentence to raise when there is no tokenizer or no template.
+    """
+    if isinstance(prompt, str):
+        return prompt
+    if not prompt:
+        raise CaiError("a chat prompt has no messages")
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise CaiError(missing)
+    continue_final = prompt[-1]["role"] == "assistant"
+    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=not continue_final,
+                                         continue_final_message=continue_final)
+
+
 def encode_rendered(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of already rendered texts, the same way in every backend.
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from cai.backends.base import Prompt, ProgressFn, SamplingParams, cut_at_stop, encode_rendered, row_seed
+from cai.backends.base import Prompt, ProgressFn, SamplingParams, cut_at_stop, encode_rendered, render_with_template, row_seed
 from cai.errors import CaiError
 
 if TYPE_CHECKING:
@@ -117,18 +117,8 @@ class HFBackend:
     # ----------------------------------------------------------------------------- prompts
 
     def render(self, prompt: Prompt) -> str:
-        if isinstance(prompt, str):
-            return prompt
-        if not prompt:
-            raise CaiError("a chat prompt has no messages")
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise CaiError(
-                "this model's tokenizer has no chat template; pass plain-text prompts or use a chat model"
-            )
-        continue_final = prompt[-1]["role"] == "assistant"
-        return self.tokenizer.apply_chat_template(
-            list(prompt), tokenize=False, add_generation_prompt=not continue_final,
-            continue_final_message=continue_final,
+        return render_with_template(
+            self.tokenizer, prompt, "this model's tokenizer has no chat template; pass plain-text prompts or use a chat model"
         )
 
     def count_tokens(self, prompt: Prompt) -> int:

@@ -37,7 +37,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 from urllib.parse import urlsplit
 
-from cai.backends.base import Prompt, ProgressFn, SamplingParams, cut_at_stop, encode_rendered, row_seed
+from cai.backends.base import Prompt, ProgressFn, SamplingParams, cut_at_stop, encode_rendered, render_with_template, row_seed
 from cai.errors import CaiError
 
 if TYPE_CHECKING:
@@ -211,19 +211,10 @@ class OpenAIHTTPBackend:
         Raises:
             CaiError: a chat without ``tokenizer`` (the server's template can't be seen from here).
         """
-        if isinstance(prompt, str):
-            return prompt
-        if not prompt:
-            raise CaiError("a chat prompt has no messages")
-        if self.tokenizer is None or getattr(self.tokenizer, "chat_template", None) is None:
-            raise CaiError(
-                "the HTTP backend can't render a chat as text without the served model's chat template; "
-                "pass tokenizer=<the model's HF id or folder> to OpenAIHTTPBackend"
-            )
-        continue_final = prompt[-1]["role"] == "assistant"
-        return self.tokenizer.apply_chat_template(
-            list(prompt), tokenize=False, add_generation_prompt=not continue_final,
-            continue_final_message=continue_final,
+        return render_with_template(
+            self.tokenizer, prompt,
+            "the HTTP backend can't render a chat as text without the served model's chat template; "
+            "set model.tokenizer (tokenizer= in OpenAIHTTPBackend) to the model's HF id or folder",
         )
 
     def count_tokens(self, prompt: Prompt) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from cai.backends.base import Prompt, ProgressFn, SamplingParams, encode_rendered, row_seed
+from cai.backends.base import Prompt, ProgressFn, SamplingParams, encode_rendered, render_with_template, row_seed
 from cai.errors import CaiError
 
 
@@ -52,13 +52,8 @@ class VLLMBackend:
         return cls(llm)
 
     def render(self, prompt: Prompt) -> str:
-        if isinstance(prompt, str):
-            return prompt
-        if not self.has_chat_template:
-            raise CaiError("this model's tokenizer has no chat template; pass plain-text prompts")
-        cont = prompt[-1]["role"] == "assistant"
-        return self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=not cont,
-                                                  continue_final_message=cont)
+        return render_with_template(self.tokenizer, prompt,
+                                    "this model's tokenizer has no chat template; pass plain-text prompts")
 
     def count_tokens(self, prompt: Prompt) -> int:
         return len(encode_rendered(self.tokenizer, [self.render(prompt)])[0])
