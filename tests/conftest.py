@@ -24,6 +24,23 @@ def tiny_model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="module")
+def served_backend(tiny_model_dir):
+    """A tiny-model HFBackend of the module's own (serving tests must not share the mutable session one)."""
+    from cai.backends.hf import HFBackend
+
+    return HFBackend.from_spec(str(tiny_model_dir), batch_size=4)
+
+
+@pytest.fixture()
+def server(served_backend):
+    """`cai serve`'s OpenAI-compatible server over the tiny model, on an ephemeral loopback port."""
+    from cai.serve import serve_app
+
+    with serve_app(served_backend, "tiny", port=0).start() as srv:
+        yield srv
+
+
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_model_dir):
     from cai.backends.hf import HFBackend

@@ -15,7 +15,6 @@ from cai.backends.base import Backend, SamplingParams
 from cai.backends.openai_http import OpenAIHTTPBackend, backoff_delay, from_config, parse_retry_after
 from cai.errors import CaiError
 from cai.prompts import CHOICE_OPTIONS
-from cai.serve import serve_app
 
 pytest.importorskip("httpx")
 
@@ -30,17 +29,9 @@ CHOICE_PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_model_dir):
-    from cai.backends.hf import HFBackend
-
-    return HFBackend.from_spec(str(tiny_model_dir), batch_size=4)
-
-
 @pytest.fixture()
-def server(hf):
-    with serve_app(hf, "tiny", port=0).start() as srv:
-        yield srv
+def hf(served_backend):
+    return served_backend
 
 
 def http_backend(urls, **kw) -> OpenAIHTTPBackend:

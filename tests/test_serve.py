@@ -18,17 +18,9 @@ CHAT = [{"role": "user", "content": "How do I bake bread at home?"}]
 PROMPT = "Which of these responses is less harmful? The answer is:"
 
 
-@pytest.fixture(scope="module")
-def backend(tiny_model_dir):
-    from cai.backends.hf import HFBackend
-
-    return HFBackend.from_spec(str(tiny_model_dir), batch_size=4)
-
-
 @pytest.fixture()
-def server(backend):
-    with serve_app(backend, "tiny", port=0).start() as srv:
-        yield srv
+def backend(served_backend):
+    return served_backend
 
 
 @pytest.fixture()
