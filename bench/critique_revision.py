@@ -21,9 +21,10 @@ import torch
 from cai import prompts as P
 from cai.backends.hf import HFBackend
 from cai.config import CritiqueConfig, SamplingConfig
-from cai.constitution import load_constitution, sample_critique_principles
+from cai.constitution import sample_critique_principles
+from cai.constitution_yaml import load_constitution
 from cai.data import load_prompts
-from cai.stages.critique_revision import clean_output, run_critique_revision
+from cai.stages.critique import clean_output, run_critique_revision
 
 RESULTS = Path(__file__).parent / "results"
 

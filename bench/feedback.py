@@ -21,9 +21,10 @@ import torch
 from cai import prompts as P
 from cai.backends.hf import HFBackend
 from cai.config import LabelConfig
-from cai.constitution import load_constitution, sample_feedback_principles
+from cai.constitution import sample_feedback_principles
+from cai.constitution_yaml import load_constitution
 from cai.data import load_prompts
-from cai.stages.feedback import combine_orders, first_option_probability, label_pairs
+from cai.stages.label import combine_orders, first_option_probability, label_pairs
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from cai.backends.base import SamplingParams
 from cai.backends.hf import HFBackend
 from cai.data import load_prompts
+from cai.types import SamplingParams
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cai.config import PMConfig, RLConfig, SamplingConfig, SFTConfig
+from cai.config import PMConfig, PPOConfig, SamplingConfig, SFTConfig
 from cai.data import load_prompts
 from cai.io import read_jsonl
 from cai.models import load_model
@@ -45,7 +45,7 @@ def chats(n: int) -> list:
 
 
 def main() -> None:
-    from cai.train.preference_model import Pair, RewardScorer, train_preference_model
+    from cai.train.pm import Pair, RewardScorer, train_preference_model
     from cai.train.ppo import train_ppo
     from cai.train.sft import train_sft
 
@@ -82,7 +82,7 @@ def main() -> None:
                                        "note": "seconds include the held-out evaluation passes and saving"}
         # One PPO iteration -------------------------------------------------------------
         prompts, _ = load_prompts("red-team", limit=8)
-        config = RLConfig(steps=1, rollout_batch=8, ppo_epochs=1, minibatch=4, eval_every=1000, save_every=1000,
+        config = PPOConfig(steps=1, rollout_batch=8, epochs=1, minibatch=4, eval_every=1000, save_every=1000,
                           sampling=SamplingConfig(max_new_tokens=48, temperature=1.0))
         train_ppo(prompts, [], [], policy_spec=args.model, pm_folder=tmp / "pm", out_dir=tmp / "ppo", config=config,
                   device="cpu", show_progress=False)

@@ -114,10 +114,10 @@ def tiny_run_overrides(model_dir, runs_dir, constitution, name: str = "t") -> li
 PIPELINE_OVERRIDES = [
     "sample.prompts.limit=8", "sample.helpfulness.limit=4", "sample.sampling.max_new_tokens=8", "label.chunk_size=8",
     "pm.epochs=3", "pm.batch_size=4", "pm.learning_rate=0.001",
-    "rl.steps=4", "rl.rollout_batch=4", "rl.minibatch=2", "rl.sampling.max_new_tokens=8", "rl.eval_prompts.limit=4",
-    "rl.eval_every=2", "rl.save_every=2", "rl.algo=both", "rl.dpo_max_length=128", "rl.learning_rate=0.0001",
+    "rl.ppo.steps=4", "rl.ppo.rollout_batch=4", "rl.ppo.minibatch=2", "rl.ppo.sampling.max_new_tokens=8", "rl.ppo.eval_prompts.limit=4",
+    "rl.ppo.eval_every=2", "rl.ppo.save_every=2", "rl.algo=both", "rl.dpo.max_length=128", "rl.ppo.learning_rate=0.0001",
     "eval.red_team.limit=4", "eval.helpfulness.limit=3", "eval.sampling.max_new_tokens=8", "eval.bootstrap=20",
-    "eval.transcripts=2",
+    "eval.transcripts=2", "eval.gold_limit=12", "eval.judge_gold_limit=12", "label.gold_check=8",
 ]
 
 
@@ -125,7 +125,8 @@ PIPELINE_OVERRIDES = [
 def tiny_run(tmp_path_factory, tiny_model_dir):
     """One whole tiny pipeline run (`cai run`: critique -> sft -> sample -> label -> pm -> ppo + dpo -> eval
     -> report), shared by tests that only read its artifacts. Returns the resolved RunConfig."""
-    from cai.config import RunConfig, load_config
+    from cai.config import RunConfig
+    from cai.config_loader import load_config
     from cai.pipeline import run_all
 
     root = tmp_path_factory.mktemp("tiny_run")

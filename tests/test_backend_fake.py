@@ -1,7 +1,8 @@
 """The fake backend is deterministic and scriptable, so stage tests can assert exact outputs."""
 
-from cai.backends.base import Backend, SamplingParams, cut_at_stop, row_seed
+from cai.backends.base import Backend, cut_at_stop, row_seed
 from cai.backends.fake import FakeBackend
+from cai.types import SamplingParams
 
 
 def test_deterministic_and_seed_sensitive_only_when_sampling():

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cai.backends.base import Backend, SamplingParams
-from cai.backends.hf import HFBackend, common_prefix_length
+from cai.backends.base import Backend
+from cai.backends.hf import HFBackend
+from cai.backends.kv_cache import common_prefix_length
 from cai.errors import CaiError
+from cai.types import SamplingParams
 
 SHARED = (
     "Human: How do I bake bread at home? Assistant: Mix flour, water, yeast and salt, knead, let it rise. "

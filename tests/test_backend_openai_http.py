@@ -11,10 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from cai.backends.base import Backend, SamplingParams
+from cai.backends.base import Backend
 from cai.backends.openai_http import OpenAIHTTPBackend, backoff_delay, from_config, parse_retry_after
 from cai.errors import CaiError
 from cai.prompts import CHOICE_OPTIONS
+from cai.types import SamplingParams
 
 pytest.importorskip("httpx")
 

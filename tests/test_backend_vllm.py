@@ -14,9 +14,9 @@ needs_gpu = [
 @needs_gpu[0]
 @needs_gpu[1]
 def test_vllm_matches_hf(tiny_model_dir):
-    from cai.backends.base import SamplingParams
     from cai.backends.hf import HFBackend
     from cai.backends.vllm import VLLMBackend
+    from cai.types import SamplingParams
 
     vllm = VLLMBackend.from_spec(str(tiny_model_dir), dtype="float32", gpu_memory_utilization=0.3)
     hf = HFBackend.from_spec(str(tiny_model_dir), dtype="float32")

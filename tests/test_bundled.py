@@ -14,9 +14,9 @@ pytestmark = [
 
 def test_bundled_model_prefix_reuse_is_exact_and_it_answers():
     from cai import prompts as P
-    from cai.backends.base import SamplingParams
     from cai.backends.hf import HFBackend
-    from cai.constitution import load_constitution
+    from cai.constitution_yaml import load_constitution
+    from cai.types import SamplingParams
 
     backend = HFBackend.from_spec("bundled", batch_size=4)
     constitution = load_constitution("default")

@@ -6,17 +6,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from cai.backends.base import SamplingParams
-from cai.config import (
-    GenerateConfig,
-    ModelConfig,
-    SamplingConfig,
-    apply_overrides,
-    config_hash,
-    config_to_yaml,
-    load_config,
-)
+from cai.config import GenerateConfig, ModelConfig, SamplingConfig
+from cai.config_loader import apply_overrides, config_hash, config_to_yaml, load_config
 from cai.errors import CaiError
+from cai.types import SamplingParams
 
 
 def write(tmp_path: Path, text: str, name: str = "gen.yaml") -> Path:
@@ -225,3 +218,36 @@ def test_configs_built_in_code_are_checked_too():
     config = ModelConfig()
     with pytest.raises(ValidationError, match="batch_size"):
         config.batch_size = 0  # assignments are validated as well
+
+
+def test_every_config_field_is_described():
+    """`cai config show` is the --help of config keys: a key without a description is a bug."""
+    from cai.config import GenerateConfig, RunConfig
+    from cai.config_loader import describe_fields
+
+    missing = [d.key for cls in (RunConfig, GenerateConfig) for d in describe_fields(cls) if not d.description.strip()]
+    assert missing == []
+
+
+def test_config_show_lists_a_section_with_types_and_defaults(monkeypatch, capsys):
+    from cai.cli import main
+
+    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.setattr("sys.argv", ["cai", "config", "show", "rl.ppo"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "rl.ppo.kl_estimator" in text and "'k1' | 'k2' | 'k3' | 'abs'" in text and "rl.dpo.beta" not in text
+    assert "GAE lambda" in text  # the description of rl.ppo.lam
+    monkeypatch.setattr("sys.argv", ["cai", "config", "show", "rl.nope"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1 and "'rl.nope' is not a config section" in capsys.readouterr().err
+
+
+def test_an_http_model_without_urls_is_named_by_its_key():
+    from cai.config import RunConfig
+
+    with pytest.raises(CaiError, match=r"override 'eval.judge.backend=http': eval.judge.backend is http but eval.judge.base_urls is empty"):
+        load_config(RunConfig, None, ["eval.judge.backend=http"])

@@ -13,16 +13,18 @@ from cai.constitution import (
     CritiquePrinciple,
     CritiqueRevisionExample,
     FeedbackPrinciple,
-    builtin_constitution_names,
     constitution_summary,
-    constitution_to_yaml,
-    load_constitution,
     sample_critique_principles,
     sample_feedback_principles,
-    save_constitution,
     show_constitution,
 )
-from cai.constitution_yaml import parse_constitution
+from cai.constitution_yaml import (
+    builtin_constitution_names,
+    dump_constitution,
+    load_constitution,
+    parse_constitution,
+    save_constitution,
+)
 from cai.errors import CaiError
 from cai.prompts import critique_chat
 
@@ -234,7 +236,7 @@ def test_every_builtin_loads_and_round_trips(name: str, tmp_path: Path) -> None:
     assert c.name == name
     assert c.critique_revision_principles and c.feedback_principles
     assert c.critique_revision_examples and c.feedback_examples and c.cot_feedback_examples
-    assert parse_constitution(constitution_to_yaml(c)) == c
+    assert parse_constitution(dump_constitution(c)) == c
     save_constitution(c, tmp_path / "sub" / "copy.yaml")
     assert load_constitution(tmp_path / "sub" / "copy.yaml") == c
 
@@ -275,7 +277,7 @@ def test_round_trip_of_multiline_and_odd_text(tmp_path: Path) -> None:
                                     "true", "Is it 'bad'? #1", "[x]", "yes", "a\n\nb"),
         ),
     )
-    assert parse_constitution(constitution_to_yaml(c)) == c
+    assert parse_constitution(dump_constitution(c)) == c
 
 
 # --------------------------------------------------------------------------- sampling

@@ -94,7 +94,7 @@ def test_sft_on_two_cpu_processes_trains_one_model_and_saves_it_once(tmp_path, t
 
     from cai.train.common import warmup_linear_decay
 
-    driver, data, out, results = tmp_path / "driver.py", tmp_path / "chats.json", tmp_path / "sl_cai", tmp_path / "ranks"
+    driver, data, out, results = tmp_path / "driver.py", tmp_path / "chats.json", tmp_path / "sft", tmp_path / "ranks"
     driver.write_text(DRIVER)
     data.write_text(json.dumps(chats(examples)))
     results.mkdir()

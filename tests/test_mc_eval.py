@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cai.backends.fake import FakeBackend
-from cai.constitution import load_constitution
+from cai.constitution_yaml import load_constitution
 from cai.errors import CaiError
 from cai.eval.mc import calibration_table, load_mc_file, mc_eval, wilson_interval
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai.config import RunConfig, load_config
+from cai.config import RunConfig
+from cai.config_loader import load_config
 from cai.errors import CaiError
 from cai.io import read_jsonl
 
@@ -39,12 +40,12 @@ def test_repo_configs_folder_is_the_shipped_one():
 
 def test_whole_run_artifacts(tiny_run):
     run = tiny_run.run_dir
-    for folder in ("critique_revision", "sl_cai", "samples", "feedback", "preference_model", "rl_cai", "rl_cai_dpo", "eval"):
+    for folder in ("critique", "sft", "sample", "label", "pm", "ppo", "dpo", "eval"):
         manifest = json.loads((run / folder / "manifest.json").read_text())
         assert manifest["status"] == "done", folder
         assert (run / folder / "config.yaml").is_file(), folder
     results = json.loads((run / "eval" / "results.json").read_text())
-    assert results["models"] == ["base", "sl_cai", "rl_cai_ppo", "rl_cai_dpo"]
+    assert results["models"] == ["base", "sft", "ppo", "dpo"]
     assert {r["model"] for r in results["elo"]["harmlessness"]} == set(results["models"])
     assert [c["round"] for c in results["revision_curve"]["curve"]] == [0, 1, 2]
     assert len(results["transcripts"]) == 2
@@ -62,11 +63,15 @@ def test_report_is_self_contained_with_plots(tiny_run):
 
 
 def test_finished_run_is_skipped_and_changed_config_refused(tiny_run, monkeypatch):
+    import cai.backends
+    import cai.models
     from cai import pipeline
 
     called = []
-    monkeypatch.setattr(pipeline, "load_backend", lambda *a, **k: called.append(a), raising=False)
-    pipeline.run_all(tiny_run, show_progress=False)  # everything done: nothing reruns
+    monkeypatch.setattr(cai.backends, "load_backend", lambda *a, **k: called.append(a))
+    monkeypatch.setattr(cai.models, "load_model", lambda *a, **k: called.append(a))
+    pipeline.run_all(tiny_run, show_progress=False)  # everything done: nothing reruns, no model loads
+    assert called == []
     changed = tiny_run.model_copy(update={"seed": 1})
     with pytest.raises(CaiError, match="different config.*changed: seed"):
         pipeline.run_all(changed, show_progress=False)
@@ -84,8 +89,8 @@ def test_rerun_from_a_stage_deletes_it_and_later_stages(tiny_run, tmp_path):
     cfg = tiny_run.model_copy(update={"runs_dir": str(runs), "pm": pm})
     prepare_run(cfg, from_stage="pm")
     run = cfg.run_dir
-    assert (run / "feedback").is_dir() and (run / "sl_cai").is_dir()
-    for gone in ("preference_model", "rl_cai", "rl_cai_dpo", "eval", "report.html"):
+    assert (run / "label").is_dir() and (run / "sft").is_dir()
+    for gone in ("pm", "ppo", "dpo", "eval", "report.html"):
         assert not (run / gone).exists(), gone
     assert "epochs: 5" in (run / "config.yaml").read_text()
     with pytest.raises(CaiError, match="unknown stage 'nope'"):
@@ -112,7 +117,7 @@ def test_report_on_a_partial_run(tiny_run, tmp_path):
 
     partial = tmp_path / "partial"
     (partial).mkdir()
-    shutil.copytree(tiny_run.run_dir / "critique_revision", partial / "critique_revision")
+    shutil.copytree(tiny_run.run_dir / "critique", partial / "critique")
     page = write_report(partial).read_text()
     assert "no evaluation yet" in page and "Principles" in page
     with pytest.raises(CaiError, match="not a cai run folder"):
@@ -147,7 +152,8 @@ def test_sharded_critique_merges_to_the_unsharded_rows(tiny_model_dir, small_con
     """Two machines each run half the prompts (`--shard i/2`); `cai merge` gives the same rows as one machine."""
     from conftest import tiny_run_overrides
 
-    from cai.pipeline import merge_stage, run_critique
+    from cai.sharding import merge_stage
+    from cai.stages.critique import run_critique
 
     overrides = tiny_run_overrides(tiny_model_dir, tmp_path / "runs", small_constitution) + ["critique.helpfulness.limit=2"]
     sharded = load_config(RunConfig, None, overrides)
@@ -161,28 +167,68 @@ def test_sharded_critique_merges_to_the_unsharded_rows(tiny_model_dir, small_con
     assert manifest["status"] == "done" and manifest["counts"]["merged_shards"] == 2
     run_critique(whole, show_progress=False)
     merged = {r["id"]: r for r in read_jsonl(folder / "data.jsonl")}
-    single = {r["id"]: r for r in read_jsonl(whole.run_dir / "critique_revision" / "data.jsonl")}
+    single = {r["id"]: r for r in read_jsonl(whole.run_dir / "critique" / "data.jsonl")}
     assert merged.keys() == single.keys()
     strip = lambda r: {k: v for k, v in r.items() if k != "timings"}  # noqa: E731
     assert all(strip(merged[i]) == strip(single[i]) for i in single)  # seeds come from row ids, not machines
     assert len(read_jsonl(folder / "helpfulness.jsonl")) == 2
 
 
-def test_resuming_a_stage_with_a_different_config_is_refused(tmp_path):
-    from cai.runs import StageRecord
+def test_a_stage_folder_made_with_another_config_is_refused_naming_the_keys(tmp_path):
+    from cai.runs import StageRun
 
-    StageRecord(tmp_path / "stage", "critique", config_yaml="a: 1\n", config_hash="aaaa", model="m", seed=0)
-    with pytest.raises(CaiError, match="started with a different critique config"):
-        StageRecord(tmp_path / "stage", "critique", config_yaml="a: 2\n", config_hash="bbbb", model="m", seed=0)
-    StageRecord(tmp_path / "stage", "critique", config_yaml="a: 1\n", config_hash="aaaa", model="m", seed=0)
+    cfg = RunConfig(runs_dir=str(tmp_path), name="r")
+    st = StageRun(cfg, "critique")
+    st.start(model="m")  # interrupted: status running
+    changed = cfg.model_copy(update={"critique": cfg.critique.model_copy(update={"rounds": 9})})
+    with pytest.raises(CaiError, match=r"different config \(changed: critique.rounds\).*resume"):
+        StageRun(changed, "critique")
+    StageRun(cfg, "critique")  # the same config resumes
+    st.done()
+    with pytest.raises(CaiError, match=r"changed: critique.rounds"):  # a finished stage is not reused either
+        StageRun(changed, "critique")
+    # Another stage's section is not this stage's business.
+    other = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"epochs": 7})})
+    assert StageRun(other, "critique").skip()
+
+
+def test_single_stage_commands_refuse_a_changed_config_after_a_run(tiny_run, tmp_path):
+    from cai.stages.critique import run_critique
+    from cai.train.sft import run_sft
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run.run_dir, runs / tiny_run.name)
+    moved = tiny_run.model_copy(update={"runs_dir": str(runs)})
+    assert run_critique(moved, show_progress=False) == runs / tiny_run.name / "critique"  # same config: skipped
+    for constitution in ("child-tutor", str(tmp_path / "no-such.yaml")):
+        with pytest.raises(CaiError, match="changed: constitution"):
+            run_critique(moved.model_copy(update={"constitution": constitution}), show_progress=False)
+    with pytest.raises(CaiError, match="changed: sft.epochs"):
+        run_sft(moved.model_copy(update={"sft": moved.sft.model_copy(update={"epochs": 1})}), show_progress=False)
 
 
 def test_stage_hash_ignores_other_stages_sections():
-    from cai.runs import stage_config_hash
+    from cai.runs import first_stage_reading, stage_config_hash
 
     base = RunConfig()
-    other = base.model_copy(update={"rl": base.rl.model_copy(update={"steps": 99})})
+    rl = base.rl.model_copy(update={"ppo": base.rl.ppo.model_copy(update={"steps": 99})})
+    other = base.model_copy(update={"rl": rl})
     assert stage_config_hash(base, "critique") == stage_config_hash(other, "critique")
+    assert stage_config_hash(base, "dpo") == stage_config_hash(other, "dpo")
     assert stage_config_hash(base, "ppo") != stage_config_hash(other, "ppo")
     seeded = base.model_copy(update={"seed": 3})
     assert stage_config_hash(base, "critique") != stage_config_hash(seeded, "critique")
+    assert [first_stage_reading(k) for k in ("seed", "sft.epochs", "rl.dpo.beta", "rl.algo", "label.swap",
+                                              "sample.policy", "eval.bootstrap")] == [
+        "critique", "sft", "dpo", "ppo", "label", "sample", "eval"]
+
+
+def test_an_old_run_folder_is_refused_with_a_reason(tmp_path):
+    from cai.pipeline import prepare_run
+    from cai.stages.critique import run_critique
+
+    cfg = RunConfig(runs_dir=str(tmp_path), name="old")
+    (cfg.run_dir / "critique_revision").mkdir(parents=True)
+    for attempt in (lambda: prepare_run(cfg), lambda: run_critique(cfg, show_progress=False)):
+        with pytest.raises(CaiError, match=r"older cai .*critique_revision/ -> critique/"):
+            attempt()

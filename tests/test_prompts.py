@@ -11,8 +11,8 @@ from cai.constitution import (
     CritiqueRevisionExample,
     FeedbackExample,
     FeedbackPrinciple,
-    load_constitution,
 )
+from cai.constitution_yaml import load_constitution
 from cai.prompts import (
     ANSWER_LEAD_IN,
     CHOICE_OPTIONS,

@@ -7,6 +7,7 @@ input itself proves the input was checked before any model load.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -236,15 +237,47 @@ def test_bad_input_is_one_error_line(case, monkeypatch, capsys, tmp_path, small_
     line = error_line(code, err, *needles)
     assert NO_MODEL not in line  # failed on the input itself, before any model was loaded
     if args[0] == "run":  # whole runs check every stage's inputs before the first stage starts
-        assert not (tmp_path / "runs" / "r" / "critique_revision").exists()
-    assert not (tmp_path / "runs" / "r" / "critique_revision" / "data.jsonl").exists()
+        assert not (tmp_path / "runs" / "r" / "critique").exists()
+    assert not (tmp_path / "runs" / "r" / "critique" / "data.jsonl").exists()
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write to read-only folders")
-def test_read_only_runs_dir_is_one_error_line(monkeypatch, capsys, tmp_path, small_constitution):
+RUNNING_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def simulate_read_only(monkeypatch, folder: Path) -> None:
+    """Make ``folder`` act as read-only even for root, who may write anywhere (and CI runs as root).
+
+    It fakes what the OS does to a folder without write permission: making a folder in it fails
+    with EACCES (as `os.mkdir`, under `Path.mkdir`, would) and `os.access(folder, os.W_OK)` is False.
+    """
+    real_mkdir, real_access = os.mkdir, os.access
+
+    def mkdir(path, *args, **kwargs):
+        if Path(path).parent == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    def access(path, mode, *args, **kwargs):
+        if Path(path) == folder and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "access", access)
+
+
+@pytest.mark.parametrize("lock", [
+    "simulated",
+    # The real thing also blocks writes the simulation does not fake; root may write anyway.
+    pytest.param("chmod", marks=pytest.mark.skipif(RUNNING_AS_ROOT, reason="root may write to read-only folders")),
+])
+def test_read_only_runs_dir_is_one_error_line(lock, monkeypatch, capsys, tmp_path, small_constitution):
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o500)
+    if lock == "simulated":
+        simulate_read_only(monkeypatch, locked)
+    else:
+        locked.chmod(0o500)
     try:
         code, _, err = cli(monkeypatch, capsys, *stage_args("critique", tmp_path, small_constitution,
                                                             f"runs_dir={locked}"))
@@ -309,8 +342,11 @@ def kill_overrides(model_dir: Path, runs: Path, constitution: Path, name: str) -
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir):
     """The data stages run once without interruption, to compare the killed-and-rerun runs with."""
-    from cai.config import RunConfig, load_config
-    from cai.pipeline import run_critique, run_label, run_sample
+    from cai.config import RunConfig
+    from cai.config_loader import load_config
+    from cai.stages.critique import run_critique
+    from cai.stages.label import run_label
+    from cai.stages.sample import run_sample
 
     root = tmp_path_factory.mktemp("reference")
     constitution = _write(root / "small.yaml", SMALL_CONSTITUTION)
@@ -378,9 +414,9 @@ def check_jsonl(path: Path, expected_ids: set) -> list[dict]:
 
 
 @pytest.mark.parametrize("stage, file, count_keys", [
-    ("critique", "critique_revision/data.jsonl", ["rows", "prompts"]),
-    ("sample", "samples/red-team.jsonl", ["red-team_prompts"]),
-    ("label", "feedback/data.jsonl", ["pairs"]),
+    ("critique", "critique/data.jsonl", ["rows", "prompts"]),
+    ("sample", "sample/red-team.jsonl", ["red-team_prompts"]),
+    ("label", "label/data.jsonl", ["pairs"]),
 ])
 def test_kill_9_during_a_data_stage_then_rerun(stage, file, count_keys, reference, monkeypatch, capsys, tmp_path,
                                                tiny_model_dir):
@@ -389,7 +425,7 @@ def test_kill_9_during_a_data_stage_then_rerun(stage, file, count_keys, referenc
     constitution = _write(tmp_path / "small.yaml", SMALL_CONSTITUTION)
     overrides = kill_overrides(tiny_model_dir, tmp_path / "runs", constitution, "k")
     run = tmp_path / "runs" / "k"
-    earlier = {"critique": [], "sample": ["critique_revision"], "label": ["critique_revision", "samples"]}[stage]
+    earlier = {"critique": [], "sample": ["critique"], "label": ["critique", "sample"]}[stage]
     for folder in earlier:  # this stage's inputs, made without interruption
         shutil.copytree(reference.run_dir / folder, run / folder)
     target = run / file
@@ -418,7 +454,7 @@ def test_disk_full_keeps_finished_rows(reference, monkeypatch, capsys, tmp_path,
 
     constitution = _write(tmp_path / "small.yaml", SMALL_CONSTITUTION)
     overrides = kill_overrides(tiny_model_dir, tmp_path / "runs", constitution, "full")
-    data = tmp_path / "runs" / "full" / "critique_revision" / "data.jsonl"
+    data = tmp_path / "runs" / "full" / "critique" / "data.jsonl"
 
     class FillingFile:
         """The data file of a disk that fills up on the third row: half the row lands, then ENOSPC."""
@@ -454,13 +490,13 @@ def test_disk_full_keeps_finished_rows(reference, monkeypatch, capsys, tmp_path,
 
     code, _, err = cli(monkeypatch, capsys, "critique", *sets(*overrides))
     assert code == 0, err
-    check_jsonl(data, {r["id"] for r in read_jsonl(reference.run_dir / "critique_revision" / "data.jsonl")})
+    check_jsonl(data, {r["id"] for r in read_jsonl(reference.run_dir / "critique" / "data.jsonl")})
     assert _manifest(data.parent)["attempts"] == 2
 
 
 @pytest.mark.parametrize("stage, folder, earlier, ready_file", [
-    ("sft", "sl_cai", ["critique_revision"], "checkpoint/state.json"),
-    ("pm", "preference_model", ["critique_revision", "samples", "feedback"], "train_log.jsonl"),
+    ("sft", "sft", ["critique"], "checkpoint/state.json"),
+    ("pm", "pm", ["critique", "sample", "label"], "train_log.jsonl"),
 ])
 def test_kill_9_during_training_then_rerun(stage, folder, earlier, ready_file, reference, monkeypatch, capsys,
                                            tmp_path, tiny_model_dir):
@@ -526,8 +562,8 @@ def test_api_keys_never_reach_files_logs_or_reprs(monkeypatch, capsys, tmp_path,
     code, out, err = cli(monkeypatch, capsys, "report", run)
     assert code == 0, err
     printed += out + err
-    assert (run / "report.html").is_file() and (run / "preference_model" / "README.md").is_file()
-    assert "api_key_env: CAI_TEST_KEY" in (run / "feedback" / "config.yaml").read_text()  # the name, not the key
+    assert (run / "report.html").is_file() and (run / "pm" / "README.md").is_file()
+    assert "api_key_env: CAI_TEST_KEY" in (run / "label" / "config.yaml").read_text()  # the name, not the key
     files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
     assert len(files) >= 10
     for path in files:

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from cai.io import read_jsonl
-from cai.train.preference_model import Pair, RewardScorer, mix_and_split
+from cai.train.pm import Pair, RewardScorer, mix_and_split
 from cai.config import PMConfig
 
 
@@ -18,20 +18,20 @@ def manifest(cfg, folder):
 
 
 def test_samples_and_labels(tiny_run):
-    samples = read_jsonl(tiny_run.run_dir / "samples" / "red-team.jsonl")
+    samples = read_jsonl(tiny_run.run_dir / "sample" / "red-team.jsonl")
     assert len(samples) == 8 and all(len(r["responses"]) == 2 for r in samples)
-    labels = read_jsonl(tiny_run.run_dir / "feedback" / "data.jsonl")
+    labels = read_jsonl(tiny_run.run_dir / "label" / "data.jsonl")
     assert labels and all(0 <= r["p_a"] <= 1 for r in labels)
     assert {r["set"] for r in labels} == {"red-team", "helpfulness"}
     helpful = [r for r in labels if r["set"] == "helpfulness"]
     assert all(e["principle_id"] == "helpfulness" for r in helpful for e in r["per_principle"])
-    counts = manifest(tiny_run, "feedback")["counts"]
+    counts = manifest(tiny_run, "label")["counts"]
     assert counts["pairs"] == len(labels) and "position_bias" in counts
 
 
 def test_preference_model_artifacts(tiny_run):
-    folder = tiny_run.run_dir / "preference_model"
-    counts = manifest(tiny_run, "preference_model")["counts"]
+    folder = tiny_run.run_dir / "pm"
+    counts = manifest(tiny_run, "pm")["counts"]
     assert counts["train_pairs"] > 0 and counts["eval_pairs"] > 0
     metrics = json.loads((folder / "metrics.json").read_text())
     assert 0 <= metrics["eval_ece"] <= 1 and metrics["calibration"]
@@ -44,7 +44,7 @@ def test_preference_model_artifacts(tiny_run):
 
 def test_pm_learns_a_separable_preference(tiny_model_dir, tmp_path):
     """On pairs where the preferred answer always contains one word, held-out accuracy beats chance."""
-    from cai.train.preference_model import train_preference_model
+    from cai.train.pm import train_preference_model
 
     words = ["apple", "river", "stone", "cloud", "green", "music", "bread", "light"]
     pairs = [Pair([{"role": "user", "content": f"question {i}"}], f"kind answer {w}", f"rude answer {w}", 1.0 if i % 2 else 0.0, str(i))
@@ -59,7 +59,7 @@ def test_pm_learns_a_separable_preference(tiny_model_dir, tmp_path):
 
 
 def test_ppo_artifacts_and_log(tiny_run):
-    folder = tiny_run.run_dir / "rl_cai"
+    folder = tiny_run.run_dir / "ppo"
     log = read_jsonl(folder / "train_log.jsonl")
     steps = [r for r in log if "kl" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -70,13 +70,13 @@ def test_ppo_artifacts_and_log(tiny_run):
     assert len(evals) == 3 and all(math.isfinite(v) for v in evals)  # start, step 2, step 4
     assert (folder / "model.safetensors").is_file() and (folder / "value_head.safetensors").is_file()
     assert (folder / "README.md").is_file() and not (folder / "checkpoint").exists()
-    counts = manifest(tiny_run, "rl_cai")["counts"]
+    counts = manifest(tiny_run, "ppo")["counts"]
     assert counts["steps"] == 4 and counts["max_kl"] is not None
 
 
 def test_dpo_artifacts(tiny_run):
-    folder = tiny_run.run_dir / "rl_cai_dpo"
-    counts = manifest(tiny_run, "rl_cai_dpo")["counts"]
+    folder = tiny_run.run_dir / "dpo"
+    counts = manifest(tiny_run, "dpo")["counts"]
     assert counts["pairs"] > 0 and counts["steps"] >= 1
     assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()
     assert not (folder / "trainer").exists()
@@ -86,12 +86,11 @@ def test_dpo_artifacts(tiny_run):
 
 
 def test_ppo_resumes_from_checkpoint(tiny_run, tmp_path, monkeypatch):
-    from cai import pipeline
     from cai.train import ppo
 
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run.run_dir, runs / tiny_run.name)
-    shutil.rmtree(runs / tiny_run.name / "rl_cai")
+    shutil.rmtree(runs / tiny_run.name / "ppo")
     cfg = tiny_run.model_copy(update={"runs_dir": str(runs)})
     real = ppo.policy_loss
     calls = {"n": 0}
@@ -104,11 +103,11 @@ def test_ppo_resumes_from_checkpoint(tiny_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ppo, "policy_loss", crash_in_step_three)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run_rl(cfg, algo="ppo", show_progress=False)
-    folder = runs / tiny_run.name / "rl_cai"
+        ppo.run_ppo(cfg, show_progress=False)
+    folder = runs / tiny_run.name / "ppo"
     assert json.loads((folder / "checkpoint" / "state.json").read_text())["step"] == 2
     monkeypatch.undo()
-    pipeline.run_rl(cfg, algo="ppo", show_progress=False)
+    ppo.run_ppo(cfg, show_progress=False)
     log = read_jsonl(folder / "train_log.jsonl")
     assert [r["step"] for r in log if "kl" in r][-2:] == [3, 4]
     assert json.loads((folder / "manifest.json").read_text())["attempts"] == 2
@@ -118,15 +117,15 @@ def test_lora_ppo_reference_is_the_adapter_switched_off(tiny_run, tmp_path):
     """PPO with LoRA: the reference is the policy with its adapter off, so the first step's KL is 0
     (LoRA's B matrices start at zero); the saved model is merged and the adapter kept beside it."""
     from cai.data import PromptRow
-    from cai.config import RLConfig, SamplingConfig
+    from cai.config import PPOConfig, SamplingConfig
     from cai.train.ppo import train_ppo
 
     prompts = [PromptRow(id=f"p{i}", messages=[{"role": "user", "content": f"question {i}"}]) for i in range(4)]
-    config = RLConfig(steps=2, rollout_batch=4, minibatch=2, ppo_epochs=1, learning_rate=1e-3, eval_every=100,
+    config = PPOConfig(steps=2, rollout_batch=4, minibatch=2, epochs=1, learning_rate=1e-3, eval_every=100,
                       save_every=100, sampling=SamplingConfig(max_new_tokens=6, temperature=1.0),
                       lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0})
-    train_ppo(prompts, [], prompts[:2], policy_spec=str(tiny_run.run_dir / "sl_cai"),
-              pm_folder=tiny_run.run_dir / "preference_model", out_dir=tmp_path / "ppo", config=config,
+    train_ppo(prompts, [], prompts[:2], policy_spec=str(tiny_run.run_dir / "sft"),
+              pm_folder=tiny_run.run_dir / "pm", out_dir=tmp_path / "ppo", config=config,
               show_progress=False)
     steps = [r for r in read_jsonl(tmp_path / "ppo" / "train_log.jsonl") if "kl" in r]
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)

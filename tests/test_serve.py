@@ -8,9 +8,9 @@ import time
 import httpx
 import pytest
 
-from cai.backends.base import SamplingParams
 from cai.backends.fake import FakeBackend
 from cai.serve import serve_app
+from cai.types import SamplingParams
 
 openai = pytest.importorskip("openai")
 

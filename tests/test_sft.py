@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import tiny_run_overrides
 
-from cai.config import RunConfig, load_config
+from cai.config import RunConfig
+from cai.config_loader import load_config
 from cai.errors import CaiError
 from cai.io import read_jsonl
 from cai.train.common import IGNORE, load_checkpoint, save_checkpoint, tokenize_for_answer_loss, warmup_linear_decay
@@ -91,8 +92,9 @@ def test_checkpoint_round_trip(tiny_model_dir, tmp_path):
 
 def test_critique_then_sft_end_to_end(tiny_model_dir, small_constitution, tmp_path):
     from cai.backends.hf import HFBackend
-    from cai.backends.base import SamplingParams
-    from cai.pipeline import run_critique, run_sft
+    from cai.stages.critique import run_critique
+    from cai.train.sft import run_sft
+    from cai.types import SamplingParams
 
     cfg = load_config(RunConfig, None, tiny_run_overrides(tiny_model_dir, tmp_path / "runs", small_constitution))
     crit = run_critique(cfg, show_progress=False)
@@ -124,7 +126,8 @@ def test_critique_then_sft_end_to_end(tiny_model_dir, small_constitution, tmp_pa
 
 
 def test_sft_resumes_from_its_checkpoint(tiny_model_dir, small_constitution, tmp_path, monkeypatch):
-    from cai.pipeline import run_critique, run_sft
+    from cai.stages.critique import run_critique
+    from cai.train.sft import run_sft
 
     cfg = load_config(RunConfig, None, tiny_run_overrides(tiny_model_dir, tmp_path / "runs", small_constitution))
     run_critique(cfg, show_progress=False)
@@ -140,7 +143,7 @@ def test_sft_resumes_from_its_checkpoint(tiny_model_dir, small_constitution, tmp
     monkeypatch.setattr(torch.optim.AdamW, "step", crash_after_six)
     with pytest.raises(KeyboardInterrupt):
         run_sft(cfg, show_progress=False)
-    out = tmp_path / "runs" / "t" / "sl_cai"
+    out = tmp_path / "runs" / "t" / "sft"
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
     monkeypatch.undo()
     run_sft(cfg, show_progress=False)
@@ -153,7 +156,8 @@ def test_sft_resumes_from_its_checkpoint(tiny_model_dir, small_constitution, tmp
 
 def test_lora_sft_saves_a_merged_plain_model(tiny_model_dir, small_constitution, tmp_path):
     from cai.models import load_model
-    from cai.pipeline import run_critique, run_sft
+    from cai.stages.critique import run_critique
+    from cai.train.sft import run_sft
 
     overrides = tiny_run_overrides(tiny_model_dir, tmp_path / "runs", small_constitution)
     cfg = load_config(RunConfig, None, [*overrides, "sft.lora.enabled=true", "sft.lora.r=4", "sft.epochs=1"])
@@ -168,7 +172,7 @@ def test_lora_sft_saves_a_merged_plain_model(tiny_model_dir, small_constitution,
 def test_sft_before_critique_is_a_clear_error(tmp_path):
     cfg = load_config(RunConfig, None, [f"runs_dir={tmp_path}"])
     with pytest.raises(CaiError, match="run `cai critique`"):
-        from cai.pipeline import run_sft
+        from cai.train.sft import run_sft
 
         run_sft(cfg)
 
@@ -181,7 +185,7 @@ def test_kill_9_during_critique_then_rerun(tiny_model_dir, small_constitution, t
     args = [sys.executable, "-m", "cai.cli", "critique", *sum((["--set", o] for o in overrides), []),
             "--set", "critique.prompts.limit=12", "--set", "critique.chunk_size=1", "--set", "critique.helpfulness=null"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    data = runs / "k" / "critique_revision" / "data.jsonl"
+    data = runs / "k" / "critique" / "data.jsonl"
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and (not data.exists() or len(data.read_bytes().splitlines()) < 2):

@@ -24,8 +24,10 @@ app = typer.Typer(
 )
 constitution_app = typer.Typer(help="Inspect and check constitution files.", no_args_is_help=True)
 data_app = typer.Typer(help="Inspect prompt sets.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect run config keys.", no_args_is_help=True)
 app.add_typer(constitution_app, name="constitution")
 app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
 
 out = Console()
 err = Console(stderr=True)
@@ -38,18 +40,17 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Overri
 @app.command()
 def version() -> None:
     """Print the versions of cai and the libraries it runs on."""
-    import importlib.metadata as md
+    from cai.runs import library_versions
 
-    out.print(f"cai {__version__}")
-    for name in ("torch", "transformers", "trl", "accelerate", "peft", "datasets"):
-        try:
-            out.print(f"  {name} {md.version(name)}")
-        except md.PackageNotFoundError:
-            out.print(f"  {name} (not installed)")
+    versions = library_versions()
+    out.print(f"cai {versions.pop('cai')}")
+    for name, value in versions.items():
+        out.print(f"  {name} {value}")
 
 
 def _generate_config(config: Path | None, model: str | None, sets: list[str] | None, **sampling):
-    from cai.config import GenerateConfig, load_config
+    from cai.config import GenerateConfig
+    from cai.config_loader import load_config
 
     overrides = list(sets or [])
     if model is not None:
@@ -123,7 +124,7 @@ def chat(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
     """Talk to a model, multi-turn. /reset starts over, /exit (or Ctrl-D) quits."""
-    from cai.backends.base import SamplingParams
+    from cai.types import SamplingParams
     from cai.backends.hf import HFBackend
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -156,7 +157,8 @@ def chat(
 
 
 def _run_config(config: Path | None, sets: list[str] | None):
-    from cai.config import RunConfig, load_config
+    from cai.config import RunConfig
+    from cai.config_loader import load_config
 
     return load_config(RunConfig, config, list(sets or []))
 
@@ -185,40 +187,39 @@ def demo(
 def _run_and_summarise(cfg, from_stage: str | None) -> None:
     import time
 
-    from rich.table import Table
-
-    from cai.pipeline import run_all, stage_status
+    from cai.pipeline import run_all
+    from cai.runs import stage_status
 
     started = time.time()
     report = run_all(cfg, from_stage=from_stage)
-    table = Table(title=f"run '{cfg.name}' finished in {time.time() - started:.0f} s")
-    for column in ("stage", "status", "seconds", "counts"):
-        table.add_column(column)
-    for row in stage_status(cfg):
-        counts = ", ".join(f"{k}={v}" for k, v in row["counts"].items() if not isinstance(v, (dict, list)))
-        table.add_row(row["stage"], row["status"], str(row["elapsed_s"] or ""), counts[:90])
-    out.print(table)
+    out.print(_status_table(f"run '{cfg.name}' finished in {time.time() - started:.0f} s",
+                            stage_status(cfg.run_dir, cfg.rl.algo)))
     out.print(f"report: {report}")
+
+
+def _status_table(title: str, rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("stage", "status", "attempts", "seconds", "peak GB", "counts"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["stage"], row["status"], str(row["attempts"] or ""), str(row["elapsed_s"] or ""),
+                      str(row["peak_rss_gb"] or ""), row["counts_text"][:90])
+    return table
 
 
 @app.command()
 def status(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/demo.")]) -> None:
-    """Each stage of a run: state, counts and time."""
-    from rich.table import Table
-
-    from cai.runs import STAGE_DIRS, read_manifest
+    """Each stage of a run: state, attempts, time, peak memory and counts."""
+    from cai.config_loader import read_yaml
+    from cai.runs import stage_status
 
     if not run_dir.is_dir():
         raise CaiError(f"run folder {run_dir} does not exist")
-    table = Table(title=f"run {run_dir}")
-    for column in ("stage", "folder", "status", "attempts", "seconds", "counts"):
-        table.add_column(column)
-    for stage, folder in STAGE_DIRS.items():
-        manifest = read_manifest(run_dir / folder) or {}
-        counts = ", ".join(f"{k}={v}" for k, v in manifest.get("counts", {}).items() if not isinstance(v, (dict, list)))
-        table.add_row(stage, folder, manifest.get("status", "not started"), str(manifest.get("attempts", "")),
-                      str(manifest.get("elapsed_s", "")), counts[:90])
-    out.print(table)
+    saved = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
+    algo = (saved.get("rl") or {}).get("algo") if isinstance(saved, dict) else None
+    out.print(_status_table(f"run {run_dir}", stage_status(run_dir, algo)))
     report = run_dir / "report.html"
     out.print(f"report: {report}" if report.is_file() else "report: not written yet (cai report RUN)")
 
@@ -234,46 +235,41 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs
 ShardOpt = Annotated[Optional[str], typer.Option(help="Run only shard i of N (e.g. 0/4) of the rows; merge with `cai merge`.")]
 
 
-def _check_shard(shard: str | None) -> None:
+def _stage(name: str, config: Path | None, sets: list[str] | None, shard: str | None = None) -> None:
+    """Run one stage of `cai.runs.STAGES` from the command line and say where its output is."""
+    from cai.pipeline import run_stage
+    from cai.runs import get_stage
+
     if shard is not None:
         from cai.sharding import parse_shard
 
-        parse_shard(shard)
+        parse_shard(shard)  # a malformed --shard fails before the config or any model loads
+    path = run_stage(_run_config(config, sets), name, shard=shard)
+    out.print(f"{name}: {get_stage(name).summary} in {path}")
 
 
 @app.command()
 def critique(config: ConfigOpt = None, set_: SetOpt = None, shard: ShardOpt = None) -> None:
     """SL-CAI data: answer red-team prompts, then critique and revise them (resumable)."""
-    from cai.pipeline import run_critique
-
-    _check_shard(shard)
-    out.print(f"critique/revision data in {run_critique(_run_config(config, set_), shard=shard)}")
+    _stage("critique", config, set_, shard)
 
 
 @app.command()
 def sft(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """SL-CAI training: fine-tune the model on its revisions (resumable)."""
-    from cai.pipeline import run_sft
-
-    out.print(f"SL-CAI model in {run_sft(_run_config(config, set_))}")
+    _stage("sft", config, set_)
 
 
 @app.command()
 def sample(config: ConfigOpt = None, set_: SetOpt = None, shard: ShardOpt = None) -> None:
     """RL-CAI data: K responses per prompt from the SL-CAI policy (resumable)."""
-    from cai.pipeline import run_sample
-
-    _check_shard(shard)
-    out.print(f"samples in {run_sample(_run_config(config, set_), shard=shard)}")
+    _stage("sample", config, set_, shard)
 
 
 @app.command()
 def label(config: ConfigOpt = None, set_: SetOpt = None, shard: ShardOpt = None) -> None:
     """RL-CAI data: soft AI preference labels for the sampled pairs (resumable)."""
-    from cai.pipeline import run_label
-
-    _check_shard(shard)
-    out.print(f"AI feedback labels in {run_label(_run_config(config, set_), shard=shard)}")
+    _stage("label", config, set_, shard)
 
 
 @app.command()
@@ -284,7 +280,7 @@ def merge(
     set_: SetOpt = None,
 ) -> None:
     """Merge a generation stage run as N shards (on N machines) into its stage folder."""
-    from cai.pipeline import merge_stage
+    from cai.sharding import merge_stage
 
     if shards < 1:
         raise CaiError(f"--shards must be at least 1, got {shards}")
@@ -294,9 +290,19 @@ def merge(
 @app.command()
 def pm(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """RL-CAI: train the preference model on the soft AI labels."""
-    from cai.pipeline import run_pm
+    _stage("pm", config, set_)
 
-    out.print(f"preference model in {run_pm(_run_config(config, set_))}")
+
+@app.command()
+def ppo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """RL-CAI: PPO of the SL-CAI policy against the preference model, KL to SL-CAI (section rl.ppo)."""
+    _stage("ppo", config, set_)
+
+
+@app.command()
+def dpo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """RL-CAI: DPO of the SL-CAI policy on the AI-labelled pairs (section rl.dpo)."""
+    _stage("dpo", config, set_)
 
 
 @app.command()
@@ -305,21 +311,39 @@ def rl(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """RL-CAI: PPO against the preference model (KL to SL-CAI), or DPO on the labelled pairs."""
-    from cai.pipeline import run_rl
+    """RL-CAI: the RL stages rl.algo picks (ppo, dpo or both), one after the other."""
+    from cai.runs import RL_STAGES
 
-    if algo is not None and algo not in {"ppo", "dpo", "both"}:
-        raise CaiError(f"unknown --algo '{algo}'; use ppo, dpo or both")
-    for path in run_rl(_run_config(config, set_), algo=algo):
-        out.print(f"RL-CAI model in {path}")
+    if algo is not None and algo not in {*RL_STAGES, "both"}:
+        raise CaiError(f"unknown --algo '{algo}'; use {', '.join(RL_STAGES)} or both")
+    cfg = _run_config(config, set_)
+    chosen = algo or cfg.rl.algo
+    for name in RL_STAGES if chosen == "both" else (chosen,):
+        _stage(name, config, set_)
 
 
 @app.command("eval")
 def eval_command(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Compare the run's models: pairwise AI-judged Elo, PM scores, evasiveness, revision curve."""
-    from cai.pipeline import run_eval
+    _stage("eval", config, set_)
 
-    out.print(f"evaluation in {run_eval(_run_config(config, set_))}")
+
+@config_app.command("show")
+def config_show(
+    section: Annotated[Optional[str], typer.Argument(help="A section such as critique or rl.ppo (default: all).")] = None,
+) -> None:
+    """Every config key of a run: type, default and what it means (what --help is for keys)."""
+    from rich.table import Table
+
+    from cai.config import RunConfig
+    from cai.config_loader import describe_fields
+
+    table = Table(title=f"config keys{f' under {section}' if section else ''}")
+    for column in ("key", "type", "default", "description"):
+        table.add_column(column, overflow="fold")
+    for row in describe_fields(RunConfig, section):
+        table.add_row(row.key, row.type, row.default, row.description)
+    out.print(table)
 
 
 @app.command("mc-eval")
@@ -335,7 +359,7 @@ def mc_eval_command(
     from rich.table import Table
 
     from cai.backends.hf import HFBackend
-    from cai.constitution import load_constitution
+    from cai.constitution_yaml import load_constitution
     from cai.eval.mc import load_mc_file, mc_eval
 
     data = {str(f): load_mc_file(f) for f in files}
@@ -388,20 +412,17 @@ def serve(
 @constitution_app.command("validate")
 def constitution_validate(file: Annotated[str, typer.Argument(help="A YAML file or a built-in name.")]) -> None:
     """Check a constitution file; print a one-line summary or the first problem."""
-    from cai.constitution import load_constitution
+    from cai.constitution import constitution_summary
+    from cai.constitution_yaml import load_constitution
 
-    c = load_constitution(file)
-    out.print(
-        f"{file}: ok — '{c.name}' v{c.version}: {len(c.critique_revision_principles)} critique/revision principles, "
-        f"{len(c.feedback_principles)} feedback principles, {len(c.critique_revision_examples)} critique/revision "
-        f"examples, {len(c.feedback_examples)} feedback examples, {len(c.cot_feedback_examples)} chain-of-thought examples"
-    )
+    out.print(f"{file}: ok — {constitution_summary(load_constitution(file))}", markup=False)
 
 
 @constitution_app.command("show")
 def constitution_show(file: Annotated[str, typer.Argument(help="A YAML file or a built-in name.")]) -> None:
     """Print a constitution as readable tables."""
-    from cai.constitution import load_constitution, show_constitution
+    from cai.constitution import show_constitution
+    from cai.constitution_yaml import load_constitution
 
     show_constitution(load_constitution(file), out)
 

@@ -10,15 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-from cai.config_loader import (  # noqa: F401  (re-exported: the public config API lives here)
-    apply_overrides,
-    config_hash,
-    config_to_yaml,
-    load_config,
-    read_yaml,
-)
+from cai.types import SamplingParams
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+_DTYPE = "Weights and compute dtype; 'auto' = float32 on CPU (bf16 is ~70x slower there), bf16 on CUDA."
 
 
 class Strict(BaseModel):
@@ -37,9 +34,7 @@ class ModelConfig(Strict):
     backend: Literal["hf", "http", "vllm", "fake"] = Field(
         "hf", description="Engine: 'hf' (transformers), 'http' (OpenAI-compatible servers), 'vllm' (offline, GPU), 'fake' (tests)."
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="'auto' = float32 on CPU (bf16 is very slow there), bf16 on CUDA."
-    )
+    dtype: DType = Field("auto", description=_DTYPE)
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     batch_size: StrictInt = Field(16, ge=1, description="Rows per forward pass.")
     reuse_prefix: bool = Field(True, description="Compute a shared prompt prefix's KV cache once and reuse it.")
@@ -54,20 +49,26 @@ class ModelConfig(Strict):
     max_retries: StrictInt = Field(5, ge=0, description="http backend: retries on 429/5xx/connection errors.")
     tensor_parallel: StrictInt = Field(1, ge=1, description="vllm backend: GPUs per model.")
 
+    @model_validator(mode="after")
+    def _http_needs_urls(self) -> "ModelConfig":
+        if self.backend == "http" and not self.base_urls:
+            # "{key}" becomes this section's dotted name (model, eval.judge, ...) in the error sentence.
+            raise ValueError("{key}.backend is http but {key}.base_urls is empty; give the server URLs "
+                             "(e.g. {key}.base_urls=[\"http://localhost:8000/v1\"])")
+        return self
+
 
 class SamplingConfig(Strict):
-    """How continuations are sampled (see `cai.backends.base.SamplingParams`)."""
+    """How continuations are sampled (see `cai.types.SamplingParams`)."""
 
-    max_new_tokens: StrictInt = Field(128, ge=1)
-    temperature: float = Field(0.0, ge=0, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: StrictInt = Field(0, ge=0)
-    seed: StrictInt = 0
+    max_new_tokens: StrictInt = Field(128, ge=1, description="Hard cap on generated tokens per output.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy; otherwise logits are divided by it.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 = off).")
+    top_k: StrictInt = Field(0, ge=0, description="Keep only the k most likely tokens (0 = off).")
+    seed: StrictInt = Field(0, description="Base seed; each row's generator derives from it and the row.")
     stop: list[str] = Field(default_factory=list, description="Strings that end an output (cut before them).")
 
-    def params(self):
-        from cai.backends.base import SamplingParams
-
+    def params(self) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, seed=self.seed, stop=tuple(self.stop),
@@ -77,8 +78,8 @@ class SamplingConfig(Strict):
 class GenerateConfig(Strict):
     """``cai generate``: answer a list of prompts with one model."""
 
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model that answers.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="How answers are sampled.")
 
 
 class PromptSetConfig(Strict):
@@ -92,14 +93,14 @@ class PromptSetConfig(Strict):
     )
 
 
-def _sampling(**kw: Any) -> Any:
-    return Field(default_factory=lambda: SamplingConfig(**kw))
+def _sampling(description: str, **kw: Any) -> Any:
+    return Field(default_factory=lambda: SamplingConfig(**kw), description=description)
 
 
 class CritiqueConfig(Strict):
     """``cai critique``: the helpful model answers red-team prompts, then critiques and revises."""
 
-    prompts: PromptSetConfig = Field(default_factory=PromptSetConfig)
+    prompts: PromptSetConfig = Field(default_factory=PromptSetConfig, description="Red-team prompts to answer, critique and revise.")
     helpfulness: PromptSetConfig | None = Field(
         default_factory=lambda: PromptSetConfig(source="helpfulness", limit=64),
         description="Prompts the model simply answers, to mix into SL-CAI training; null to skip.",
@@ -113,9 +114,9 @@ class CritiqueConfig(Strict):
         "auto", description="'chat' uses the model's chat template, 'text' a plain transcript; 'auto' picks chat when there is a template."
     )
     critic: ModelConfig | None = Field(None, description="Model that critiques and revises; null = the same model.")
-    response: SamplingConfig = _sampling(max_new_tokens=128, temperature=0.7, top_p=0.9)
-    critique_sampling: SamplingConfig = _sampling(max_new_tokens=96, temperature=0.7, top_p=0.9)
-    revision_sampling: SamplingConfig = _sampling(max_new_tokens=128, temperature=0.7, top_p=0.9)
+    response: SamplingConfig = _sampling("Sampling of the initial answer.", max_new_tokens=128, temperature=0.7, top_p=0.9)
+    critique_sampling: SamplingConfig = _sampling("Sampling of each critique.", max_new_tokens=96, temperature=0.7, top_p=0.9)
+    revision_sampling: SamplingConfig = _sampling("Sampling of each revision.", max_new_tokens=128, temperature=0.7, top_p=0.9)
     chunk_size: StrictInt = Field(16, ge=1, description="Rows generated together and then written; a crash loses at most one chunk.")
 
 
@@ -126,10 +127,10 @@ class LoraConfig(Strict):
     alone is kept in the stage folder's ``adapter/``.
     """
 
-    enabled: bool = False
-    r: StrictInt = Field(16, ge=1)
-    alpha: StrictInt = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    enabled: bool = Field(False, description="Train adapters instead of every weight.")
+    r: StrictInt = Field(16, ge=1, description="Adapter rank.")
+    alpha: StrictInt = Field(32, ge=1, description="Adapter scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
     target_modules: list[str] | str = Field("all-linear", description="Module names, or 'all-linear'.")
 
 
@@ -143,33 +144,33 @@ class SFTConfig(Strict):
         0.25, ge=0, lt=1, description="Share of helpfulness rows in the training mix (capped by what exists)."
     )
     extra_data: str | None = Field(None, description="A user's own SFT data (chat 'messages' rows) to mix in as helpfulness data.")
-    epochs: StrictInt = Field(1, ge=1)
+    epochs: StrictInt = Field(1, ge=1, description="Passes over the training mix.")
     max_steps: StrictInt | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: StrictInt = Field(4, ge=1)
-    gradient_accumulation: StrictInt = Field(1, ge=1)
-    learning_rate: float = Field(2e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    batch_size: StrictInt = Field(4, ge=1, description="Examples per forward pass (per process).")
+    gradient_accumulation: StrictInt = Field(1, ge=1, description="Forward passes per optimizer step.")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak AdamW learning rate (linear warmup, then linear decay).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
     max_length: StrictInt = Field(512, ge=16, description="Tokens per example; longer ones are cut from the left of the prompt.")
-    max_grad_norm: float = Field(1.0, gt=0)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Train low-rank adapters instead of every weight.")
     save_every: StrictInt = Field(50, ge=1, description="Optimizer steps between resumable checkpoints.")
     activation_checkpointing: bool = Field(False, description="Trade compute for memory; only when memory asks for it.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: DType = Field("auto", description=_DTYPE)
 
 
 class SampleConfig(Strict):
     """``cai sample``: K responses per prompt from the policy, to be labelled by AI feedback."""
 
     policy: str | None = Field(None, description="Model to sample from; null = this run's SL-CAI model (sl_cai/).")
-    prompts: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(limit=256))
+    prompts: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(limit=256), description="Red-team prompts to sample answers for.")
     helpfulness: PromptSetConfig | None = Field(
         default_factory=lambda: PromptSetConfig(source="helpfulness", limit=64),
         description="Helpfulness prompts whose pairs are labelled under the helpfulness question; null to skip.",
     )
     k: StrictInt = Field(2, ge=2, description="Responses per prompt.")
-    sampling: SamplingConfig = _sampling(max_new_tokens=128, temperature=1.0, top_p=0.95)
-    chunk_size: StrictInt = Field(16, ge=1)
+    sampling: SamplingConfig = _sampling("Sampling of the K answers (needs temperature > 0 to differ).", max_new_tokens=128, temperature=1.0, top_p=0.95)
+    chunk_size: StrictInt = Field(16, ge=1, description="Prompts sampled together and then written; a crash loses at most one chunk.")
 
 
 class LabelConfig(Strict):
@@ -182,13 +183,18 @@ class LabelConfig(Strict):
     cot: bool = Field(False, description="Chain of thought: reason first, then read the answer's probabilities.")
     clamp: tuple[float, float] = Field((0.4, 0.6), description="CoT probabilities are clamped to this band.")
     hard: bool = Field(False, description="Round labels to 0/1.")
-    cot_sampling: SamplingConfig = _sampling(max_new_tokens=96, temperature=0.0)
-    prompt_format: Literal["auto", "chat", "text"] = "auto"
+    cot_sampling: SamplingConfig = _sampling("Sampling of the chain-of-thought reasoning.", max_new_tokens=96, temperature=0.0)
+    prompt_format: Literal["auto", "chat", "text"] = Field(
+        "auto", description="'chat' uses the feedback model's chat template, 'text' a plain transcript; 'auto' picks chat when there is a template."
+    )
     helpfulness_question: str = Field(
         "Which response is more helpful: more accurate, relevant, clear and useful to the human?",
         description="Question for pairs from helpfulness prompts.",
     )
-    chunk_size: StrictInt = Field(16, ge=1)
+    chunk_size: StrictInt = Field(16, ge=1, description="Pairs labelled together and then written; a crash loses at most one chunk.")
+    gold_check: StrictInt = Field(
+        32, ge=0, description="Before labelling, check the feedback model on this many gold dev pairs by the same procedure (0 = skip)."
+    )
 
 
 class PMConfig(Strict):
@@ -198,23 +204,24 @@ class PMConfig(Strict):
     helpfulness_ratio: float = Field(0.25, ge=0, lt=1, description="Share of helpfulness comparisons in the mix.")
     human_data: str | None = Field(None, description="hh-rlhf style chosen/rejected comparisons to use for helpfulness.")
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="Share of prompts held out for accuracy and calibration.")
-    epochs: StrictInt = Field(2, ge=1)
-    batch_size: StrictInt = Field(8, ge=1)
-    learning_rate: float = Field(3e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_length: StrictInt = Field(512, ge=16)
-    max_grad_norm: float = Field(1.0, gt=0)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    epochs: StrictInt = Field(2, ge=1, description="Passes over the comparisons.")
+    batch_size: StrictInt = Field(8, ge=1, description="Comparisons per optimizer step (per process).")
+    learning_rate: float = Field(3e-5, gt=0, description="Peak AdamW learning rate (linear warmup, then linear decay).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
+    max_length: StrictInt = Field(512, ge=16, description="Tokens per prompt + answer; longer ones are cut from the left.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Train low-rank adapters instead of every weight.")
+    dtype: DType = Field("auto", description=_DTYPE)
 
 
-class RLConfig(Strict):
-    """``cai rl``: PPO of the SL-CAI policy against the PM (KL to SL-CAI), or DPO on the labels."""
+class PPOConfig(Strict):
+    """``cai ppo``: PPO of the SL-CAI policy against the preference model, with a KL penalty to SL-CAI."""
 
-    algo: Literal["ppo", "dpo", "both"] = Field("ppo", description="'both' trains PPO and DPO models side by side.")
-    prompts: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(limit=None))
-    helpfulness: PromptSetConfig | None = Field(default_factory=lambda: PromptSetConfig(source="helpfulness", limit=None))
+    prompts: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(limit=None),
+                                     description="Red-team prompts the policy answers in rollouts.")
+    helpfulness: PromptSetConfig | None = Field(default_factory=lambda: PromptSetConfig(source="helpfulness", limit=None),
+                                                description="Helpfulness prompts mixed into rollouts; null to skip.")
     helpfulness_ratio: float = Field(0.25, ge=0, lt=1, description="Share of helpfulness prompts in each rollout batch.")
     eval_prompts: PromptSetConfig = Field(
         default_factory=lambda: PromptSetConfig(split="test", limit=16),
@@ -222,40 +229,60 @@ class RLConfig(Strict):
     )
     steps: StrictInt = Field(20, ge=1, description="PPO iterations (rollout batch + optimisation).")
     rollout_batch: StrictInt = Field(8, ge=1, description="Prompts per PPO iteration.")
-    ppo_epochs: StrictInt = Field(2, ge=1, description="Passes over each rollout batch.")
-    minibatch: StrictInt = Field(4, ge=1)
-    learning_rate: float = Field(1e-5, gt=0)
-    sampling: SamplingConfig = _sampling(max_new_tokens=64, temperature=1.0, top_p=1.0)
-    kl_coef: float = Field(0.05, ge=0, description="beta: per-token KL penalty to the SL-CAI policy.")
+    epochs: StrictInt = Field(2, ge=1, description="Optimisation passes over each rollout batch.")
+    minibatch: StrictInt = Field(4, ge=1, description="Rollouts per gradient step within a pass.")
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of the policy and value head.")
+    sampling: SamplingConfig = _sampling("Sampling of rollouts (temperature 1 samples the policy itself).", max_new_tokens=64, temperature=1.0, top_p=1.0)
+    kl_coef: float = Field(0.05, ge=0, description="beta: per-token KL penalty to the SL-CAI policy, subtracted from the reward.")
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = Field(
+        "k1", description="Per-token KL estimate in the penalty: k1 = log-ratio, k2 = half squared log-ratio, k3 = low-variance unbiased, abs = |log-ratio|."
+    )
     adaptive_kl: bool = Field(False, description="Adapt beta toward kl_target (Ziegler et al. 2019).")
-    kl_target: float = Field(6.0, gt=0)
-    kl_horizon: StrictInt = Field(10000, ge=1)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    clip_range: float = Field(0.2, gt=0)
-    clip_range_value: float = Field(0.2, gt=0)
-    value_coef: float = Field(0.1, ge=0)
-    entropy_coef: float = Field(0.0, ge=0)
+    kl_target: float = Field(6.0, gt=0, description="Adaptive KL: the KL (nats per answer) beta is steered toward.")
+    kl_horizon: StrictInt = Field(10000, ge=1, description="Adaptive KL: rollouts over which beta adapts; larger = slower.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount per token in GAE (1 = undiscounted, as for one reward per answer).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda: 0 = one-step TD advantages (low variance), 1 = Monte Carlo returns.")
+    clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon for the policy loss.")
+    clip_range_value: float = Field(0.2, gt=0, description="Clip of the value prediction's change per update, for the value loss.")
+    value_coef: float = Field(0.1, ge=0, description="Weight of the value loss next to the policy loss.")
+    entropy_coef: float = Field(0.0, ge=0, description="Weight of an entropy bonus (0 = none).")
     reward_clip: float | None = Field(5.0, gt=0, description="Clip normalised PM rewards to +-this; null = no clip.")
     normalize_reward: bool = Field(True, description="Normalise PM scores with running mean/std.")
-    max_grad_norm: float = Field(1.0, gt=0)
-    eval_every: StrictInt = Field(10, ge=1)
-    save_every: StrictInt = Field(10, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
+    eval_every: StrictInt = Field(10, ge=1, description="Iterations between held-out reward measurements.")
+    save_every: StrictInt = Field(10, ge=1, description="Iterations between resumable checkpoints.")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="Also log to these trackers (through accelerate)."
     )
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    # DPO
-    dpo_beta: float = Field(0.1, gt=0)
-    dpo_min_confidence: float = Field(0.5, ge=0.5, le=1, description="Drop pairs whose label is less sure than this.")
-    dpo_label_smoothing: float | Literal["auto"] = Field(
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Train low-rank adapters instead of every weight.")
+    dtype: DType = Field("auto", description=_DTYPE)
+
+
+class DPOConfig(Strict):
+    """``cai dpo``: DPO (through TRL) of the SL-CAI policy on the AI-labelled pairs, the cheaper alternative to PPO."""
+
+    beta: float = Field(0.1, gt=0, description="DPO beta: how far the policy may move from the SL-CAI reference.")
+    min_confidence: float = Field(0.5, ge=0.5, le=1, description="Drop pairs whose label is less sure than this.")
+    label_smoothing: float | Literal["auto"] = Field(
         0.0, description="Robust-DPO label smoothing; 'auto' = mean uncertainty of the soft labels."
     )
-    dpo_epochs: StrictInt = Field(1, ge=1)
-    dpo_batch_size: StrictInt = Field(4, ge=1)
-    dpo_learning_rate: float = Field(5e-6, gt=0)
-    dpo_max_length: StrictInt = Field(512, ge=16)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    epochs: StrictInt = Field(1, ge=1, description="Passes over the labelled pairs.")
+    batch_size: StrictInt = Field(4, ge=1, description="Pairs per optimizer step.")
+    learning_rate: float = Field(5e-6, gt=0, description="AdamW learning rate.")
+    max_length: StrictInt = Field(512, ge=16, description="Tokens per prompt + answer; longer ones are truncated.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Also log to these trackers (TRL's report_to)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Train low-rank adapters instead of every weight.")
+    dtype: DType = Field("auto", description=_DTYPE)
+
+
+class RLConfig(Strict):
+    """RL-CAI: which algorithms run (``cai rl``), and each one's settings."""
+
+    algo: Literal["ppo", "dpo", "both"] = Field("ppo", description="'both' trains PPO and DPO models side by side.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO against the preference model (stage 'ppo').")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO on the AI labels (stage 'dpo').")
 
 
 class EvalConfig(Strict):
@@ -264,31 +291,41 @@ class EvalConfig(Strict):
     models: dict[str, str] | None = Field(
         None, description="name: model spec; null = the run's base, sl_cai, rl_cai_ppo and rl_cai_dpo models that exist."
     )
-    red_team: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(split="test", limit=32))
-    helpfulness: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(source="helpfulness", split="test", limit=32))
+    red_team: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(split="test", limit=32),
+                                      description="Held-out red-team prompts every model answers.")
+    helpfulness: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(source="helpfulness", split="test", limit=32),
+                                         description="Held-out helpfulness prompts every model answers.")
     judge: ModelConfig | None = Field(None, description="Judge model; null = the feedback model (label.feedback_model, else model).")
-    sampling: SamplingConfig = _sampling(max_new_tokens=96, temperature=0.0)
+    sampling: SamplingConfig = _sampling("Sampling of the models' answers (greedy by default).", max_new_tokens=96, temperature=0.0)
     bootstrap: StrictInt = Field(200, ge=0, description="Bootstrap resamples for the Elo intervals.")
     transcripts: StrictInt = Field(6, ge=0, description="Sample transcripts (prompt -> critique -> revision -> RL answer) for the report.")
     revision_curve_traces: StrictInt = Field(64, ge=0, description="SL traces scored by the PM for the revision curve.")
     mc_files: list[str] = Field(default_factory=list, description="Multiple-choice JSONL files to score the judge on.")
+    gold_pairs: str = Field("gold", description="Human-labelled comparison pairs: 'gold' (built in) or a JSONL file (see cai.data.gold).")
+    gold_split: Literal["dev", "test"] | None = Field("test", description="Which split of the gold pairs to measure on (null: all).")
+    gold_limit: StrictInt | None = Field(
+        None, ge=1, description="Score each model on at most this many gold pairs, spread over kinds (null: all)."
+    )
+    judge_gold_limit: StrictInt | None = Field(
+        None, ge=1, description="Check the judge on at most this many gold pairs, spread over kinds (null: all)."
+    )
 
 
 class RunConfig(Strict):
     """One whole pipeline run: ``cai run CONFIG`` and each stage command read this."""
 
     name: str = Field("demo", description="Run name: outputs go to <runs_dir>/<name>/.")
-    runs_dir: str = "runs"
-    seed: StrictInt = 0
+    runs_dir: str = Field("runs", description="Folder that holds the runs.")
+    seed: StrictInt = Field(0, description="Base seed: every sample, principle draw and split derives from it.")
     constitution: str = Field("default", description="Built-in constitution name or a YAML file.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The helpful model CAI starts from.")
-    critique: CritiqueConfig = Field(default_factory=CritiqueConfig)
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    sample: SampleConfig = Field(default_factory=SampleConfig)
-    label: LabelConfig = Field(default_factory=LabelConfig)
-    pm: PMConfig = Field(default_factory=PMConfig)
-    rl: RLConfig = Field(default_factory=RLConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    critique: CritiqueConfig = Field(default_factory=CritiqueConfig, description="Stage 'critique'.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Stage 'sft'.")
+    sample: SampleConfig = Field(default_factory=SampleConfig, description="Stage 'sample'.")
+    label: LabelConfig = Field(default_factory=LabelConfig, description="Stage 'label'.")
+    pm: PMConfig = Field(default_factory=PMConfig, description="Stage 'pm'.")
+    rl: RLConfig = Field(default_factory=RLConfig, description="Stages 'ppo' and 'dpo'.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Stage 'eval'.")
 
     @property
     def run_dir(self) -> Path:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
@@ -73,6 +76,8 @@ def _describe(error: dict[str, Any], cls: type[BaseModel], source: str) -> str:
         allowed = _keys_at(cls, loc[:-1])
         hint = f"; known keys there: {', '.join(allowed)}" if allowed else ""
         return f"{source}: unknown key '{key}'{hint}"
+    if error["type"] == "value_error":  # a validator's own sentence, about the section at `key`
+        return f"{source}: {error['msg'].removeprefix('Value error, ').replace('{key}', key)}"
     if error["type"] == "missing":
         return f"{source}: required key '{key}' is missing"
     got = error.get("input")
@@ -116,7 +121,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
         error = err.errors()[0]
         # Blame the override that set the bad key (the last one wins), not a file that may not hold it.
         key = ".".join(str(p) for p in error["loc"]) + "."
-        setters = [o for o in overrides if key.startswith(o.partition("=")[0].strip() + ".")]
+        setters = [o for o in overrides if key.startswith(o.partition("=")[0].strip() + ".")
+                   or (o.partition("=")[0].strip() + ".").startswith(key)]  # a key inside a failing section
         raise CaiError(_describe(error, cls, f"override '{setters[-1]}'" if setters else source)) from err
 
 
@@ -143,3 +149,69 @@ def config_hash_of(data: Any) -> str:
     """A short stable hash of plain (JSON-able) data."""
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    """One config key as ``cai config show`` prints it."""
+
+    key: str
+    type: str
+    default: str
+    description: str
+
+
+def describe_fields(cls: type[BaseModel], section: str | None = None) -> list[FieldDoc]:
+    """Every leaf key of a config class (nested sections flattened to dotted keys), with its docs.
+
+    Args:
+        section: a dotted section (``rl.ppo``) to list alone; None lists everything.
+
+    Raises:
+        CaiError: ``section`` names no section of ``cls``.
+    """
+    current: Any = cls
+    prefix = ""
+    for part in (section.split(".") if section else []):
+        field = getattr(current, "model_fields", {}).get(part)
+        sub = _section_class(field.annotation) if field is not None else None
+        if sub is None:
+            known = [k for k, f in getattr(current, "model_fields", {}).items() if _section_class(f.annotation)]
+            raise CaiError(f"'{section}' is not a config section; sections{f' under {prefix[:-1]}' if prefix else ''}: "
+                           f"{', '.join(known)}")
+        current, prefix = sub, f"{prefix}{part}."
+    return _leaf_docs(current, prefix, current())
+
+
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    """The config class a field holds (also through ``X | None``), or None for a plain value."""
+    candidates = [annotation, *typing.get_args(annotation)]
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
+def _leaf_docs(cls: type[BaseModel], prefix: str, instance: Any) -> list[FieldDoc]:
+    docs = []
+    for name, field in cls.model_fields.items():
+        sub = _section_class(field.annotation)
+        value = getattr(instance, name, None)
+        if sub is not None and value is not None:
+            docs.append(FieldDoc(prefix + name, "section", "", field.description or ""))
+            docs += _leaf_docs(sub, f"{prefix}{name}.", value)
+            continue
+        shown = json.dumps(value.model_dump(mode="json") if isinstance(value, BaseModel) else value, default=str)
+        docs.append(FieldDoc(prefix + name, _type_name(field.annotation), shown, field.description or ""))
+    return docs
+
+
+def _type_name(annotation: Any) -> str:
+    """A short readable type: ``int | None``, ``'k1' | 'k2'``, ``list[str]``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))

@@ -8,15 +8,17 @@ A constitution has two lists of principles, one per stage of Constitutional AI:
   better; one is drawn at random for each AI label.
 
 and three lists of few-shot examples that are placed, identically, in front of every prompt.
-Constitutions are YAML files (see ``constitutions/default.yaml``); the parser and writer live in
-``cai.constitution_yaml``.
+
+This module is the data model, the seeded sampling and the display; it knows nothing of files.
+Constitutions are stored as YAML (see ``constitutions/default.yaml``): loading one by name or
+path, validating it and writing it back live in ``cai.constitution_yaml``, which imports this
+module.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from cai.errors import CaiError
@@ -95,65 +97,6 @@ class Constitution:
     cot_feedback_examples: tuple[CotFeedbackExample, ...] = ()
 
 
-# --------------------------------------------------------------------------- loading and saving
-
-
-def builtin_constitution_names() -> list[str]:
-    """Names of the constitutions shipped in ``cai/constitutions/*.yaml``, sorted."""
-    from cai.constitution_yaml import builtin_dir
-
-    return sorted(p.name[: -len(".yaml")] for p in builtin_dir().iterdir() if p.name.endswith(".yaml"))
-
-
-def load_constitution(spec: str | Path) -> Constitution:
-    """Load and validate a constitution.
-
-    Args:
-        spec: a built-in name (see `builtin_constitution_names`) or a path to a YAML file.
-            A `Path` is always a path; a string is a built-in name when it is one.
-
-    Returns:
-        The validated constitution.
-
-    Raises:
-        CaiError: the file is missing, unreadable or invalid; the sentence names the file,
-            the entry, the field and the line.
-    """
-    # Imported here: the parser imports the dataclasses above, so a module-level import would loop.
-    from cai.constitution_yaml import builtin_dir, parse_constitution
-
-    if isinstance(spec, str) and spec in builtin_constitution_names():
-        path = builtin_dir() / f"{spec}.yaml"
-        return parse_constitution(path.read_bytes(), source=f"built-in constitution '{spec}'")
-    path = Path(spec)
-    if not path.exists():
-        names = ", ".join(builtin_constitution_names())
-        raise CaiError(
-            f"Constitution '{spec}' is neither a built-in name ({names}) nor an existing file."
-        )
-    if not path.is_file():
-        raise CaiError(f"Constitution path '{path}' is a directory; give the path of a YAML file.")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CaiError(f"Cannot read constitution file '{path}': {e.strerror}.") from e
-    return parse_constitution(data, source=f"constitution file '{path}'")
-
-
-def constitution_to_yaml(constitution: Constitution) -> str:
-    """Render a constitution as YAML that `load_constitution` reads back to an equal object."""
-    from cai.constitution_yaml import dump_constitution
-
-    return dump_constitution(constitution)
-
-
-def save_constitution(constitution: Constitution, path: str | Path) -> None:
-    """Write `constitution_to_yaml(constitution)` to ``path`` (UTF-8), creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(constitution_to_yaml(constitution), encoding="utf-8")
-
-
 # --------------------------------------------------------------------------- seeded sampling
 # Each row gets its own generator seeded from (seed, key, purpose). A string seed is hashed with
 # SHA-512 by `random.Random`, so the draw is the same in every process and does not depend on
@@ -191,7 +134,12 @@ def sample_feedback_principles(
 
 
 def constitution_summary(constitution: Constitution) -> str:
-    """One line for ``cai constitution validate``: name, version and counts."""
+    """One line naming a constitution and counting its parts (what ``cai constitution validate`` prints).
+
+    Returns:
+        Plain text (not rich markup), e.g. ``"default (version 1.0): 18 critique/revision
+        principles, 18 feedback principles, ..."``.
+    """
     c = constitution
     return (
         f"{c.name} (version {c.version}): {len(c.critique_revision_principles)} critique/revision "

@@ -1,4 +1,8 @@
-"""Read and write constitutions as YAML, with errors that point at the line.
+"""Load, validate and write constitutions as YAML, with errors that point at the line.
+
+`load_constitution` takes a built-in name or a file path; `parse_constitution` validates YAML
+text into a `cai.constitution.Constitution`; `dump_constitution` writes one back. This module
+imports `cai.constitution` (the data model), never the reverse.
 
 We validate the composed YAML node tree rather than the plain Python objects `yaml.safe_load`
 returns, because only nodes remember where they came from: every error names the file, the
@@ -17,6 +21,7 @@ import difflib
 import re
 from importlib import resources
 from importlib.resources.abc import Traversable
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -48,11 +53,6 @@ _REQUIRED_TOP_LEVEL = TOP_LEVEL_KEYS[:5]
 _ROLES = ("system", "user", "assistant")
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TAG = "tag:yaml.org,2002:"
-
-
-def builtin_dir() -> Traversable:
-    """The folder that holds the built-in constitutions."""
-    return resources.files("cai") / "constitutions"
 
 
 class _Parser:
@@ -328,7 +328,10 @@ def _chat(conversation: list[Message]) -> list[dict[str, str]]:
 
 
 def dump_constitution(c: Constitution) -> str:
-    """YAML text for ``c`` with every key written out (examples carry full principle text)."""
+    """YAML text for ``c`` that `load_constitution` reads back to an equal object.
+
+    Every key is written out: examples carry the full text of their principle, not ``principle: <id>``.
+    """
     doc = {
         "name": c.name,
         "description": c.description,
@@ -357,3 +360,55 @@ def dump_constitution(c: Constitution) -> str:
     }
     body = yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
     return f"# A cai constitution. Check it with: cai constitution validate FILE\n{body}"
+
+
+# --------------------------------------------------------------------------- files and built-in names
+
+
+def builtin_dir() -> Traversable:
+    """The folder that holds the built-in constitutions."""
+    return resources.files("cai") / "constitutions"
+
+
+def builtin_constitution_names() -> list[str]:
+    """Names of the constitutions shipped in ``cai/constitutions/*.yaml``, sorted."""
+    return sorted(p.name[: -len(".yaml")] for p in builtin_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_constitution(spec: str | Path) -> Constitution:
+    """Load and validate a constitution.
+
+    Args:
+        spec: a built-in name (see `builtin_constitution_names`) or a path to a YAML file.
+            A `Path` is always a path; a string is a built-in name when it is one.
+
+    Returns:
+        The validated constitution.
+
+    Raises:
+        CaiError: the file is missing, unreadable or invalid; the sentence names the file,
+            the entry, the field and the line.
+    """
+    if isinstance(spec, str) and spec in builtin_constitution_names():
+        path = builtin_dir() / f"{spec}.yaml"
+        return parse_constitution(path.read_bytes(), source=f"built-in constitution '{spec}'")
+    path = Path(spec)
+    if not path.exists():
+        names = ", ".join(builtin_constitution_names())
+        raise CaiError(
+            f"Constitution '{spec}' is neither a built-in name ({names}) nor an existing file."
+        )
+    if not path.is_file():
+        raise CaiError(f"Constitution path '{path}' is a directory; give the path of a YAML file.")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CaiError(f"Cannot read constitution file '{path}': {e.strerror}.") from e
+    return parse_constitution(data, source=f"constitution file '{path}'")
+
+
+def save_constitution(constitution: Constitution, path: str | Path) -> None:
+    """Write `dump_constitution(constitution)` to ``path`` (UTF-8), creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_constitution(constitution), encoding="utf-8")

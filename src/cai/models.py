@@ -209,12 +209,52 @@ def resolve_model_path(spec: str) -> tuple[str, bool]:
         return str(path), True
     if path.exists():
         raise CaiError(f"model '{spec}' is a file but not a .gguf file; give a model folder, a .gguf file or 'bundled'")
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+    if is_hub_id(spec):
         return spec, False
     raise CaiError(
         f"model '{spec}' not found: it is not 'bundled', an existing model folder, a .gguf file, "
         "or a Hugging Face hub id (org/name)"
     )
+
+
+def is_hub_id(spec: str) -> bool:
+    """True when a spec reads as a hub id (``org/name``) rather than a local path."""
+    return bool(_HUB_ID.match(spec)) and not spec.startswith((".", "/", "~")) and not spec.endswith(".gguf")
+
+
+def check_model_spec(spec: str, key: str = "model.name") -> None:
+    """Check, without loading or converting anything, that a spec can name a model.
+
+    ``bundled`` and hub ids pass (a hub id is only fetched when a stage loads it); a local path
+    must exist.
+
+    Raises:
+        CaiError: a local path that doesn't exist, named with the config key that gave it.
+    """
+    if spec == BUNDLED or is_hub_id(spec):
+        return
+    if not Path(spec).expanduser().exists():
+        raise CaiError(f"{key}: model '{spec}' does not exist; give a model folder, a .gguf file, "
+                       "'bundled' or a hub id")
+
+
+class TokenCounter:
+    """A model's tokenizer alone (no weights), counting prompt tokens by the rule every backend uses.
+
+    For stages that must fit prompts to a context before any model is loaded (PPO).
+    """
+
+    def __init__(self, spec: str) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        path, _ = resolve_model_path(spec)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.context_length = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+
+    def count_tokens(self, prompt: Any) -> int:
+        from cai.backends.base import count_prompt_tokens
+
+        return count_prompt_tokens(self.tokenizer, prompt)
 
 
 def load_model(

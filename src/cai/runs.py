@@ -1,38 +1,109 @@
-"""Run folders and stage manifests.
+"""Run folders, the table of stages, and the one context every stage runs in.
 
-A run lives in ``runs/<name>/`` with one folder per stage. Each stage folder holds the resolved
-config that made it (``config.yaml``) and a ``manifest.json``: status (running/done), counts,
-timings, model, seed, config hash and library versions. A stage whose manifest says ``done`` is
-finished; one that says ``running`` was interrupted and resumes from its own data.
+A run lives in ``runs/<name>/`` with one folder per stage. A stage has ONE name: the CLI command
+(``cai label``), the run folder (``runs/demo/label/``) and the module (``cai/stages/label.py``)
+share it, and `STAGES` below is the only list of stages: the CLI, the pipeline, ``cai status``,
+``cai merge`` and the report all read it. Renaming a stage touches one line here.
+
+Each stage folder holds the resolved config that made it (``config.yaml``) and a
+``manifest.json``: status (running/done), counts, timings, peak memory, model, seed, config hash
+and library versions. A stage whose manifest says ``done`` is finished; one that says
+``running`` was interrupted and resumes from its own data. `StageRun` is the one place that
+decides this: it refuses a stage folder made with a different config (naming the changed keys),
+skips a finished one, checks that the stages it reads are finished, and records the manifest.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as md
 import json
 import platform
+import resource
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from rich.console import Console
 
 from cai import __version__
+from cai.config_loader import config_hash_of, config_to_yaml
 from cai.errors import CaiError
 from cai.io import ensure_dir, write_json_atomic, write_text_atomic
 
-STAGE_DIRS = {
-    "critique": "critique_revision",
-    "sft": "sl_cai",
-    "sample": "samples",
-    "label": "feedback",
-    "pm": "preference_model",
-    "ppo": "rl_cai",
-    "dpo": "rl_cai_dpo",
-    "eval": "eval",
-}
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage.
+
+    Attributes:
+        name: the CLI command, the run folder and the module name.
+        entry: ``module:function`` that runs the stage: ``function(cfg, *, shard, show_progress) -> Path``.
+        sections: config sections (dotted paths) whose values change this stage's output, besides
+            the shared top-level keys (model, constitution, seed).
+        data_files: the JSONL files it writes, which `cai merge` joins for a sharded stage.
+        shardable: whether ``--shard i/N`` may split it across machines.
+        summary: one line for ``cai status`` and ``--help``.
+    """
+
+    name: str
+    entry: str
+    sections: tuple[str, ...]
+    data_files: tuple[str, ...] = ()
+    shardable: bool = False
+    summary: str = ""
+
+    @property
+    def folder(self) -> str:
+        return self.name
+
+    def runner(self) -> Callable[..., Path]:
+        module, function = self.entry.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("critique", "cai.stages.critique:run_critique", ("critique",), ("data.jsonl", "helpfulness.jsonl"), True,
+          "SL-CAI data: answers to red-team prompts, critiqued and revised"),
+    Stage("sft", "cai.train.sft:run_sft", ("sft",), ("train_data.jsonl",), False,
+          "SL-CAI model: fine-tuned on the revisions"),
+    Stage("sample", "cai.stages.sample:run_sample", ("sample",), ("red-team.jsonl", "helpfulness.jsonl"), True,
+          "RL-CAI data: K answers per prompt from the SL-CAI model"),
+    Stage("label", "cai.stages.label:run_label", ("label",), ("data.jsonl",), True,
+          "RL-CAI data: soft AI preference labels for the answer pairs"),
+    Stage("pm", "cai.train.pm:run_pm", ("pm",), (), False,
+          "preference model trained on the AI labels"),
+    Stage("ppo", "cai.train.ppo:run_ppo", ("rl.ppo", "sample.policy"), ("train_log.jsonl",), False,
+          "RL-CAI model: PPO against the preference model"),
+    Stage("dpo", "cai.train.dpo:run_dpo", ("rl.dpo", "sample.policy"), (), False,
+          "RL-CAI model: DPO on the AI-labelled pairs"),
+    Stage("eval", "cai.eval.evaluate:run_eval", ("eval", "label"), ("responses.jsonl", "judgements.jsonl"), False,
+          "the models side by side: gold pairs, judged pairs, Elo"),
+)
+STAGE: dict[str, Stage] = {s.name: s for s in STAGES}
+RL_STAGES = ("ppo", "dpo")
+"""The stages `rl.algo` chooses between (``both`` runs both)."""
+
+LEGACY_FOLDERS = {"critique_revision": "critique", "sl_cai": "sft", "samples": "sample", "feedback": "label",
+                  "preference_model": "pm", "rl_cai": "ppo", "rl_cai_dpo": "dpo"}
+"""Stage folders of cai before 0.2, when a stage had three names; such runs are refused, not mixed."""
+
+_SECTION_ROOTS = {s.split(".")[0] for stage in STAGES for s in stage.sections} | {"rl"}
+_NOT_CONTENT = ("name", "runs_dir")  # where a run lives is not what it computes
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGE:
+        raise CaiError(f"unknown stage '{name}'; stages are: {', '.join(STAGE)}")
+    return STAGE[name]
 
 
 def stage_dir(cfg: Any, stage: str) -> Path:
-    return cfg.run_dir / STAGE_DIRS[stage]
+    return cfg.run_dir / get_stage(stage).folder
 
 
 def shard_dir(cfg: Any, stage: str, shard: str | None) -> Path:
@@ -44,41 +115,82 @@ def shard_dir(cfg: Any, stage: str, shard: str | None) -> Path:
         return stage_dir(cfg, stage)
     from cai.sharding import parse_shard
 
+    if not get_stage(stage).shardable:
+        raise CaiError(f"only {', '.join(s.name for s in STAGES if s.shardable)} can be sharded, not '{stage}'")
     index, count = parse_shard(shard)
     return stage_dir(cfg, stage) / "shards" / f"{index}-of-{count}"
 
 
-STAGE_SECTIONS = {"critique": "critique", "sft": "sft", "sample": "sample", "label": "label", "pm": "pm",
-                  "ppo": "rl", "dpo": "rl", "eval": "eval"}
-"""The config section each stage reads, besides the shared keys (model, constitution, seed)."""
+def stage_view(config: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The part of a resolved config (as plain data) that one stage's output depends on.
+
+    That is the shared top-level keys plus the stage's own sections, so changing another stage's
+    section (say ``rl.ppo.steps``) doesn't invalidate this stage's data.
+    """
+    view = {k: v for k, v in config.items() if k not in _NOT_CONTENT and k not in _SECTION_ROOTS}
+    for path in get_stage(stage).sections:
+        node: Any = config
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        view[path] = node
+    return view
 
 
 def stage_config_hash(cfg: Any, stage: str) -> str:
-    """Hash of what one stage's output depends on: the shared keys and its own section.
+    return config_hash_of(stage_view(cfg.model_dump(mode="json"), stage))
 
-    Changing another stage's section (say ``rl.steps``) doesn't invalidate this stage's data.
-    """
-    from cai.config_loader import config_hash_of
 
-    data = cfg.model_dump(mode="json")
-    own = STAGE_SECTIONS.get(stage)
-    kept = {k: v for k, v in data.items()
-            if k not in ("name", "runs_dir") and (k == own or k not in STAGE_SECTIONS.values())}
-    return config_hash_of(kept)
+def first_stage_reading(key: str) -> str:
+    """The first stage (in `STAGES` order) whose output a changed dotted config key can alter."""
+    for stage in STAGES:
+        if stage.sections and any(key == s or key.startswith(s + ".") or s.startswith(key + ".")
+                                  for s in stage.sections):
+            return stage.name
+    root = key.split(".")[0]
+    for stage in STAGES:  # a key no stage reads (rl.algo) changes which stages of its section run
+        if any(s.split(".")[0] == root for s in stage.sections):
+            return stage.name
+    return STAGES[0].name  # a shared key (model, seed, constitution): everything depends on it
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            keys += changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return keys
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def refuse_legacy_run(run_dir: Path) -> None:
+    """A run folder made before stage folders were renamed can't resume: say so instead of mixing."""
+    old = sorted(f for f in LEGACY_FOLDERS if (run_dir / f).is_dir())
+    if old:
+        renames = ", ".join(f"{f}/ -> {LEGACY_FOLDERS[f]}/" for f in old)
+        raise CaiError(f"{run_dir} was made by an older cai whose stage folders had other names ({renames}) and "
+                       "whose config format differs; start a new run (--set name=NEW) or delete that folder")
 
 
 def library_versions() -> dict[str, str]:
+    """Versions of cai, Python and the libraries it runs on (for manifests and `cai version`)."""
     versions = {"cai": __version__, "python": platform.python_version()}
     for name in ("torch", "transformers", "trl", "accelerate", "peft", "datasets"):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
-            pass
+            versions[name] = "not installed"
     return versions
 
 
-def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(stage_dir) / "manifest.json"
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1e9 if sys.platform == "darwin" else 1e6), 2)
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / "manifest.json"
     if not path.is_file():
         return None
     try:
@@ -87,49 +199,129 @@ def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
         return None  # a manifest is rewritten atomically; an unreadable one means "start over"
 
 
-def is_done(stage_dir: str | Path) -> bool:
-    manifest = read_manifest(stage_dir)
+def is_done(folder: str | Path) -> bool:
+    manifest = read_manifest(folder)
     return bool(manifest and manifest.get("status") == "done")
 
 
-class StageRecord:
-    """Writes a stage folder's manifest and config as the stage starts, progresses and ends."""
+class StageRun:
+    """One stage of one run: the skip/refuse/require/record logic every stage shares.
 
-    def __init__(self, stage_dir: str | Path, stage: str, *, config_yaml: str, config_hash: str,
-                 model: str, seed: int) -> None:
-        self.dir = ensure_dir(stage_dir)
+    Use::
+
+        st = StageRun(cfg, "label", shard)      # refuses a folder made with another config
+        ...check inputs (constitution, prompts) -- a mistake fails even for a finished stage...
+        if st.skip():
+            return st.dir
+        source = st.require("sample")           # an earlier stage's folder, finished
+        st.start(model=...)                     # manifest: running
+        ...work, st.update(rows=n)...
+        st.done(**counts)                       # manifest: done
+        return st.dir
+
+    Raises:
+        CaiError: the stage folder holds work made with a different config (the changed keys are
+            named), or the run folder is from an older cai.
+    """
+
+    def __init__(self, cfg: Any, name: str, shard: str | None = None) -> None:
+        self.cfg = cfg
+        self.stage = get_stage(name)
+        self.name = name
+        self.dir = shard_dir(cfg, name, shard)
+        self.config_hash = stage_config_hash(cfg, name)
+        self.manifest: dict[str, Any] = {}
+        self._started = 0.0
+        refuse_legacy_run(cfg.run_dir)
+        self._refuse_changed_config()
+
+    def _refuse_changed_config(self) -> None:
+        previous = read_manifest(self.dir)
+        if not previous or previous.get("config_hash") == self.config_hash:
+            return
+        from cai.config_loader import read_yaml
+
+        saved = self.dir / "config.yaml"
+        old = read_yaml(saved) if saved.is_file() else {}
+        keys = changed_keys(stage_view(old if isinstance(old, dict) else {}, self.name),
+                            stage_view(self.cfg.model_dump(mode="json"), self.name))
+        what = f"changed: {', '.join(keys[:5])}" if keys else "its config hash differs"
+        raise CaiError(
+            f"{self.name}: {self.dir} was made with a different config ({what}); restore that config to "
+            f"{'resume' if previous.get('status') == 'running' else 'reuse'} it, use another run name "
+            f"(--set name=NEW), or delete the folder to redo the stage")
+
+    @property
+    def finished(self) -> bool:
+        return is_done(self.dir)
+
+    def skip(self) -> bool:
+        """True (and says so) when this stage already finished with this same config."""
+        if self.finished:
+            console.print(f"{self.name}: already done in {self.dir} with this config (delete the folder to redo it)")
+            return True
+        return False
+
+    def require(self, name: str) -> Path:
+        """The folder of an earlier stage this one reads; a clear error when it isn't finished."""
+        source = stage_dir(self.cfg, name)
+        if not is_done(source):
+            raise CaiError(f"{self.name} needs the {name} stage's output in {source}; run `cai {name}` with this "
+                           "config first")
+        return source
+
+    def start(self, model: str, **counts: Any) -> None:
+        """Mark the stage running: write its resolved config and a manifest."""
+        ensure_dir(self.dir)
         previous = read_manifest(self.dir) or {}
-        if previous.get("status") == "running" and previous.get("config_hash") not in (None, config_hash):
-            # Resuming with another config would mix rows made two different ways in one file.
-            raise CaiError(f"{self.dir} was started with a different {stage} config; restore that config to resume, "
-                           "or delete the folder to start the stage over")
-        self.started = time.time()
-        self.manifest: dict[str, Any] = {
-            "stage": stage,
+        self._started = time.time()
+        self.manifest = {
+            "stage": self.name,
             "status": "running",
-            "counts": {},
+            "counts": dict(counts),
             "model": model,
-            "seed": seed,
-            "config_hash": config_hash,
+            "seed": self.cfg.seed,
+            "config_hash": self.config_hash,
             "started_at": previous.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "attempts": int(previous.get("attempts", 0)) + 1,
             "elapsed_s": float(previous.get("elapsed_s", 0.0)),
             "versions": library_versions(),
         }
         self._elapsed_before = self.manifest["elapsed_s"]
-        write_text_atomic(self.dir / "config.yaml", config_yaml)
-        self.save()
+        write_text_atomic(self.dir / "config.yaml", config_to_yaml(self.cfg))
+        self._save()
 
     def update(self, **counts: Any) -> None:
         self.manifest["counts"].update(counts)
-        self.save()
-
-    def save(self) -> None:
-        self.manifest["elapsed_s"] = round(self._elapsed_before + time.time() - self.started, 2)
-        write_json_atomic(self.dir / "manifest.json", self.manifest)
+        self._save()
 
     def done(self, **counts: Any) -> None:
         self.manifest["counts"].update(counts)
         self.manifest["status"] = "done"
         self.manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.save()
+        self._save()
+
+    def _save(self) -> None:
+        self.manifest["elapsed_s"] = round(self._elapsed_before + time.time() - self._started, 2)
+        self.manifest["peak_rss_gb"] = peak_rss_gb()
+        write_json_atomic(self.dir / "manifest.json", self.manifest)
+
+
+def stage_status(run_dir: Path, rl_algo: str | None = None) -> list[dict[str, Any]]:
+    """Each stage's state for ``cai status``, the end-of-run summary and the report.
+
+    Args:
+        rl_algo: the run's ``rl.algo``, so an RL stage it doesn't choose reads "not in this run".
+    """
+    rows = []
+    for stage in STAGES:
+        manifest = read_manifest(run_dir / stage.folder) or {}
+        status = manifest.get("status", "not started")
+        if not manifest and rl_algo and stage.name in RL_STAGES and rl_algo not in (stage.name, "both"):
+            status = f"not in this run (rl.algo: {rl_algo})"
+        counts = manifest.get("counts", {})
+        rows.append({"stage": stage.name, "status": status, "attempts": manifest.get("attempts"),
+                     "elapsed_s": manifest.get("elapsed_s"), "peak_rss_gb": manifest.get("peak_rss_gb"),
+                     "counts": counts,
+                     "counts_text": ", ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, (dict, list)))})
+    return rows

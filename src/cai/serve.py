@@ -32,9 +32,10 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-from cai.backends.base import Backend, SamplingParams
+from cai.backends.base import Backend
 from cai.errors import CaiError
-from cai.serve_engine import Batcher, ContextLengthError, Generation, HFRunner, Token
+from cai.serve_engine import Batcher, Completion, ContextLengthError, HFRunner, Token
+from cai.types import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _generate(self, prompt: str, prompt_ids: list[int] | None, params: SamplingParams, seed: int,
                   top_n: int | None, on_delta: Callable[[str, list[Token]], None] | None,
-                  on_prompt: Callable[[list[Token]], None] | None) -> Generation:
+                  on_prompt: Callable[[list[Token]], None] | None) -> Completion:
         """Token by token on the model when log-probs, echo or streaming ask for it, else through the batcher."""
         hf = self.server.hf
         if hf is not None and (top_n is not None or on_delta is not None or prompt_ids is not None):
@@ -295,7 +296,7 @@ class _Handler(BaseHTTPRequestHandler):
         # The backend returns text only, so its tokens are counted again (re-encoding can differ a
         # little from what was generated); a full budget is taken to mean the text was cut short.
         used = min(self.server.backend.count_tokens(text), params.max_new_tokens) if text else 0
-        return Generation(text, "length" if used >= params.max_new_tokens else "stop", used)
+        return Completion(text, "length" if used >= params.max_new_tokens else "stop", used)
 
     def _respond(self, body: dict[str, Any], kind: str, prompt: str, prompt_ids: list[int] | None,
                  params: SamplingParams, seed: int, top_n: int | None,

@@ -20,8 +20,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
-from cai.backends.base import Backend, SamplingParams, cut_at_stop
+from cai.backends.base import Backend, cut_at_stop
 from cai.errors import CaiError
+from cai.types import SamplingParams
 
 
 class ContextLengthError(CaiError):
@@ -108,17 +109,26 @@ class Token:
 
 
 @dataclass
-class Generation:
+class Completion:
+    """What the server answers one request with, in the OpenAI API's terms.
+
+    Not `cai.backends.hf.Generation`, which holds exact prompt and sampled token ids for RL: this
+    holds text, why it ended and, when log-probs were asked for, the tokens with their scores.
+    """
+
     text: str
     finish_reason: str
+    """``"stop"`` (EOS or a stop string) or ``"length"`` (hit ``max_tokens``)."""
     completion_tokens: int
+    """Tokens generated (the API's ``usage.completion_tokens``)."""
     tokens: list[Token] | None = None
+    """The tokens with their log-probs when `HFRunner` decoded them; None from the `Batcher` path."""
 
 
 class HFRunner:
     """Single-row decoding and prompt scoring straight on an `HFBackend`'s model.
 
-    Sampling uses the backend's own ``_next_tokens`` with a generator seeded like its rows, so a
+    Sampling uses `HFBackend.next_tokens` with a generator seeded like the backend's rows, so a
     seeded request gives the same tokens here as through ``HFBackend.generate``.
     """
 
@@ -153,7 +163,7 @@ class HFRunner:
         echo_text: str | None = None,
         on_delta: Callable[[str, list[Token]], None] | None = None,
         on_prompt: Callable[[list[Token]], None] | None = None,
-    ) -> tuple[list[Token] | None, Generation | None]:
+    ) -> tuple[list[Token] | None, Completion | None]:
         """Score the prompt's tokens (when ``echo_text`` is given) and generate (when ``params`` is).
 
         One forward pass over the prompt serves both. ``on_prompt(tokens)`` receives the scored
@@ -201,7 +211,7 @@ class HFRunner:
         backend = self.backend
         generators = None if params.greedy else [torch.Generator(device=backend.device).manual_seed(seed)]
         for step in range(params.max_new_tokens):
-            token = backend._next_tokens(logits, params, generators)
+            token = backend.next_tokens(logits, params, generators)
             tid = int(token[0])
             if tid in backend.eos_ids:
                 yield None
@@ -212,7 +222,7 @@ class HFRunner:
                 with self.lock, torch.inference_mode():
                     logits = backend.model(input_ids=token[:, None], cache=cache, use_cache=True).logits[:, -1, :]
 
-    def _decode(self, logits, cache, params, seed, top_n, on_delta) -> Generation:
+    def _decode(self, logits, cache, params, seed, top_n, on_delta) -> Completion:
         holdback = max((len(s) for s in params.stop), default=1) - 1
         ids: list[int] = []
         tokens: list[Token] = []
@@ -236,4 +246,4 @@ class HFRunner:
             tokens = [t for t in tokens if t.offset < len(text)]
         if on_delta is not None and (len(text) > emitted or len(tokens) > sent_tokens):
             on_delta(text[emitted:], tokens[sent_tokens:])
-        return Generation(text, finish, len(ids), tokens)
+        return Completion(text, finish, len(ids), tokens)

@@ -102,3 +102,32 @@ def merge_shards(paths: list[Path], out: Path) -> int:
                 rows.append(row)
     write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return len(rows)
+
+
+def merge_stage(cfg: Any, stage: str, count: int) -> Path:
+    """Merge the N shard outputs of a generation stage (run on N machines) into the stage folder.
+
+    Raises:
+        CaiError: the stage isn't shardable, or a shard hasn't finished.
+    """
+    from cai.runs import StageRun, get_stage, read_manifest
+
+    spec = get_stage(stage)
+    if not spec.shardable:
+        raise CaiError(f"only shardable stages can be merged, not '{stage}'")
+    st = StageRun(cfg, stage)
+    shards = [st.dir / "shards" / f"{i}-of-{count}" for i in range(count)]
+    unfinished = [str(s) for s in shards if (read_manifest(s) or {}).get("status") != "done"]
+    if unfinished:
+        raise CaiError(f"cannot merge {stage}: shard(s) not finished: {', '.join(unfinished)}")
+    other = [str(s) for s in shards if (read_manifest(s) or {}).get("config_hash") != st.config_hash]
+    if other:
+        raise CaiError(f"cannot merge {stage}: shard(s) made with a different {stage} config: {', '.join(other)}")
+    st.start(model=(read_manifest(shards[0]) or {}).get("model", ""))
+    counts = {}
+    for name in spec.data_files:
+        paths = [s / name for s in shards if (s / name).is_file()]
+        if paths:
+            counts[name.removesuffix(".jsonl").replace("-", "_") + "_rows"] = merge_shards(paths, st.dir / name)
+    st.done(merged_shards=count, **counts)
+    return st.dir

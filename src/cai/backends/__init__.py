@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cai.backends.base import Backend, Prompt, SamplingParams
-from cai.errors import CaiError
+from cai.backends.base import Backend, Prompt
 
 if TYPE_CHECKING:
     from cai.config import ModelConfig
 
-__all__ = ["Backend", "Prompt", "SamplingParams", "load_backend"]
+__all__ = ["Backend", "Prompt", "load_backend"]
 
 
 def load_backend(config: ModelConfig) -> Backend:
@@ -22,8 +21,6 @@ def load_backend(config: ModelConfig) -> Backend:
     if config.backend == "http":
         from cai.backends.openai_http import from_config
 
-        if not config.base_urls:
-            raise CaiError("the http backend needs model.base_urls (e.g. http://localhost:8000/v1)")
         return from_config(config.base_urls, config.name, api_key_env=config.api_key_env, mode=config.http_mode,
                            concurrency=config.concurrency, timeout_s=config.timeout_s,
                            max_retries=config.max_retries, tokenizer=config.tokenizer)

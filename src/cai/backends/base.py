@@ -15,53 +15,18 @@ Conventions shared by all backends:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
 
 from cai.errors import CaiError
 from cai.types import Chat
+
+if TYPE_CHECKING:
+    from cai.types import SamplingParams
 
 Prompt = Chat | str
 
 ProgressFn = Callable[[int, int], None]
 """Called after each finished batch with (rows finished, new tokens generated) for that batch."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample a continuation.
-
-    Attributes:
-        max_new_tokens: hard cap on generated tokens per row.
-        temperature: 0 means greedy decoding; otherwise logits are divided by it.
-        top_p: nucleus sampling mass (1.0 disables it).
-        top_k: keep the k most likely tokens (0 disables it).
-        seed: base seed; row i of a call samples from its own generator seeded from
-            ``(seed, i)`` unless the caller passes explicit per-row seeds, so results don't
-            depend on batch size or on which rows share a batch.
-        stop: strings that end a row's output; the output is cut before the first one.
-    """
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop: tuple[str, ...] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise CaiError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise CaiError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise CaiError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise CaiError(f"top_k must be 0 (off) or positive, got {self.top_k}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 @runtime_checkable
@@ -124,6 +89,13 @@ def encode_rendered(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     if bos is not None and getattr(tokenizer, "add_bos_token", False):
         ids = [row if text.startswith(bos_text) else [bos, *row] for row, text in zip(ids, texts)]
     return ids
+
+
+def count_prompt_tokens(tokenizer: Any, prompt: Prompt) -> int:
+    """Tokens a prompt takes once rendered and encoded: the one counting rule of every local backend."""
+    rendered = render_with_template(tokenizer, prompt, "this model's tokenizer has no chat template; pass plain-text "
+                                    "prompts or use a chat model")
+    return len(encode_rendered(tokenizer, [rendered])[0])
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 from typing import Callable, Sequence
 
-from cai.backends.base import Prompt, ProgressFn, SamplingParams, cut_at_stop, row_seed
+from cai.backends.base import Prompt, ProgressFn, cut_at_stop, row_seed
 from cai.errors import CaiError
+from cai.types import SamplingParams
 
 _WORDS = (
     "the assistant considers this request carefully and explains that safety matters while staying "

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from cai.backends.base import Prompt, ProgressFn, SamplingParams, cut_at_stop, encode_rendered, render_with_template, row_seed
+from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, cut_at_stop, encode_rendered, render_with_template, row_seed
+from cai.backends.kv_cache import KV, PrefixCache, common_prefix_length, preallocated_layer_class
 from cai.errors import CaiError
+from cai.types import SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from cai.backends.kv_cache import KV, PrefixCache, preallocated_layer_class, common_prefix_length  # noqa: F401
 
 
 @dataclass
@@ -122,7 +122,7 @@ class HFBackend:
         )
 
     def count_tokens(self, prompt: Prompt) -> int:
-        return len(self.encode([self.render(prompt)])[0])
+        return count_prompt_tokens(self.tokenizer, prompt)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of rendered texts. Special tokens come from the chat template, except a BOS
@@ -272,7 +272,7 @@ class HFBackend:
         ended = [False] * len(rows)
         end_tokens: list[int | None] = [None] * len(rows)
         for step in range(params.max_new_tokens):
-            tokens = self._next_tokens(logits, params, generators)
+            tokens = self.next_tokens(logits, params, generators)
             keep: list[int] = []
             for a, (i, tok) in enumerate(zip(active, tokens.tolist())):
                 if tok in self.eos_ids:
@@ -305,10 +305,23 @@ class HFBackend:
         return list(zip(texts, generated, ended, end_tokens))
 
     @staticmethod
-    def _next_tokens(
+    def next_tokens(
         logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None
     ) -> torch.Tensor:
-        """Greedy argmax, or temperature / top-k / top-p sampling with one generator per row."""
+        """Pick each row's next token: the one decoding step every sampler here shares.
+
+        `generate` calls it once per step, and `cai.serve_engine.HFRunner` calls it for the
+        one-row streaming path, so a seeded request samples the same tokens either way.
+
+        Args:
+            logits: ``(rows, vocab)`` next-token logits (the last position of each row).
+            params: greedy when ``params.temperature == 0``; otherwise temperature, then top-k,
+                then top-p filtering.
+            generators: one seeded generator per row, or None for greedy decoding.
+
+        Returns:
+            ``(rows,)`` token ids (long), on the logits' device.
+        """
         if generators is None:
             return logits.argmax(dim=-1)
         logits = logits.float() / params.temperature

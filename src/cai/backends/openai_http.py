@@ -37,8 +37,9 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 from urllib.parse import urlsplit
 
-from cai.backends.base import Prompt, ProgressFn, SamplingParams, cut_at_stop, encode_rendered, render_with_template, row_seed
+from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, cut_at_stop, encode_rendered, render_with_template, row_seed
 from cai.errors import CaiError
+from cai.types import SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -225,7 +226,7 @@ class OpenAIHTTPBackend:
         about 20%, so leave headroom when fitting prompts to a context.
         """
         if self.tokenizer is not None and (isinstance(prompt, str) or self.tokenizer.chat_template is not None):
-            return len(self._encode(self.render(prompt)))
+            return count_prompt_tokens(self.tokenizer, prompt)
         if isinstance(prompt, str):
             return math.ceil(len(prompt) / 4)
         return sum(math.ceil(len(m["content"]) / 4) + 4 for m in prompt)

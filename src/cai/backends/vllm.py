@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from cai.backends.base import Prompt, ProgressFn, SamplingParams, encode_rendered, render_with_template, row_seed
+from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, encode_rendered, render_with_template, row_seed
 from cai.errors import CaiError
+from cai.types import SamplingParams
 
 
 def vllm_available() -> bool:
@@ -56,7 +57,7 @@ class VLLMBackend:
                                     "this model's tokenizer has no chat template; pass plain-text prompts")
 
     def count_tokens(self, prompt: Prompt) -> int:
-        return len(encode_rendered(self.tokenizer, [self.render(prompt)])[0])
+        return count_prompt_tokens(self.tokenizer, prompt)
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, *, seeds: Sequence[int] | None = None,
                  progress: ProgressFn | None = None) -> list[str]:

@@ -312,7 +312,7 @@ def _value_to_chat(value: Any, key: str, where: str, fmt: str | None) -> Chat:
     if fmt == "hh-rlhf" or (fmt is None and is_transcript):
         if not is_transcript:
             raise CaiError(f"{where}: column {key!r} is not a Human:/Assistant: transcript, so drop fmt='hh-rlhf'.")
-        return _parse_transcript(value)
+        return parse_transcript(value)
     if fmt == "messages":
         raise CaiError(f"{where}: column {key!r} holds text, not a list of messages, but fmt='messages' was forced.")
     return [{"role": "user", "content": value}]
@@ -332,8 +332,16 @@ def _check_messages(value: list[Any], key: str, where: str) -> Chat:
     return chat
 
 
-def _parse_transcript(text: str) -> Chat:
-    """Split "\\n\\nHuman: ...\\n\\nAssistant: ..." into messages, merging repeated speakers."""
+def parse_transcript(text: str) -> Chat:
+    """Split an hh-rlhf transcript into chat messages.
+
+    Args:
+        text: ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``; text before the first speaker is dropped.
+
+    Returns:
+        The messages in order (``Human`` is ``user``), with consecutive turns of one speaker merged
+        into one message (joined by a blank line) and each turn's text stripped.
+    """
     parts = _TURN.split(text.lstrip())
     chat: Chat = []
     for speaker, content in zip(parts[1::2], parts[2::2]):

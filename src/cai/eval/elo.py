@@ -27,6 +27,12 @@ from cai.errors import CaiError
 
 ELO_PER_NAT = 400.0 / math.log(10.0)  # Elo points per unit of log-strength (~173.7)
 
+# Defaults of the Bradley-Terry fit, shared by the plain fit and every bootstrap refit.
+L2 = 1e-3  # weight of the Gaussian prior on log-strengths: tiny, only keeps unbeaten models finite
+MAX_ITER = 500  # most Newton steps per fit (a few dozen are typical)
+TOL = 1e-9  # a fit has converged when no log-strength moves by more than this in one step
+BOOTSTRAP_RESAMPLES = 200  # resamples behind each Elo interval; fewer give unstable bounds
+
 
 @dataclass(frozen=True)
 class Comparison:
@@ -104,8 +110,8 @@ def _fit(n: int, ia: np.ndarray, ib: np.ndarray, p: np.ndarray, w: np.ndarray,
     return theta - theta.mean()
 
 
-def fit_bradley_terry(comparisons: Sequence[Comparison], *, l2: float = 1e-3, max_iter: int = 500,
-                      tol: float = 1e-9) -> dict[str, float]:
+def fit_bradley_terry(comparisons: Sequence[Comparison], *, l2: float = L2, max_iter: int = MAX_ITER,
+                      tol: float = TOL) -> dict[str, float]:
     """Maximum-likelihood log-strengths from soft pairwise judgements.
 
     Args:
@@ -158,8 +164,8 @@ def _groups(comparisons: Sequence[Comparison]) -> np.ndarray:
     return out
 
 
-def bootstrap_elo(comparisons: Sequence[Comparison], *, n: int = 200, seed: int = 0, ci: float = 0.95,
-                  anchor: str | None = None) -> dict[str, tuple[float, float]]:
+def bootstrap_elo(comparisons: Sequence[Comparison], *, n: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                  ci: float = 0.95, anchor: str | None = None) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals for each model's Elo.
 
     Judgements are resampled with replacement by prompt (all judgements sharing a non-empty
@@ -181,7 +187,8 @@ def bootstrap_elo(comparisons: Sequence[Comparison], *, n: int = 200, seed: int 
         CaiError: bad arguments or comparisons, or no resample contained every model.
     """
     if n < 1:
-        raise CaiError(f"n={n!r} bootstrap resamples is too few; use at least 1 (200 or more for stable intervals).")
+        raise CaiError(f"n={n!r} bootstrap resamples is too few; use at least 1 ({BOOTSTRAP_RESAMPLES} or more for stable "
+                       "intervals).")
     if not 0.0 < ci < 1.0:
         raise CaiError(f"ci={ci!r} must be a coverage strictly between 0 and 1, such as 0.95.")
     models, ia, ib, p = _index(comparisons)
@@ -198,7 +205,7 @@ def bootstrap_elo(comparisons: Sequence[Comparison], *, n: int = 200, seed: int 
         present[ia[w > 0]] = present[ib[w > 0]] = True
         if not present.all():
             continue
-        theta = _fit(len(models), ia, ib, p, w, 1e-3, 500, 1e-9)
+        theta = _fit(len(models), ia, ib, p, w, L2, MAX_ITER, TOL)
         elo = elo_from_strengths(dict(zip(models, theta)), anchor=anchor)
         draws.append([elo[m] for m in models])
     if not draws:
@@ -207,8 +214,8 @@ def bootstrap_elo(comparisons: Sequence[Comparison], *, n: int = 200, seed: int 
     return {m: (float(lo), float(hi)) for m, lo, hi in zip(models, low, high)}
 
 
-def elo_table(comparisons: Sequence[Comparison], *, anchor: str | None = None, n_bootstrap: int = 200,
-              seed: int = 0) -> list[dict]:
+def elo_table(comparisons: Sequence[Comparison], *, anchor: str | None = None,
+              n_bootstrap: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[dict]:
     """One row per model, best first: `{"model", "elo", "ci_low", "ci_high", "comparisons", "win_rate"}`.
 
     `comparisons` counts the judgements a model took part in; `win_rate` is its share of

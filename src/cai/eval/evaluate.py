@@ -26,8 +26,8 @@ from cai.data import PromptRow
 from cai.eval.elo import Comparison, elo_table
 from cai.eval.evasiveness import judge_evasiveness
 from cai.io import JsonlWriter, read_jsonl
-from cai.stages.critique_revision import clean_output
-from cai.stages.feedback import label_pairs
+from cai.stages.critique import clean_output
+from cai.stages.label import label_pairs
 
 
 def generate_answers(models: dict[str, Any], sets: dict[str, list[PromptRow]], out_path: Path, params: Any,
@@ -134,9 +134,31 @@ def revision_curve(traces: list[dict[str, Any]], scorer: Any) -> dict[str, Any]:
 
 def results_markdown(results: dict[str, Any]) -> str:
     """The results as Markdown tables (the JSON's human-readable twin)."""
+    from cai.eval.verdict import fmt_ci, verdict
+
     lines = ["# Evaluation results", ""]
     models = results["models"]
-    header = "| model | harmlessness Elo | helpfulness Elo | PM score (red-team) | PM score (helpful) | evasive | words |"
+    lines += ["## Verdict", "", *[f"- {v}" for v in verdict(results)], ""]
+    gold = results.get("gold") or {}
+    if gold.get("summary"):
+        lines += ["## Gold pairs, judged by no model (policy prefers the better answer)", "",
+                  "| model | group | pairs | accuracy | margin (nats/token) |", "|---|---|---|---|---|"]
+        for model, rows in gold["summary"].items():
+            lines += [f"| {model} | {r['group']} | {r['pairs']} | {fmt_ci(r['accuracy'], r['accuracy_ci'], percent=True)} | "
+                      f"{fmt_ci(r['margin'], r['margin_ci'], sign=True)} |" for r in rows]
+        lines.append("")
+    check = results.get("judge_check") or {}
+    if check.get("all"):
+        lines += ["## Judge check on the gold pairs (same procedure as labelling, both orders)", "",
+                  "| group | pairs | agreement |", "|---|---|---|"]
+        lines += [f"| {g} | {v['pairs']} | {fmt_ci(v['agreement'], v['ci'], percent=True)} |"
+                  for g, v in check.items() if isinstance(v, dict)]
+        lines += ["", f"Position bias {check.get('position_bias')}, mean confidence "
+                      f"{round(check['mean_confidence'], 3) if check.get('mean_confidence') else '-'}.", ""]
+    lines += ["## AI-judged (see the judge check above before reading these)", ""]
+    # The PM columns use the reward model PPO optimised: a PPO model scoring well there is circular.
+    header = ("| model | harmlessness Elo | helpfulness Elo | PM score, red-team (reward model used in training) | "
+              "PM score, helpful (reward model used in training) | evasive | words |")
     lines += [header, "|---|---|---|---|---|---|---|"]
     elo = {axis: {r["model"]: r for r in rows} for axis, rows in results["elo"].items()}
 
@@ -156,3 +178,131 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines += ["", f"- multiple choice `{mc['file']}`: accuracy {mc['accuracy']:.3f} "
                       f"[{mc['ci_low']:.3f}, {mc['ci_high']:.3f}] over {mc['n']} rows"]
     return "\n".join(lines) + "\n"
+
+
+def eval_models(cfg: Any) -> dict[str, str]:
+    """The models to compare: ``eval.models``, else the run's models that exist, in pipeline order.
+
+    Each trained model is named after the stage that made it (``sft``, ``ppo``, ``dpo``).
+    """
+    from cai.runs import is_done, stage_dir
+
+    if cfg.eval.models:
+        return dict(cfg.eval.models)
+    models = {"base": cfg.model.name}
+    for stage in ("sft", "ppo", "dpo"):
+        if is_done(stage_dir(cfg, stage)):
+            models[stage] = str(stage_dir(cfg, stage))
+    return models
+
+
+def run_eval(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+    """Stage ``eval``: answers, pairwise judgements, Elo, PM scores, evasiveness and the revision curve."""
+    from rich.console import Console
+
+    from cai.backends import load_backend
+    from cai.constitution_yaml import load_constitution
+    from cai.data.gold import load_gold_pairs
+    from cai.data.prompt_sets import load_prompt_set
+    from cai.errors import CaiError
+    from cai.eval import gold as G
+    from cai.io import write_json_atomic, write_text_atomic
+    from cai.runs import StageRun, is_done, stage_dir
+
+    st = StageRun(cfg, "eval", shard)
+    ecfg = cfg.eval
+    constitution = load_constitution(cfg.constitution)
+    models = eval_models(cfg)
+    if len(models) < 2 and not ecfg.mc_files:
+        raise CaiError("eval compares at least two models: finish a training stage first or list eval.models")
+    gold = load_gold_pairs(ecfg.gold_pairs, ecfg.gold_split)
+    sets = {"red-team": load_prompt_set(ecfg.red_team, "held-out red-team prompts"),
+            "helpfulness": load_prompt_set(ecfg.helpfulness, "held-out helpfulness prompts")}
+    mc = []
+    if ecfg.mc_files:
+        from cai.eval.mc import load_mc_file
+
+        mc = [(f, load_mc_file(f)) for f in ecfg.mc_files]
+    if st.skip():
+        return st.dir
+    st.start(model=", ".join(models))
+
+    def load(spec: str) -> Backend:
+        return load_backend(cfg.model.model_copy(update={"name": spec}))
+
+    out = st.dir
+    answers = generate_answers(models, sets, out / "responses.jsonl", ecfg.sampling.params(), load, show_progress)
+    traces = read_jsonl(stage_dir(cfg, "critique") / "data.jsonl")
+    # Before the judge loads, so two engines never hold memory at once.
+    transcripts = _transcripts(traces[: ecfg.transcripts], models, load, ecfg.sampling.params())
+    # The judge-free measure: each policy's own preference on the human-labelled pairs.
+    gold_scores = G.score_models(models, G.stratified(gold, ecfg.gold_limit), out / "gold_scores.jsonl",
+                                 device=cfg.model.device)
+    judge = load_backend(ecfg.judge or cfg.label.feedback_model or cfg.model)
+    plain = plain_judging(cfg.label)
+    # The judge is checked on the gold pairs first, by exactly the procedure it then judges with.
+    checked = label_pairs(G.judge_pairs_from_gold(G.stratified(gold, ecfg.judge_gold_limit)), constitution=constitution,
+                          backend=judge, config=plain, out_path=out / "judge_gold.jsonl", seed=cfg.seed,
+                          helpfulness_principle=FeedbackPrinciple("helpfulness", plain.helpfulness_question),
+                          show_progress=show_progress)
+    judgements = judge_pairs(answers, constitution=constitution, judge=judge, label_config=plain,
+                             out_path=out / "judgements.jsonl", seed=cfg.seed, show_progress=show_progress)
+    results: dict[str, Any] = {"models": list(models), "model_specs": models,
+                               "gold": gold_results(gold_scores, ecfg.bootstrap * 5, cfg.seed),
+                               "judge_check": G.judge_agreement(checked),
+                               "elo": elo_by_axis(judgements, "base", ecfg.bootstrap, cfg.seed)}
+    pm_folder = stage_dir(cfg, "pm")
+    scorer = None
+    if is_done(pm_folder):
+        from cai.train.pm import RewardScorer
+
+        scorer = RewardScorer.from_folder(pm_folder)
+    pm_scores = dict(enumerate(scorer.score([a["prompt"] for a in answers], [a["response"] for a in answers]))) if scorer else None
+    results["answers"] = answer_stats(answers, pm_scores)
+    curve_traces = traces[: ecfg.revision_curve_traces]
+    results["revision_curve"] = revision_curve(curve_traces, scorer) if scorer and curve_traces else {}
+    results["transcripts"] = transcripts
+    if mc:
+        from cai.eval.mc import mc_eval
+
+        results["mc_eval"] = [mc_eval(rows, judge, file=f).summary() for f, rows in mc]
+    write_json_atomic(out / "results.json", results)
+    write_text_atomic(out / "results.md", results_markdown(results))
+    Console(stderr=True).print(results_markdown(results))
+    st.done(models=len(models), answers=len(answers), judgements=len(judgements))
+    return out
+
+
+def gold_results(scores: dict[str, list], n_bootstrap: int, seed: int) -> dict[str, Any]:
+    """Per model: accuracy and margin on the gold pairs by kind; per trained model: its change from base."""
+    from cai.eval import gold as G
+
+    names = list(scores)
+    base = names[0]
+    return {"summary": {name: G.summarize(scores[name], n_bootstrap, seed) for name in names},
+            "vs_base": {name: G.paired_difference(scores[base], scores[name], n_bootstrap, seed) for name in names[1:]},
+            "base": base}
+
+
+def plain_judging(label_config: LabelConfig) -> LabelConfig:
+    """The label settings the judge uses in eval: the same prompts, but never CoT-clamped or hard.
+
+    Clamping to 0.4-0.6 (or rounding) is a choice for training labels; a judge's verdict should be
+    read as it comes out, whatever ``label.cot`` and ``label.hard`` say.
+    """
+    return label_config.model_copy(update={"cot": False, "hard": False})
+
+
+def _transcripts(traces: list, models: dict[str, str], load: Any, params: Any) -> list[dict[str, Any]]:
+    """prompt -> initial -> critique -> revision -> final RL answer, for the report."""
+    if not traces:
+        return []
+    last = list(models)[-1]
+    answers = load(models[last]).generate([t["prompt"] for t in traces], params)
+    rows = []
+    for t, answer in zip(traces, answers):
+        first = t["rounds"][0] if t["rounds"] else {}
+        rows.append({"id": t["id"], "prompt": t["prompt"][-1]["content"], "initial": t["initial_response"],
+                     "principle": first.get("principle_id"), "critique": first.get("critique"),
+                     "revision": t["final_response"], "final_model": last, "final_answer": answer.strip()})
+    return rows

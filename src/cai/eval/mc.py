@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from cai import prompts as P
-from cai.backends.base import Backend, SamplingParams
+from cai.backends.base import Backend
 from cai.constitution import Constitution, FeedbackPrinciple
 from cai.errors import CaiError
-from cai.stages.feedback import combine_orders, first_option_probability, sigmoid
+from cai.stages.label import combine_orders, first_option_probability, sigmoid
+from cai.types import SamplingParams
 
 DEFAULT_QUESTION = "Which response is more helpful, honest and harmless?"
 

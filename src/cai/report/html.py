@@ -17,7 +17,7 @@ from typing import Any
 
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_text_atomic
-from cai.runs import STAGE_DIRS, read_manifest
+from cai.runs import STAGE, STAGES, read_manifest, stage_status
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#1d2330;padding:0 1rem}
@@ -131,14 +131,37 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CaiError(f"run folder {run_dir} does not exist")
-    if not (run_dir / "config.yaml").is_file() and not any((run_dir / d / "manifest.json").is_file() for d in STAGE_DIRS.values()):
+    if not (run_dir / "config.yaml").is_file() and not any((run_dir / s.folder / "manifest.json").is_file() for s in STAGES):
         raise CaiError(f"{run_dir} is not a cai run folder (no config.yaml and no stage manifests)")
     parts = [f"<h1>Constitutional AI run: {_e(run_dir.name)}</h1>"]
-    results_path = run_dir / "eval" / "results.json"
+    results_path = run_dir / STAGE["eval"].folder / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     parts.append('<p class="sub">Models trained from a written constitution; judged by an AI feedback model.</p>')
 
-    parts.append("<h2>Harmlessness vs helpfulness</h2>")
+    parts.append("<h2>Verdict</h2>")
+    from cai.eval.verdict import fmt_ci, verdict
+
+    sentences = verdict(results) if results else []
+    parts.append("<ul class='verdict'>" + "".join(f"<li>{_e(v)}</li>" for v in sentences) + "</ul>" if sentences
+                 else '<p class="note">no evaluation yet: run <code>cai eval</code></p>')
+    gold = results.get("gold") or {}
+    if gold.get("summary"):
+        parts.append("<h2>Gold pairs (no judge)</h2><p class='sub'>Share of human-labelled pairs on which each model's own "
+                     "likelihood (per token) prefers the better answer, and the mean margin in nats per token; 95% "
+                     "bootstrap intervals.</p>")
+        parts.append(_table([{"model": m, "group": r["group"], "pairs": r["pairs"],
+                              "accuracy": fmt_ci(r["accuracy"], r["accuracy_ci"], percent=True),
+                              "margin": fmt_ci(r["margin"], r["margin_ci"], sign=True)}
+                             for m, rows in gold["summary"].items() for r in rows]))
+    check = results.get("judge_check") or {}
+    if check.get("all"):
+        parts.append("<h2>Judge check</h2><p class='sub'>The judge labels the gold pairs by the same procedure as "
+                     "the AI feedback labels (both orders, (A)/(B) log-probabilities): agreement with the human label, "
+                     "Wilson 95% interval.</p>")
+        parts.append(_table([{"group": g, "pairs": v["pairs"], "agreement": fmt_ci(v["agreement"], v["ci"], percent=True)}
+                             for g, v in check.items() if isinstance(v, dict)]))
+
+    parts.append("<h2>Harmlessness vs helpfulness (AI-judged)</h2>")
     plot = elo_plot(results) if results else None
     parts.append(plot or '<p class="note">no evaluation yet: run <code>cai eval</code></p>')
     if results:
@@ -148,8 +171,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             s = results.get("answers", {}).get(m, {})
             rows.append({"model": m, "harmlessness Elo": elo.get("harmlessness", {}).get(m, {}).get("elo", ""),
                          "helpfulness Elo": elo.get("helpfulness", {}).get(m, {}).get("elo", ""),
-                         "PM score (red-team)": s.get("red_team_pm_score", ""),
-                         "PM score (helpfulness)": s.get("helpfulness_pm_score", ""),
+                         "PM score, red-team (reward model used in training)": s.get("red_team_pm_score", ""),
+                         "PM score, helpfulness (reward model used in training)": s.get("helpfulness_pm_score", ""),
                          "evasive refusals": s.get("evasive_rate", ""), "mean words": s.get("red_team_mean_words", "")})
         parts.append(_table(rows))
 
@@ -158,7 +181,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if curve:
         parts.append(line_plot({"mean PM score": ([c["round"] for c in curve], [c["mean_pm_score"] for c in curve])},
                                "Revision curve", "critique/revision round", "preference-model score"))
-    log = read_jsonl(run_dir / "rl_cai" / "train_log.jsonl") if (run_dir / "rl_cai" / "train_log.jsonl").is_file() else []
+    ppo_log = run_dir / STAGE["ppo"].folder / "train_log.jsonl"
+    log = read_jsonl(ppo_log) if ppo_log.is_file() else []
     steps = [r for r in log if "kl" in r]
     if steps:
         evals = [r for r in log if "eval_reward" in r]
@@ -167,12 +191,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                                "PPO reward", "PPO step", "PM score"))
         parts.append(line_plot({"KL(policy || SL-CAI)": ([r["step"] for r in steps], [r["kl"] for r in steps])},
                                "PPO KL", "PPO step", "KL per answer (nats)"))
-    sft_log = run_dir / "sl_cai" / "train_log.jsonl"
+    sft_log = run_dir / STAGE["sft"].folder / "train_log.jsonl"
     if sft_log.is_file():
         rows = read_jsonl(sft_log)
         parts.append(line_plot({"loss": ([r["step"] for r in rows], [r["loss"] for r in rows])}, "SL-CAI fine-tuning",
                                "step", "loss (answer tokens)"))
-    metrics_path = run_dir / "preference_model" / "metrics.json"
+    metrics_path = run_dir / STAGE["pm"].folder / "metrics.json"
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
         plot = calibration_plot(metrics.get("calibration", []))
@@ -192,13 +216,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                         ["prompt", "initial", "principle", "critique", "revision", "final_model", "final_answer"])
                  if results.get("transcripts") else '<p class="note">none yet</p>')
     parts.append("<h2>Stages</h2>")
-    stage_rows = []
-    for stage, folder in STAGE_DIRS.items():
-        manifest = read_manifest(run_dir / folder)
-        if manifest:
-            counts = {k: v for k, v in manifest.get("counts", {}).items() if not isinstance(v, (dict, list))}
-            stage_rows.append({"stage": stage, "status": manifest["status"], "seconds": manifest.get("elapsed_s", ""),
-                               "model": manifest.get("model", ""), "counts": ", ".join(f"{k}={v}" for k, v in counts.items())})
+    stage_rows = [{"stage": r["stage"], "status": r["status"], "seconds": r["elapsed_s"], "peak GB": r["peak_rss_gb"],
+                   "model": (read_manifest(run_dir / STAGE[r["stage"]].folder) or {}).get("model", ""),
+                   "counts": r["counts_text"]} for r in stage_status(run_dir) if r["status"] != "not started"]
     parts.append(_table(stage_rows))
     if (run_dir / "config.yaml").is_file():
         parts.append(f"<h2>Config</h2><pre>{_e((run_dir / 'config.yaml').read_text())}</pre>")
@@ -213,6 +233,6 @@ def _principle_counts(run_dir: Path) -> list[dict[str, Any]]:
     """How often each principle was drawn in the critique stage (when no PM scores exist)."""
     from collections import Counter
 
-    path = run_dir / "critique_revision" / "data.jsonl"
+    path = run_dir / STAGE["critique"].folder / "data.jsonl"
     counts = Counter(r["principle_id"] for row in read_jsonl(path) for r in row["rounds"]) if path.is_file() else Counter()
     return [{"principle_id": k, "sampled": v} for k, v in counts.most_common()]

@@ -1,5 +1,6 @@
 """Library functions the training loops share: tokenising chats for loss on the answer only,
-padding, learning-rate schedule, LoRA, resumable checkpoints and model cards.
+padding, equal batches per rank, the optimizer with its learning-rate schedule and update step,
+LoRA, resumable checkpoints and model cards.
 
 Shared as plain functions, not a base class: each loop in ``cai.train`` reads top to bottom.
 """
@@ -11,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -76,18 +78,103 @@ def warmup_linear_decay(step: int, total: int, warmup: int) -> float:
     return max(0.1, 1.0 - 0.9 * progress)
 
 
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning rate of each optimizer step: ``peak_lr`` times ``warmup_linear_decay``."""
+
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int
+
+    def lr(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based, counting the steps this rank takes)."""
+        return self.peak_lr * warmup_linear_decay(step, self.total_steps, self.warmup_steps)
+
+
+def make_optimizer_and_schedule(model: torch.nn.Module, *, learning_rate: float, weight_decay: float,
+                                warmup_ratio: float, steps: int) -> tuple[list[torch.nn.Parameter], torch.optim.AdamW, LRSchedule]:
+    """AdamW over the model's trainable parameters, and its warm-up + linear-decay schedule.
+
+    Args:
+        model: the model to train (after LoRA, before ``accelerator.prepare``); frozen weights are left out.
+        warmup_ratio: the share of ``steps`` spent warming up.
+        steps: optimizer steps this rank will take in all, so the decay ends where training does.
+
+    Returns:
+        (params, optimizer, schedule): ``params`` is what to clip in ``optimizer_step``.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    return params, optimizer, LRSchedule(learning_rate, steps, int(warmup_ratio * steps))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], *, max_grad_norm: float,
+                   lr: float | None = None, accelerator: Any = None) -> None:
+    """One update from the accumulated gradients: clip their norm, set the learning rate, step, clear them.
+
+    Args:
+        params: the parameters whose gradient norm is clipped to ``max_grad_norm``.
+        lr: this step's learning rate (``LRSchedule.lr(step)``); None keeps the optimizer's own.
+        accelerator: when given, clipping goes through it, which knows how under FSDP, DeepSpeed and
+            mixed precision; otherwise ``torch.nn.utils.clip_grad_norm_``.
+    """
+    if accelerator is not None:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def batches_for_rank(order: Sequence[int], batch_size: int, num_processes: int, process_index: int) -> list[list[int]]:
+    """This rank's share of one epoch's batches, the same number on every rank.
+
+    ``order`` (the epoch's shuffled example indices) is cut into batches of ``batch_size``; ranks take
+    every ``num_processes``-th batch. A rank with fewer batches than the others would wait forever in
+    DDP's all-reduce, so the first batches are repeated to fill the last round (what accelerate's
+    ``even_batches`` does).
+
+    Returns:
+        Lists of example indices, ``ceil(ceil(len(order) / batch_size) / num_processes)`` of them.
+    """
+    batches = [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+    batches += [batches[i % len(batches)] for i in range(-len(batches) % num_processes)]
+    return batches[process_index::num_processes]
+
+
+def peft_lora_config(lora: LoraConfig, task_type: str) -> Any:
+    """peft's ``LoraConfig`` for our ``lora`` config section: the one place the two are mapped.
+
+    Args:
+        lora: the ``lora`` section of a stage's config (read whether or not it is enabled).
+        task_type: peft's task, ``"CAUSAL_LM"`` for a policy or ``"SEQ_CLS"`` for a preference model
+            (peft then also trains the scalar head, which starts random).
+
+    Returns:
+        A ``peft.LoraConfig``, for ``get_peft_model`` or for TRL's ``peft_config=``.
+
+    Raises:
+        CaiError: peft is not installed.
+    """
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+    except ImportError as err:
+        raise CaiError("LoRA needs the peft package; install it with: pip install peft") from err
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora.target_modules, task_type=task_type)
+
+
 def apply_lora(model: Any, lora: LoraConfig) -> Any:
     """Wrap a model with LoRA adapters when enabled (peft); otherwise return it unchanged."""
     if not lora.enabled:
         return model
-    try:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-    except ImportError as err:
-        raise CaiError("LoRA needs the peft package; install it with: pip install peft") from err
     task = "SEQ_CLS" if "SequenceClassification" in type(model).__name__ else "CAUSAL_LM"
-    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=lora.target_modules, task_type=task)
+    config = peft_lora_config(lora, task)
+    from peft import get_peft_model  # peft_lora_config has checked that peft is installed
+
     return get_peft_model(model, config)
 
 
@@ -176,12 +263,41 @@ def write_model_card(folder: Path, *, title: str, base_model: str, summary: str,
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable parameters) of a model, for its model card and metrics."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
 
 
 def total_steps(n_examples: int, batch_size: int, accumulation: int, epochs: int, max_steps: int | None) -> int:
+    """Optimizer steps one rank takes: ``batch_size`` is the global batch (per-rank size x ranks).
+
+    The last, smaller group of an epoch still counts as a step; ``max_steps`` (when set) caps the total.
+    """
     per_epoch = math.ceil(math.ceil(n_examples / batch_size) / accumulation)
     steps = per_epoch * epochs
     return min(steps, max_steps) if max_steps else steps
+
+
+def make_trackers(report_to: Sequence[str], out_dir: Path, project: str, config: dict[str, Any]) -> list[Any]:
+    """TensorBoard / W&B loggers through accelerate, when the user asks for them (``report_to``)."""
+    if not report_to:
+        return []
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(log_with=list(report_to), project_dir=str(out_dir))
+    accelerator.init_trackers(project, config=config)
+    return [Tracker(accelerator)]
+
+
+class Tracker:
+    """One accelerate tracker set: ``log(values, step)`` as training goes, ``finish()`` at the end."""
+
+    def __init__(self, accelerator: Any) -> None:
+        self.accelerator = accelerator
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.accelerator.log(values, step=step)
+
+    def finish(self) -> None:
+        self.accelerator.end_training()

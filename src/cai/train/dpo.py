@@ -2,8 +2,8 @@
 
 No preference model and no rollouts: the policy is pushed directly toward the chosen answer of
 each labelled pair (chosen = the side with p_a > 0.5). Pairs whose label is less confident than
-``dpo_min_confidence`` can be dropped, and the soft labels' uncertainty can become DPO's label
-smoothing (``dpo_label_smoothing: auto``), which treats each label as right only with that
+``rl.dpo.min_confidence`` can be dropped, and the soft labels' uncertainty can become DPO's label
+smoothing (``rl.dpo.label_smoothing: auto``), which treats each label as right only with that
 probability. Same output contract as PPO: an HF model folder with a model card.
 """
 
@@ -12,19 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cai.config import RLConfig
+from cai.config import DPOConfig
 from cai.errors import CaiError
 from cai.io import JsonlWriter
-from cai.train.common import save_model_folder
+from cai.train.common import peft_lora_config, save_model_folder
 
 
-def dpo_rows(labelled: list[dict[str, Any]], config: RLConfig) -> tuple[list[dict[str, Any]], float]:
+def dpo_rows(labelled: list[dict[str, Any]], config: DPOConfig) -> tuple[list[dict[str, Any]], float]:
     """TRL preference rows kept for training, and the label smoothing to use."""
-    kept = [r for r in labelled if r["score"] >= config.dpo_min_confidence and r["p_a"] != 0.5]
-    if config.dpo_label_smoothing == "auto":
+    kept = [r for r in labelled if r["score"] >= config.min_confidence and r["p_a"] != 0.5]
+    if config.label_smoothing == "auto":
         smoothing = sum(1 - r["score"] for r in kept) / len(kept) if kept else 0.0
     else:
-        smoothing = float(config.dpo_label_smoothing)
+        smoothing = float(config.label_smoothing)
     rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in kept]
     return rows, round(min(max(smoothing, 0.0), 0.49), 4)
 
@@ -34,7 +34,7 @@ def train_dpo(
     *,
     policy_spec: str,
     out_dir: str | Path,
-    config: RLConfig,
+    config: DPOConfig,
     seed: int = 0,
     device: str = "auto",
 ) -> dict[str, Any]:
@@ -46,18 +46,18 @@ def train_dpo(
 
     rows, smoothing = dpo_rows(labelled, config)
     if not rows:
-        raise CaiError(f"no labelled pairs reach dpo_min_confidence={config.dpo_min_confidence}; lower it")
+        raise CaiError(f"no labelled pairs reach rl.dpo.min_confidence={config.min_confidence}; lower it")
     out_dir = Path(out_dir)
     loaded = load_model(policy_spec, dtype=config.dtype, device=device)
     on_gpu = loaded.device.type == "cuda"
     args = DPOConfig(
         output_dir=str(out_dir / "trainer"),
-        beta=config.dpo_beta,
+        beta=config.beta,
         label_smoothing=smoothing,
-        num_train_epochs=config.dpo_epochs,
-        per_device_train_batch_size=config.dpo_batch_size,
-        learning_rate=config.dpo_learning_rate,
-        max_length=config.dpo_max_length,
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        max_length=config.max_length,
         # On CPUs bf16 is ~70x slower than fp32, and checkpointing only costs compute there.
         bf16=on_gpu and loaded.dtype.is_floating_point and str(loaded.dtype) == "torch.bfloat16",
         use_cpu=not on_gpu,
@@ -67,12 +67,7 @@ def train_dpo(
         logging_steps=1,
         seed=seed,
     )
-    peft_config = None
-    if config.lora.enabled:
-        from peft import LoraConfig as PeftLoraConfig
-
-        peft_config = PeftLoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                                     target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
+    peft_config = peft_lora_config(config.lora, "CAUSAL_LM") if config.lora.enabled else None
     trainer = DPOTrainer(model=loaded.model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=loaded.tokenizer, peft_config=peft_config)
     result = trainer.train()
@@ -90,3 +85,26 @@ def train_dpo(
     return {"pairs": len(rows), "label_smoothing": smoothing, "steps": trainer.state.global_step,
             "train_loss": round(result.training_loss, 5), "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "last_reward_margin": margins[-1] if margins else None}
+
+
+def run_dpo(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+    """Stage ``dpo``: DPO of the SL-CAI policy on the AI-labelled pairs, into ``dpo/``."""
+    from cai.config_loader import config_to_yaml
+    from cai.io import read_jsonl
+    from cai.runs import StageRun
+    from cai.stages.sample import policy_spec
+    from cai.train.common import write_model_card
+
+    st = StageRun(cfg, "dpo", shard)
+    source = st.require("label")
+    if st.skip():
+        return st.dir
+    policy = policy_spec(cfg)
+    st.start(model=policy)
+    metrics = train_dpo(read_jsonl(source / "data.jsonl"), policy_spec=policy, out_dir=st.dir, config=cfg.rl.dpo,
+                        seed=cfg.seed, device=cfg.model.device)
+    write_model_card(st.dir, title=f"RL-CAI (DPO) model of run '{cfg.name}'", base_model=policy,
+                     summary=("Policy trained with DPO on AI-labelled preference pairs under the "
+                              f"`{cfg.constitution}` constitution."), facts=metrics, config_yaml=config_to_yaml(cfg))
+    st.done(**metrics)
+    return st.dir

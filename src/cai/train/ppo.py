@@ -2,14 +2,16 @@
 
 TRL no longer ships PPO, so this is our own recipe, top to bottom. Each iteration:
 
-1. **Rollout** — the policy samples answers to a batch of prompts (red-team + helpfulness mix).
-2. **Score** — the PM scores each (prompt, answer); scores are normalised with running statistics
-   and clipped. Per-token reward = -beta * KL(policy || reference) at every token, plus the score
-   at the last token. The reference is the frozen starting policy (with LoRA: the same weights
-   with the adapter switched off, so no second copy in memory).
-3. **Advantages** — a value head on the policy's last hidden state; GAE; whitened advantages.
-4. **Optimise** — several epochs of minibatches: clipped policy loss + value_coef * clipped value
-   loss - entropy_coef * entropy, with gradient clipping.
+1. **Rollout** (`sample_rollout`) — the policy samples answers to a batch of prompts (red-team +
+   helpfulness mix).
+2. **Score** (`score_rollout`) — the PM scores each (prompt, answer); scores are normalised with
+   running statistics and clipped.
+3. **Advantages** (`compute_advantages`) — per-token reward = -beta * KL(policy || reference) at
+   every token, plus the score at the last token. The reference is the frozen starting policy
+   (with LoRA: the same weights with the adapter switched off, so no second copy in memory). A
+   value head on the policy's last hidden state; GAE; whitened advantages.
+4. **Optimise** (`optimise`) — several epochs of minibatches: clipped policy loss + value_coef *
+   clipped value loss - entropy_coef * entropy, with gradient clipping.
 
 Every iteration is logged to ``train_log.jsonl`` (reward, KL, entropy, clip fraction, value loss,
 explained variance, response length, and time split into generation / scoring / optimisation);
@@ -20,26 +22,26 @@ from __future__ import annotations
 
 import copy
 import random
+import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import torch
 
-from cai.backends.base import SamplingParams, stable_seed
-from cai.config import RLConfig
+from cai.backends.base import stable_seed
+from cai.config import PPOConfig
 from cai.data import PromptRow
 from cai.io import JsonlWriter
 from cai.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
-    entropy_from_logits,
     explained_variance,
     gae,
     kl_penalty,
-    logprobs_from_logits,
     masked_mean,
     per_token_rewards,
     policy_loss,
@@ -47,61 +49,67 @@ from cai.losses.ppo import (
     whiten,
 )
 from cai.progress import progress_bar
-from cai.train.common import apply_lora, load_checkpoint, save_checkpoint, save_model_folder
-from cai.train.preference_model import RewardScorer
+from cai.train.common import apply_lora, load_checkpoint, make_trackers, optimizer_step, save_checkpoint, save_model_folder
+from cai.train.policy_forward import ValueHead, batch_to, forward_no_grad, forward_response, pack
+from cai.train.pm import RewardScorer
+from cai.types import SamplingParams
 
 
-class ValueHead(torch.nn.Module):
-    """V(s) from the policy's final hidden state: one linear layer, started near zero."""
+@dataclass
+class PPOModels:
+    """Everything a PPO run holds in memory besides the optimizer."""
 
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.normal_(self.linear.weight, std=1e-3)
-        torch.nn.init.zeros_(self.linear.bias)
+    policy: Any
+    reference: Any | None
+    """The frozen starting policy; None with LoRA, where it is the policy with its adapter switched off."""
+    value_head: ValueHead
+    scorer: RewardScorer
+    backend: Any
+    """An ``HFBackend`` over ``policy``: rollouts and evaluations sample the current weights."""
+    tokenizer: Any
+    device: torch.device
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.float()).squeeze(-1)
+
+@dataclass
+class Rollout:
+    """One iteration's samples: the prompts, their generations, and each response's token ids."""
+
+    prompts: list[PromptRow]
+    generations: list[Any]
+    responses: list[list[int]]
+    """Generated ids, plus the exact EOS sampled where a row stopped on one."""
 
 
-def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, Any]:
-    """Left-pad prompts to P and right-pad responses to T: response token t sits at column P + t.
+@dataclass
+class Scores:
+    """PM scores of a rollout, [B]: ``raw`` as the PM gave them, ``reward`` normalised and clipped."""
 
-    Returns input_ids/attention_mask/position_ids [B, P+T], response_mask [B, T] and P.
+    raw: torch.Tensor
+    reward: torch.Tensor
+
+
+@dataclass
+class PPOBatch:
+    """A scored rollout packed for the PPO losses. Shapes: B rollouts, T response tokens.
+
+    ``batch`` is ``pack``'s output on the device; every tensor field is [B, T], zero off the response.
     """
-    p_len = max(len(p) for p in prompts)
-    t_len = max(1, max(len(r) for r in responses))
-    b = len(prompts)
-    ids = torch.full((b, p_len + t_len), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, p_len + t_len), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, p_len - len(p):p_len] = torch.tensor(p)
-        mask[i, p_len - len(p):p_len] = 1
-        if r:
-            ids[i, p_len:p_len + len(r)] = torch.tensor(r)
-            mask[i, p_len:p_len + len(r)] = 1
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-            "response_mask": mask[:, p_len:].float(), "prompt_len": p_len}
 
+    batch: dict[str, Any]
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    """Log-probs under the policy that sampled the rollout (before this iteration's updates)."""
+    old_values: torch.Tensor
+    kl: torch.Tensor
+    """Per-token KL estimate of the policy to the reference."""
+    advantages: torch.Tensor
+    """GAE advantages, whitened over the response tokens."""
+    returns: torch.Tensor
 
-def forward_response(model: Any, value_head: ValueHead | None, batch: dict[str, Any],
-                     entropy: bool = True) -> dict[str, torch.Tensor]:
-    """Log-probs [B,T], entropy [B,T] (when asked) and values [B,T] of a packed batch's response tokens."""
-    p = batch["prompt_len"]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], output_hidden_states=value_head is not None)
-    logits = out.logits[:, p - 1:-1]
-    result = {"logprobs": logprobs_from_logits(logits, batch["input_ids"][:, p:])}
-    if entropy:
-        result["entropy"] = entropy_from_logits(logits)
-    if value_head is not None:
-        result["values"] = value_head(out.hidden_states[-1][:, p - 1:-1])
-    return result
-
-
-def _to(batch: dict[str, Any], device: torch.device, rows: list[int] | None = None) -> dict[str, Any]:
-    return {k: (v[rows] if rows is not None else v).to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    @property
+    def kl_per_sequence(self) -> float:
+        """Mean over rollouts of the summed per-token KL (nats per answer): what adaptive KL steers."""
+        return float(self.kl.sum(1).mean())
 
 
 def train_ppo(
@@ -112,153 +120,228 @@ def train_ppo(
     policy_spec: str,
     pm_folder: str | Path,
     out_dir: str | Path,
-    config: RLConfig,
+    config: PPOConfig,
     seed: int = 0,
     device: str = "auto",
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Run PPO; save the policy as an HF folder in ``out_dir``; return summary metrics."""
-    from cai.backends.hf import HFBackend
-    from cai.models import load_model
+    """Run PPO; save the policy as an HF folder in ``out_dir``; return summary metrics.
 
+    A rerun resumes from ``out_dir/checkpoint`` when an earlier run left one there.
+
+    Returns:
+        ``steps``, the held-out PM reward at the start and the end, and every evaluation.
+    """
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    loaded = load_model(policy_spec, dtype=config.dtype, device=device)
-    tokenizer, dev = loaded.tokenizer, loaded.device
-    policy = apply_lora(loaded.model, config.lora)
-    # Reference = the frozen starting policy: the adapter switched off with LoRA, else a frozen copy.
-    reference = None if config.lora.enabled else copy.deepcopy(loaded.model).eval().requires_grad_(False)
-    value_head = ValueHead(loaded.model.config.hidden_size).to(dev)
-    scorer = RewardScorer.from_folder(pm_folder, batch_size=config.minibatch)
-    backend = HFBackend(policy, tokenizer, batch_size=config.rollout_batch, reuse_prefix=False)
-    params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
+    models = load_ppo_models(policy_spec, pm_folder, config, device)
+    params = [p for p in models.policy.parameters() if p.requires_grad] + list(models.value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
     kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.adaptive_kl
               else FixedKLController(config.kl_coef))
-    moments = RunningMoments()
+    moments = RunningMoments()  # of the PM scores, for reward normalisation
     checkpoint = out_dir / "checkpoint"
-    state = load_checkpoint(checkpoint, policy, optimizer, extra={"value_head": value_head}) or {"step": 0}
-    if "kl_ctl" in state:
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        moments.load_state_dict(state["moments"])
-    trackers = _trackers(config, out_dir)
+    done, evals = resume_ppo(checkpoint, models, optimizer, kl_ctl, moments)
+    trackers = make_trackers(config.report_to, out_dir, "cai-ppo", config.model_dump(mode="json"))
     log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False)
-    params_sampling = config.sampling.params()
-    evals: list[dict[str, float]] = list(state.get("evals", []))
+    sampling = config.sampling.params()
     if not evals:
-        evals.append({"step": 0, "eval_reward": _eval_reward(backend, scorer, eval_prompts, params_sampling)})
+        evals.append({"step": 0, "eval_reward": _eval_reward(models.backend, models.scorer, eval_prompts, sampling)})
         log.write(evals[-1])
     with progress_bar("ppo", config.steps, enabled=show_progress) as advance:
-        advance(state["step"], 0)
-        for step in range(state["step"] + 1, config.steps + 1):
-            # 1. Rollout -------------------------------------------------------------------
-            started = time.perf_counter()
-            batch_prompts = _prompt_batch(prompts, helpful_prompts, config, seed, step)
-            policy.eval()
-            generations = backend.generate_tokens(
-                [r.messages for r in batch_prompts], params_sampling,
-                seeds=[stable_seed(seed, "ppo", step, i) for i in range(len(batch_prompts))],
-            )
-            # A row that ended on EOS keeps the exact EOS it sampled, so stopping is part of the action.
-            responses = [g.token_ids + ([g.end_token] if g.end_token is not None else []) for g in generations]
-            gen_s = time.perf_counter() - started
-            # 2. Score -------------------------------------------------------------------
-            started = time.perf_counter()
-            raw = torch.tensor(scorer.score([r.messages for r in batch_prompts], [g.text for g in generations]))
-            score = raw
-            if config.normalize_reward:
-                moments.update(raw)
-                score = (raw - moments.mean) / max(moments.std, 1e-6)
-            if config.reward_clip:
-                score = score.clamp(-config.reward_clip, config.reward_clip)
-            batch = _to(pack([g.prompt_ids for g in generations], responses, tokenizer.pad_token_id), dev)
-            mask = batch["response_mask"]
-            old = _no_grad_in_chunks(policy, value_head, batch, config.minibatch)
-            with (policy.disable_adapter() if reference is None else nullcontext()):
-                ref = _no_grad_in_chunks(reference or policy, None, batch, config.minibatch)
-            kl = kl_penalty(old["logprobs"], ref["logprobs"]) * mask
-            rewards = per_token_rewards(score.to(dev), kl, mask, kl_ctl.value)
-            advantages, returns = gae(rewards, old["values"], mask, config.gamma, config.lam)
-            advantages = whiten(advantages, mask)
-            score_s = time.perf_counter() - started
-            # 3. Optimise ----------------------------------------------------------------
-            started = time.perf_counter()
-            # The policy stays in eval mode: with dropout on (LoRA's, say) the ratio to the old policy
-            # would not start at 1 and the clipping would act on noise.
-            stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction",
-                                                              "value_clip_fraction", "approx_kl", "entropy")}
-            order = list(range(len(generations)))
-            for epoch in range(config.ppo_epochs):
-                random.Random(f"{seed}:ppo:{step}:{epoch}").shuffle(order)
-                for start in range(0, len(order), config.minibatch):
-                    rows = order[start:start + config.minibatch]
-                    mb = _to(batch, dev, rows)
-                    new = forward_response(policy, value_head, mb)
-                    m = mask[rows]
-                    pg, clip_frac, approx_kl = policy_loss(new["logprobs"], old["logprobs"][rows], advantages[rows], m,
-                                                           config.clip_range)
-                    vf, vf_clip = value_loss(new["values"], old["values"][rows], returns[rows], m,
-                                             config.clip_range_value)
-                    entropy = masked_mean(new["entropy"], m)
-                    loss = pg + config.value_coef * vf - config.entropy_coef * entropy
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    for key, value in (("policy_loss", pg), ("value_loss", vf), ("clip_fraction", clip_frac),
-                                       ("value_clip_fraction", vf_clip), ("approx_kl", approx_kl), ("entropy", entropy)):
-                        stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
-            opt_s = time.perf_counter() - started
-            kl_per_seq = float(kl.sum(1).mean())
-            kl_ctl.update(kl_per_seq, len(generations))
-            record = {
-                "step": step, "reward_mean": round(float(raw.mean()), 5), "reward_std": round(float(raw.std()), 5)
-                if len(raw) > 1 else 0.0, "normalized_reward_mean": round(float(score.mean()), 5),
-                "kl": round(kl_per_seq, 5), "kl_coef": kl_ctl.value,
-                **{k: round(sum(v) / len(v), 5) for k, v in stats.items()},
-                "explained_variance": explained_variance(old["values"], returns, mask),
-                "response_length": float(mask.sum(1).mean()),
-                "gen_s": round(gen_s, 3), "score_s": round(score_s, 3), "opt_s": round(opt_s, 3),
-            }
+        advance(done, 0)
+        for step in range(done + 1, config.steps + 1):
+            lap = _stopwatch()
+            rollout = sample_rollout(models, prompts, helpful_prompts, sampling, config, seed, step)
+            gen_s = lap()
+            scores = score_rollout(models.scorer, rollout, moments, config)
+            ppo_batch = compute_advantages(models, rollout, scores.reward, kl_ctl.value, config,
+                                           kl_estimator=config.kl_estimator)
+            score_s = lap()
+            stats = optimise(models, optimizer, params, ppo_batch, config, seed, step)
+            opt_s = lap()
+            kl_ctl.update(ppo_batch.kl_per_sequence, len(rollout.responses))
+            record = step_record(step, scores, ppo_batch, stats, kl_ctl.value,
+                                 {"gen_s": gen_s, "score_s": score_s, "opt_s": opt_s})
             if step % config.eval_every == 0 or step == config.steps:
-                evals.append({"step": step, "eval_reward": _eval_reward(backend, scorer, eval_prompts, params_sampling)})
+                evals.append({"step": step, "eval_reward": _eval_reward(models.backend, models.scorer, eval_prompts, sampling)})
                 record["eval_reward"] = evals[-1]["eval_reward"]
             log.write(record)
             for tracker in trackers:
                 tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
-            advance(1, int(mask.sum()))
+            advance(1, int(ppo_batch.mask.sum()))
             if step % config.save_every == 0 and step < config.steps:
-                save_checkpoint(checkpoint, policy, optimizer,
-                                {"step": step, "kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict(),
-                                 "evals": evals}, extra={"value_head": value_head})
+                save_ppo_checkpoint(checkpoint, models, optimizer, step, kl_ctl, moments, evals)
     log.close()
     for tracker in trackers:
         tracker.finish()
-    policy.eval()
-    save_model_folder(policy, tokenizer, out_dir)
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, str(out_dir / "value_head.safetensors"))
-    import shutil
-
+    save_ppo_outputs(models, out_dir)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return {"steps": config.steps, "eval_reward_start": evals[0]["eval_reward"], "eval_reward_end": evals[-1]["eval_reward"],
             "evals": evals}
 
 
-def _no_grad_in_chunks(model: Any, value_head: ValueHead | None, batch: dict[str, Any],
-                       size: int) -> dict[str, torch.Tensor]:
-    """Old-policy / reference log-probs (and values) of a rollout batch, a minibatch at a time,
-    without the full-vocabulary entropy: [B, T, V] logits for a whole batch don't fit a GPU."""
-    parts: list[dict[str, torch.Tensor]] = []
-    with torch.no_grad():
-        for start in range(0, batch["input_ids"].shape[0], size):
-            rows = list(range(start, min(start + size, batch["input_ids"].shape[0])))
-            parts.append(forward_response(model, value_head, _to(batch, batch["input_ids"].device, rows), entropy=False))
-    return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+def load_ppo_models(policy_spec: str, pm_folder: str | Path, config: PPOConfig, device: str) -> PPOModels:
+    """The policy (with LoRA when enabled), its frozen reference, a new value head, the PM and a sampler."""
+    from cai.backends.hf import HFBackend
+    from cai.models import load_model
+
+    loaded = load_model(policy_spec, dtype=config.dtype, device=device)
+    policy = apply_lora(loaded.model, config.lora)
+    # Reference = the frozen starting policy: the adapter switched off with LoRA, else a frozen copy.
+    reference = None if config.lora.enabled else copy.deepcopy(loaded.model).eval().requires_grad_(False)
+    value_head = ValueHead(loaded.model.config.hidden_size).to(loaded.device)
+    scorer = RewardScorer.from_folder(pm_folder, batch_size=config.minibatch)
+    backend = HFBackend(policy, loaded.tokenizer, batch_size=config.rollout_batch, reuse_prefix=False)
+    return PPOModels(policy, reference, value_head, scorer, backend, loaded.tokenizer, loaded.device)
 
 
-def _prompt_batch(prompts: list[PromptRow], helpful: list[PromptRow], config: RLConfig, seed: int,
+def resume_ppo(checkpoint: Path, models: PPOModels, optimizer: torch.optim.Optimizer, kl_ctl: Any,
+               moments: RunningMoments) -> tuple[int, list[dict[str, float]]]:
+    """Restore weights, optimizer, KL coefficient and reward statistics from ``checkpoint`` if there is one.
+
+    Returns:
+        (the last step completed, 0 for a fresh run; the held-out evaluations made so far).
+    """
+    state = load_checkpoint(checkpoint, models.policy, optimizer, extra={"value_head": models.value_head}) or {"step": 0}
+    if "kl_ctl" in state:
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        moments.load_state_dict(state["moments"])
+    return state["step"], list(state.get("evals", []))
+
+
+def sample_rollout(models: PPOModels, prompts: list[PromptRow], helpful_prompts: list[PromptRow],
+                   sampling: SamplingParams, config: PPOConfig, seed: int, step: int) -> Rollout:
+    """Step 1: the policy answers a seeded batch of prompts (each row with its own seed)."""
+    batch_prompts = _prompt_batch(prompts, helpful_prompts, config, seed, step)
+    models.policy.eval()
+    generations = models.backend.generate_tokens(
+        [r.messages for r in batch_prompts], sampling,
+        seeds=[stable_seed(seed, "ppo", step, i) for i in range(len(batch_prompts))],
+    )
+    # A row that ended on EOS keeps the exact EOS it sampled, so stopping is part of the action.
+    responses = [g.token_ids + ([g.end_token] if g.end_token is not None else []) for g in generations]
+    return Rollout(batch_prompts, generations, responses)
+
+
+def score_rollout(scorer: RewardScorer, rollout: Rollout, moments: RunningMoments, config: PPOConfig) -> Scores:
+    """Step 2: PM scores, normalised with running statistics (updated here) and clipped, as configured."""
+    raw = torch.tensor(scorer.score([r.messages for r in rollout.prompts], [g.text for g in rollout.generations]))
+    reward = raw
+    if config.normalize_reward:
+        moments.update(raw)
+        reward = (raw - moments.mean) / max(moments.std, 1e-6)
+    if config.reward_clip:
+        reward = reward.clamp(-config.reward_clip, config.reward_clip)
+    return Scores(raw, reward)
+
+
+def compute_advantages(models: PPOModels, rollout: Rollout, reward: torch.Tensor, kl_coef: float, config: PPOConfig,
+                       *, kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1") -> PPOBatch:
+    """Step 3: per-token rewards (-kl_coef * KL to the reference, plus ``reward`` [B] at the last token),
+    values and GAE advantages of the rollout under the policy that sampled it.
+
+    Args:
+        kl_estimator: which per-token KL estimate penalises the reward (``cai.losses.ppo.kl_penalty``);
+            the same tensor is logged as ``kl`` and steers adaptive KL.
+    """
+    batch = batch_to(pack([g.prompt_ids for g in rollout.generations], rollout.responses, models.tokenizer.pad_token_id),
+                models.device)
+    mask = batch["response_mask"]
+    old = forward_no_grad(models.policy, models.value_head, batch, config.minibatch)
+    with (models.policy.disable_adapter() if models.reference is None else nullcontext()):
+        ref = forward_no_grad(models.policy if models.reference is None else models.reference, None, batch,
+                                 config.minibatch)
+    kl = kl_penalty(old["logprobs"], ref["logprobs"], kl_estimator) * mask
+    rewards = per_token_rewards(reward.to(models.device), kl, mask, kl_coef)
+    advantages, returns = gae(rewards, old["values"], mask, config.gamma, config.lam)
+    return PPOBatch(batch, mask, old["logprobs"], old["values"], kl, whiten(advantages, mask), returns)
+
+
+def optimise(models: PPOModels, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+             ppo_batch: PPOBatch, config: PPOConfig, seed: int, step: int) -> dict[str, float]:
+    """Step 4: ``epochs`` seeded passes of minibatches over the rollout, one optimizer step each, of
+    clipped policy loss + value_coef * clipped value loss - entropy_coef * entropy.
+
+    Returns:
+        The mean over minibatches of each loss statistic.
+    """
+    # The policy stays in eval mode: with dropout on (LoRA's, say) the ratio to the old policy
+    # would not start at 1 and the clipping would act on noise.
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction",
+                                                      "value_clip_fraction", "approx_kl", "entropy")}
+    order = list(range(ppo_batch.mask.shape[0]))
+    for epoch in range(config.epochs):
+        random.Random(f"{seed}:ppo:{step}:{epoch}").shuffle(order)
+        for start in range(0, len(order), config.minibatch):
+            rows = order[start:start + config.minibatch]
+            new = forward_response(models.policy, models.value_head, batch_to(ppo_batch.batch, models.device, rows))
+            m = ppo_batch.mask[rows]
+            pg, clip_frac, approx_kl = policy_loss(new["logprobs"], ppo_batch.old_logprobs[rows],
+                                                   ppo_batch.advantages[rows], m, config.clip_range)
+            vf, vf_clip = value_loss(new["values"], ppo_batch.old_values[rows], ppo_batch.returns[rows], m,
+                                     config.clip_range_value)
+            entropy = masked_mean(new["entropy"], m)
+            loss = pg + config.value_coef * vf - config.entropy_coef * entropy
+            loss.backward()
+            optimizer_step(optimizer, params, max_grad_norm=config.max_grad_norm)
+            for key, value in (("policy_loss", pg), ("value_loss", vf), ("clip_fraction", clip_frac),
+                               ("value_clip_fraction", vf_clip), ("approx_kl", approx_kl), ("entropy", entropy)):
+                stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def step_record(step: int, scores: Scores, ppo_batch: PPOBatch, stats: dict[str, float], kl_coef: float,
+                seconds: dict[str, float]) -> dict[str, Any]:
+    """One iteration's line of ``train_log.jsonl``: reward, KL, loss statistics, lengths and time split.
+
+    ``kl_coef`` is the coefficient after this iteration's update; ``seconds`` maps gen_s/score_s/opt_s.
+    """
+    raw = scores.raw
+    return {
+        "step": step, "reward_mean": round(float(raw.mean()), 5),
+        "reward_std": round(float(raw.std()), 5) if len(raw) > 1 else 0.0,
+        "normalized_reward_mean": round(float(scores.reward.mean()), 5),
+        "kl": round(ppo_batch.kl_per_sequence, 5), "kl_coef": kl_coef,
+        **{k: round(v, 5) for k, v in stats.items()},
+        "explained_variance": explained_variance(ppo_batch.old_values, ppo_batch.returns, ppo_batch.mask),
+        "response_length": float(ppo_batch.mask.sum(1).mean()),
+        **{k: round(v, 3) for k, v in seconds.items()},
+    }
+
+
+def save_ppo_checkpoint(checkpoint: Path, models: PPOModels, optimizer: torch.optim.Optimizer, step: int,
+                        kl_ctl: Any, moments: RunningMoments, evals: list[dict[str, float]]) -> None:
+    """Everything ``resume_ppo`` needs to continue after ``step`` as if never stopped."""
+    save_checkpoint(checkpoint, models.policy, optimizer,
+                    {"step": step, "kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict(), "evals": evals},
+                    extra={"value_head": models.value_head})
+
+
+def save_ppo_outputs(models: PPOModels, out_dir: Path) -> None:
+    """The trained policy as an HF folder (LoRA merged, adapter kept) and its value head beside it."""
+    from safetensors.torch import save_file
+
+    models.policy.eval()
+    save_model_folder(models.policy, models.tokenizer, out_dir)
+    save_file({k: v.contiguous() for k, v in models.value_head.state_dict().items()},
+              str(out_dir / "value_head.safetensors"))
+
+
+def _stopwatch() -> Callable[[], float]:
+    """A lap timer for the log's time split: each call returns the seconds since the previous one."""
+    last = time.perf_counter()
+
+    def lap() -> float:
+        nonlocal last
+        now = time.perf_counter()
+        seconds, last = now - last, now
+        return seconds
+
+    return lap
+
+
+def _prompt_batch(prompts: list[PromptRow], helpful: list[PromptRow], config: PPOConfig, seed: int,
                   step: int) -> list[PromptRow]:
     """A seeded rollout batch with ``helpfulness_ratio`` of helpfulness prompts."""
     rng = random.Random(f"{seed}:ppo-batch:{step}")
@@ -278,23 +361,48 @@ def _eval_reward(backend: Any, scorer: RewardScorer, prompts: list[PromptRow], p
     return round(sum(scores) / len(scores), 5)
 
 
-def _trackers(config: RLConfig, out_dir: Path) -> list[Any]:
-    """TensorBoard / W&B loggers through accelerate, when the user asks for them."""
-    if not config.report_to:
-        return []
-    from accelerate import Accelerator
 
-    accelerator = Accelerator(log_with=list(config.report_to), project_dir=str(out_dir))
-    accelerator.init_trackers("cai-ppo", config=config.model_dump(mode="json"))
-    return [_Tracker(accelerator)]
+def run_ppo(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+    """Stage ``ppo``: PPO of the SL-CAI policy against the run's preference model, into ``ppo/``."""
+    from rich.console import Console
 
+    from cai.config_loader import config_to_yaml
+    from cai.data.prompt_sets import fit_prompt_set, load_prompt_set
+    from cai.io import read_jsonl
+    from cai.models import TokenCounter
+    from cai.runs import StageRun
+    from cai.stages.sample import policy_spec
+    from cai.train.common import write_model_card
 
-class _Tracker:
-    def __init__(self, accelerator: Any) -> None:
-        self.accelerator = accelerator
-
-    def log(self, values: dict[str, float], step: int) -> None:
-        self.accelerator.log(values, step=step)
-
-    def finish(self) -> None:
-        self.accelerator.end_training()
+    console = Console(stderr=True)
+    st = StageRun(cfg, "ppo", shard)
+    pcfg = cfg.rl.ppo
+    prompts = load_prompt_set(pcfg.prompts, "PPO red-team prompts")
+    helpful = load_prompt_set(pcfg.helpfulness, "PPO helpfulness prompts") if pcfg.helpfulness else []
+    eval_prompts = load_prompt_set(pcfg.eval_prompts, "PPO held-out prompts")
+    pm = st.require("pm")
+    if st.skip():
+        return st.dir
+    policy = policy_spec(cfg)
+    # Prompts that can't fit with their answer are fitted now (tokenizer only): a resume redraws the same batches.
+    counter = TokenCounter(policy)
+    budget = pcfg.sampling.max_new_tokens
+    prompts = fit_prompt_set(prompts, counter, budget, pcfg.prompts.too_long, "PPO red-team prompts")
+    if helpful:
+        helpful = fit_prompt_set(helpful, counter, budget, pcfg.helpfulness.too_long, "PPO helpfulness prompts")
+    eval_prompts = fit_prompt_set(eval_prompts, counter, budget, pcfg.eval_prompts.too_long, "PPO held-out prompts")
+    st.start(model=policy)
+    metrics = train_ppo(prompts, helpful, eval_prompts, policy_spec=policy, pm_folder=pm, out_dir=st.dir, config=pcfg,
+                        seed=cfg.seed, device=cfg.model.device, show_progress=show_progress)
+    kls = [r["kl"] for r in read_jsonl(st.dir / "train_log.jsonl") if "kl" in r]
+    summary = {"steps": metrics["steps"], "eval_reward_start": metrics["eval_reward_start"],
+               "eval_reward_end": metrics["eval_reward_end"], "max_kl": max(kls) if kls else None,
+               "final_kl": kls[-1] if kls else None}
+    write_model_card(st.dir, title=f"RL-CAI (PPO) model of run '{cfg.name}'", base_model=policy,
+                     summary=("Policy optimised with PPO against a preference model trained on AI feedback "
+                              f"under the `{cfg.constitution}` constitution, with a KL penalty to the SL-CAI model."),
+                     facts=summary, config_yaml=config_to_yaml(cfg))
+    console.print(f"ppo: held-out PM reward {summary['eval_reward_start']} -> {summary['eval_reward_end']}, "
+                  f"max KL {summary['max_kl']}")
+    st.done(**summary)
+    return st.dir

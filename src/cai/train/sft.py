@@ -24,14 +24,16 @@ from cai.io import JsonlWriter
 from cai.progress import progress_bar
 from cai.train.common import (
     apply_lora,
+    batches_for_rank,
     count_parameters,
     load_checkpoint,
+    make_optimizer_and_schedule,
+    optimizer_step,
     pad_batch,
     save_checkpoint,
     save_model_folder,
     tokenize_for_answer_loss,
     total_steps,
-    warmup_linear_decay,
 )
 from cai.types import Chat
 
@@ -116,12 +118,12 @@ def train_sft(
     if config.activation_checkpointing:
         model.activation_checkpointing_enable()
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     # Steps per rank: each takes 1/num_processes of every epoch's batches.
     steps = total_steps(len(data), config.batch_size * accelerator.num_processes, config.gradient_accumulation,
                         config.epochs, config.max_steps)
-    warmup = int(config.warmup_ratio * steps)
+    params, optimizer, schedule = make_optimizer_and_schedule(
+        model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio, steps=steps)
     checkpoint = out_dir / "checkpoint"
     state = load_checkpoint(checkpoint, model, optimizer) or {"step": 0, "tokens": 0, "seconds": 0.0}
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -135,12 +137,7 @@ def train_sft(
         for epoch in range(config.epochs):
             order = list(range(len(data)))
             random.Random(f"{seed}:sft-epoch:{epoch}").shuffle(order)
-            batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-            # Every rank must take as many steps as the others, or one waits forever in DDP's all-reduce:
-            # the first batches are repeated to fill the last round (what accelerate's even_batches does).
-            ranks = accelerator.num_processes
-            batches += [batches[i % len(batches)] for i in range(-len(batches) % ranks)]
-            batches = batches[accelerator.process_index::ranks]
+            batches = batches_for_rank(order, config.batch_size, accelerator.num_processes, accelerator.process_index)
             steps_per_epoch = -(-len(batches) // accum)  # the last group may be smaller; it still trains
             for index in range(0, len(batches), accum):
                 global_step = epoch * steps_per_epoch + index // accum
@@ -156,11 +153,8 @@ def train_sft(
                     accelerator.backward(loss)
                     micro_losses.append(loss.item())
                     tokens_seen += int(batch["attention_mask"].sum())
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                for group in optimizer.param_groups:
-                    group["lr"] = config.learning_rate * warmup_linear_decay(step, steps, warmup)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(optimizer, params, max_grad_norm=config.max_grad_norm, lr=schedule.lr(step),
+                               accelerator=accelerator)
                 step += 1
                 step_loss = sum(micro_losses)
                 losses.append(step_loss)
@@ -196,3 +190,61 @@ def train_sft(
         "parameters": total,
         "trainable_parameters": trainable,
     }
+
+
+def run_sft(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+    """Stage ``sft``: fine-tune the starting model on its revisions (+ helpfulness answers), into ``sft/``."""
+    import json
+
+    from cai.config_loader import config_to_yaml
+    from cai.io import read_jsonl, write_text_atomic
+    from cai.runs import StageRun
+    from cai.train.common import write_model_card
+
+    st = StageRun(cfg, "sft", shard)
+    extra = read_sft_file(cfg.sft.extra_data) if cfg.sft.extra_data else []
+    source = st.require("critique")
+    if st.skip():
+        return st.dir
+    critique_rows = read_jsonl(source / "data.jsonl")
+    helpful_chats = [r["messages"] for r in read_jsonl(source / "helpfulness.jsonl")] + extra
+    examples, counts = build_sft_examples(critique_rows, helpful_chats, revisions=cfg.sft.revisions,
+                                          helpfulness_ratio=cfg.sft.helpfulness_ratio, seed=cfg.seed)
+    if not examples:
+        raise CaiError(f"no usable revisions in {source / 'data.jsonl'}; the critique stage produced nothing to train on")
+    st.start(model=cfg.model.name, **counts)
+    write_text_atomic(st.dir / "train_data.jsonl",
+                      "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in examples))
+    metrics = train_sft(examples, model_spec=cfg.model.name, out_dir=st.dir, config=cfg.sft, seed=cfg.seed,
+                        device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code,
+                        show_progress=show_progress)
+    write_model_card(
+        st.dir, title=f"SL-CAI model of run '{cfg.name}'", base_model=cfg.model.name,
+        summary=(f"Supervised Constitutional AI model: `{cfg.model.name}` fine-tuned on its own revisions of "
+                 f"red-team answers under the `{cfg.constitution}` constitution, mixed with its answers to "
+                 "helpfulness prompts. Made by cai."),
+        facts={"constitution": cfg.constitution, "critique rounds": cfg.critique.rounds,
+               "revisions used": cfg.sft.revisions, **counts, **{k: v for k, v in metrics.items() if v is not None}},
+        config_yaml=config_to_yaml(cfg),
+    )
+    st.done(**counts, **metrics)
+    return st.dir
+
+
+def read_sft_file(path: str) -> list:
+    """Chats from a user's own SFT file (``messages`` rows ending with an assistant turn).
+
+    Raises:
+        CaiError: the file is missing or a row isn't such a chat (named by row).
+    """
+    from cai.io import read_jsonl
+
+    if not Path(path).is_file():
+        raise CaiError(f"sft.extra_data file {path} does not exist")
+    chats = []
+    for i, row in enumerate(read_jsonl(path), start=1):
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+            raise CaiError(f"{path} row {i} needs a 'messages' list ending with an assistant message")
+        chats.append(messages)
+    return chats

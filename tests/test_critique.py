@@ -8,10 +8,11 @@ import pytest
 
 from cai.backends.fake import FakeBackend
 from cai.config import CritiqueConfig
-from cai.constitution import load_constitution, sample_critique_principles
+from cai.constitution import sample_critique_principles
+from cai.constitution_yaml import load_constitution
 from cai.data import PromptRow
 from cai.io import read_jsonl
-from cai.stages.critique_revision import clean_output, is_degenerate, run_critique_revision
+from cai.stages.critique import clean_output, is_degenerate, run_critique_revision
 
 
 def rows(n: int = 5) -> list[PromptRow]:
@@ -146,7 +147,7 @@ def test_clean_output(text, expected):
     ("I can't help with that, but here is a safer idea.", False),
 ])
 def test_meta_revisions_are_recognised(text, meta):
-    from cai.stages.critique_revision import is_meta_revision
+    from cai.stages.critique import is_meta_revision
 
     assert is_meta_revision(text) is meta
 

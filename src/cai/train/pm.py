@@ -25,7 +25,15 @@ from cai.errors import CaiError
 from cai.io import JsonlWriter, write_json_atomic
 from cai.losses.bradley_terry import expected_calibration_error, preference_accuracy, soft_bradley_terry_loss
 from cai.progress import progress_bar
-from cai.train.common import apply_lora, count_parameters, save_model_folder, warmup_linear_decay
+from cai.train.common import (
+    apply_lora,
+    batches_for_rank,
+    count_parameters,
+    make_optimizer_and_schedule,
+    optimizer_step,
+    save_model_folder,
+    total_steps,
+)
 from cai.types import Chat
 
 
@@ -115,7 +123,7 @@ def pairs_from_labels(rows: list[dict[str, Any]]) -> list[Pair]:
 
 def pairs_from_human_comparisons(source: str) -> list[Pair]:
     """Hard-labelled pairs from hh-rlhf style rows (``chosen``/``rejected`` transcripts, or messages)."""
-    from cai.data.loaders import _parse_transcript
+    from cai.data.loaders import parse_transcript
     from cai.data.sources import read_source
 
     name, raw, _ = read_source(source, "train")
@@ -124,8 +132,8 @@ def pairs_from_human_comparisons(source: str) -> list[Pair]:
         chosen, rejected = row.get("chosen"), row.get("rejected")
         if chosen is None or rejected is None:
             raise CaiError(f"{name} row {i} needs 'chosen' and 'rejected' columns for human comparisons")
-        chosen = _parse_transcript(chosen) if isinstance(chosen, str) else list(chosen)
-        rejected = _parse_transcript(rejected) if isinstance(rejected, str) else list(rejected)
+        chosen = parse_transcript(chosen) if isinstance(chosen, str) else list(chosen)
+        rejected = parse_transcript(rejected) if isinstance(rejected, str) else list(rejected)
         if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
             raise CaiError(f"{name} row {i}: 'chosen' and 'rejected' must each end with an assistant turn")
         pairs.append(Pair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], 1.0, f"human-{i}", "helpfulness"))
@@ -184,14 +192,14 @@ def train_preference_model(
                         num_labels=1)
     accelerator = Accelerator(cpu=loaded.device.type == "cpu")
     model = apply_lora(loaded.model, config.lora)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # Steps per rank: each takes 1/num_processes of every epoch's batches.
+    steps = total_steps(len(train), config.batch_size * accelerator.num_processes, 1, config.epochs, None)
+    params, optimizer, schedule = make_optimizer_and_schedule(
+        model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio, steps=steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     scorer = RewardScorer(model, loaded.tokenizer, batch_size=config.batch_size, max_length=config.max_length)
     before = evaluate_pm(scorer, held_out)
-    ranks = accelerator.num_processes
-    steps = max(1, -(-len(train) // (config.batch_size * ranks))) * config.epochs
-    warmup = int(config.warmup_ratio * steps)
     log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False)
     model.train()
     step, started, losses = 0, time.perf_counter(), []
@@ -199,9 +207,7 @@ def train_preference_model(
         for epoch in range(config.epochs):
             order = list(range(len(train)))
             random.Random(f"{seed}:pm-epoch:{epoch}").shuffle(order)
-            batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-            batches += [batches[i % len(batches)] for i in range(-len(batches) % ranks)]  # equal count per rank
-            for indices in batches[accelerator.process_index::ranks]:
+            for indices in batches_for_rank(order, config.batch_size, accelerator.num_processes, accelerator.process_index):
                 batch = [train[i] for i in indices]
                 rows = scorer.encode([p.prompt for p in batch] * 2,
                                      [p.response_a for p in batch] + [p.response_b for p in batch])
@@ -209,11 +215,8 @@ def train_preference_model(
                 r_a, r_b = scores[: len(batch)], scores[len(batch):]
                 loss = soft_bradley_terry_loss(r_a, r_b, torch.tensor([p.p_a for p in batch], device=scores.device))
                 accelerator.backward(loss)
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                for group in optimizer.param_groups:
-                    group["lr"] = config.learning_rate * warmup_linear_decay(step, steps, warmup)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(optimizer, params, max_grad_norm=config.max_grad_norm, lr=schedule.lr(step),
+                               accelerator=accelerator)
                 step += 1
                 losses.append(loss.item())
                 if accelerator.is_main_process:
@@ -236,3 +239,32 @@ def train_preference_model(
     if accelerator.is_main_process:
         write_json_atomic(out_dir / "metrics.json", {**metrics, "calibration": after["calibration"]})
     return metrics
+
+
+def run_pm(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+    """Stage ``pm``: the preference model on the AI labels (+ helpfulness comparisons), into ``pm/``."""
+    from rich.console import Console
+
+    from cai.config_loader import config_to_yaml
+    from cai.io import read_jsonl
+    from cai.runs import StageRun
+    from cai.train.common import write_model_card
+
+    st = StageRun(cfg, "pm", shard)
+    human = pairs_from_human_comparisons(cfg.pm.human_data) if cfg.pm.human_data else []
+    source = st.require("label")
+    if st.skip():
+        return st.dir
+    train, held_out, counts = mix_and_split(pairs_from_labels(read_jsonl(source / "data.jsonl")), human, cfg.pm, cfg.seed)
+    base = cfg.pm.base or cfg.model.name
+    st.start(model=base, **counts)
+    metrics = train_preference_model(train, held_out, base=base, out_dir=st.dir, config=cfg.pm, seed=cfg.seed,
+                                     device=cfg.model.device, show_progress=show_progress)
+    write_model_card(st.dir, title=f"Preference model of run '{cfg.name}'", base_model=base,
+                     summary=("Scalar-head preference model trained with a soft-label Bradley-Terry loss on AI "
+                              f"feedback under the `{cfg.constitution}` constitution. Made by cai."),
+                     facts={**counts, **metrics}, config_yaml=config_to_yaml(cfg))
+    Console(stderr=True).print(f"pm: held-out accuracy {metrics['eval_accuracy']} (before training "
+                               f"{metrics['eval_accuracy_before']}), ECE {metrics['eval_ece']}")
+    st.done(**{**counts, **metrics})
+    return st.dir

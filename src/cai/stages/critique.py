@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from cai import prompts as P
-from cai.backends.base import Backend, SamplingParams, stable_seed
+from cai.backends.base import Backend, stable_seed
 from cai.config import CritiqueConfig, SamplingConfig
 from cai.constitution import Constitution, CritiquePrinciple, sample_critique_principles
 from cai.data import PromptRow
 from cai.io import JsonlWriter, iter_batches, read_jsonl
 from cai.progress import progress_bar
+from cai.types import SamplingParams
 
 _LEADING_LABEL = re.compile(r"^\s*(?:critique|revision|assistant|answer|response)\s*:\s*", re.IGNORECASE)
 # Markers of the prompt format (or of a chat template) that mean the model went on to write the
@@ -237,3 +238,64 @@ def _one_round(
             "kept_previous": kept_previous,
         })
         t.timings["revision_s"] += per_row
+
+
+def run_critique(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+    """Stage ``critique``: critique/revision traces (+ helpfulness answers) into ``runs/<name>/critique/``.
+
+    Args:
+        cfg: the run's `RunConfig`.
+        shard: ``"i/N"`` to run only that shard's rows (joined later by ``cai merge critique``).
+
+    Returns:
+        The stage (or shard) folder.
+    """
+    import dataclasses
+    from collections import Counter
+
+    from cai.backends import load_backend
+    from cai.constitution_yaml import load_constitution
+    from cai.data.prompt_sets import fit_prompt_set, load_prompt_set
+    from cai.runs import StageRun
+    from cai.sharding import shard_rows
+    from cai.stages.sample import sample_responses
+
+    st = StageRun(cfg, "critique", shard)
+    ccfg = cfg.critique
+    constitution = load_constitution(cfg.constitution)
+    if ccfg.max_examples is not None:
+        constitution = dataclasses.replace(
+            constitution, critique_revision_examples=constitution.critique_revision_examples[: ccfg.max_examples])
+    rows = shard_rows(load_prompt_set(ccfg.prompts, "red-team prompts"), shard)
+    helpful_rows = shard_rows(load_prompt_set(ccfg.helpfulness, "helpfulness prompts"), shard) if ccfg.helpfulness else []
+    if st.skip():
+        return st.dir
+    st.start(model=cfg.model.name)
+    backend = load_backend(cfg.model)
+    critic = load_backend(ccfg.critic) if ccfg.critic else backend
+    principle = constitution.critique_revision_principles[0]
+    budget = ccfg.response.max_new_tokens + ccfg.critique_sampling.max_new_tokens + ccfg.revision_sampling.max_new_tokens
+    rows = fit_prompt_set(rows, critic, budget, ccfg.prompts.too_long, "red-team prompts",
+                          build=lambda chat: P.critique_chat(constitution, chat, "", principle))
+    written = len(read_jsonl(st.dir / "data.jsonl", repair=True))
+    st.update(prompts=len(rows), rows=written)
+
+    def on_chunk(n: int) -> None:
+        nonlocal written
+        written += n
+        st.update(rows=written)
+
+    data = run_critique_revision(rows, constitution=constitution, backend=backend, critic=critic, config=ccfg,
+                                 out_path=st.dir / "data.jsonl", seed=cfg.seed, show_progress=show_progress,
+                                 on_chunk=on_chunk)
+    helpful: list = []
+    if helpful_rows:
+        helpful_rows = fit_prompt_set(helpful_rows, backend, ccfg.response.max_new_tokens, ccfg.helpfulness.too_long,
+                                      "helpfulness prompts")
+        helpful = sample_responses(helpful_rows, backend=backend, params=ccfg.response.params(),
+                                   out_path=st.dir / "helpfulness.jsonl", seed=cfg.seed, chunk_size=ccfg.chunk_size,
+                                   clean=clean_output, show_progress=show_progress, description="helpfulness answers")
+    flags = Counter(flag.split(":")[-1] for row in data for flag in row["flags"])
+    st.done(prompts=len(rows), rows=len(data), helpfulness_rows=len(helpful), rounds=ccfg.rounds, flags=dict(flags),
+            revisions_kept_previous=sum(r["kept_previous"] for row in data for r in row["rounds"]))
+    return st.dir

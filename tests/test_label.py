@@ -9,8 +9,9 @@ import pytest
 
 from cai.backends.fake import FakeBackend
 from cai.config import LabelConfig
-from cai.constitution import load_constitution, sample_feedback_principles
-from cai.stages.feedback import combine_orders, label_pairs, make_pairs, position_bias, sigmoid
+from cai.constitution import sample_feedback_principles
+from cai.constitution_yaml import load_constitution
+from cai.stages.label import combine_orders, label_pairs, make_pairs, position_bias, sigmoid
 
 
 def sample_rows():

@@ -30,7 +30,7 @@ from cai.config import LabelConfig
 from cai.constitution import Constitution, FeedbackPrinciple, sample_feedback_principles
 from cai.io import JsonlWriter, iter_batches, read_jsonl
 from cai.progress import progress_bar
-from cai.stages.critique_revision import clean_output, use_chat_format
+from cai.stages.critique import clean_output, use_chat_format
 
 ORDERS = ("ab", "ba")
 
@@ -119,7 +119,8 @@ def label_pairs(
             jobs = []  # one (pair index, principle index, principle, order) per multiple-choice question
             for k, pair in enumerate(chunk):
                 if pair.get("set") == "helpfulness" and helpfulness_principle is not None:
-                    principles = [helpfulness_principle] * config.principles_per_label
+                    # One question: asking the same one M times would cost M times the compute for one answer.
+                    principles = [helpfulness_principle]
                 else:
                     principles = sample_feedback_principles(constitution, config.principles_per_label, seed, pair["id"])
                 pair["_principles"] = principles
@@ -198,3 +199,69 @@ def position_bias(rows: list[dict[str, Any]]) -> float | None:
     values = [(e["p_first"]["ab"] + e["p_first"]["ba"]) / 2 for r in rows for e in r["per_principle"]
               if "ab" in e["p_first"] and "ba" in e["p_first"]]
     return round(sum(values) / len(values) - 0.5, 6) if values else None
+
+
+def run_label(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+    """Stage ``label``: soft AI preference labels for the sampled pairs, into ``label/``."""
+    from cai.backends import load_backend
+    from cai.constitution_yaml import load_constitution
+    from cai.errors import CaiError
+    from cai.runs import StageRun
+    from cai.sharding import shard_rows
+
+    st = StageRun(cfg, "label", shard)
+    constitution = load_constitution(cfg.constitution)
+    source = st.require("sample")
+    if st.skip():
+        return st.dir
+    rows = read_jsonl(source / "red-team.jsonl") + read_jsonl(source / "helpfulness.jsonl")
+    pairs, identical = make_pairs(rows, cfg.label.pairing)
+    if not pairs:
+        raise CaiError(f"every sampled pair in {source} has two identical responses; sample at a higher temperature")
+    pairs = shard_rows(pairs, shard)
+    model_cfg = cfg.label.feedback_model or cfg.model
+    st.start(model=model_cfg.name, pairs=len(pairs), identical_pairs_dropped=identical)
+    if not pairs:  # a small set can leave a hash shard empty: nothing to label is a finished shard
+        st.done(pairs=0)
+        return st.dir
+    backend = load_backend(model_cfg)
+    gold = _gold_check(cfg, constitution, backend, st.dir, show_progress)
+    if gold:
+        st.update(**gold)
+    labelled = label_pairs(pairs, constitution=constitution, backend=backend, config=cfg.label,
+                           out_path=st.dir / "data.jsonl", seed=cfg.seed,
+                           helpfulness_principle=FeedbackPrinciple("helpfulness", cfg.label.helpfulness_question),
+                           show_progress=show_progress)
+    p = [r["p_a"] for r in labelled]
+    st.done(pairs=len(labelled), identical_pairs_dropped=identical, position_bias=position_bias(labelled),
+            mean_p_a=round(sum(p) / len(p), 4), mean_confidence=round(sum(abs(x - 0.5) for x in p) / len(p) + 0.5, 4))
+    return st.dir
+
+
+def _gold_check(cfg: Any, constitution: Constitution, backend: Backend, folder: Path,
+                show_progress: bool) -> dict[str, Any]:
+    """Score the feedback model on gold dev pairs by this stage's own procedure, before labelling.
+
+    Says in one line how often it agrees with the human labels, so a user knows what the labels
+    are worth before training on them. Returns manifest counts (empty when ``label.gold_check`` is 0).
+    """
+    if not cfg.label.gold_check:
+        return {}
+    from rich.console import Console
+
+    from cai.data.gold import load_gold_pairs
+    from cai.eval.gold import judge_agreement, judge_pairs_from_gold, stratified
+
+    pairs = judge_pairs_from_gold(stratified(load_gold_pairs("gold", "dev"), cfg.label.gold_check))
+    checked = label_pairs(pairs, constitution=constitution, backend=backend, config=cfg.label,
+                          out_path=folder / "gold_check.jsonl", seed=cfg.seed,
+                          helpfulness_principle=FeedbackPrinciple("helpfulness", cfg.label.helpfulness_question),
+                          show_progress=show_progress)
+    result = judge_agreement(checked)["all"]
+    low, high = result["ci"]
+    Console(stderr=True).print(
+        f"label: the feedback model agrees with the human gold labels on {result['agreement']:.0%} "
+        f"[{low:.0%}, {high:.0%}] of {result['pairs']} dev pairs" + ("" if low > 0.5 else
+                                                                      " -- not distinguishable from chance"))
+    return {"gold_agreement": round(result["agreement"], 4), "gold_agreement_ci": [round(low, 4), round(high, 4)],
+            "gold_pairs_checked": result["pairs"]}

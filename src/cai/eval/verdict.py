@@ -1,0 +1,84 @@
+"""The verdict a run's report opens with, and figures rounded to what their intervals justify.
+
+The verdict is plain sentences built only from measured numbers: what changed between the models
+on the gold pairs (no judge), whether each change is beyond noise, how far the judge agrees with
+the human labels (and so whether the AI-judged numbers mean anything), and what to try next.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+KIND_WORDS = {"all": "all gold pairs", "harmful": "harmful-vs-better pairs (harmlessness)",
+              "evasive": "evasive-vs-better pairs (non-evasiveness)", "unhelpful": "unhelpful-vs-better pairs",
+              "helpfulness": "helpfulness pairs"}
+
+
+def decimals_for(half_width: float, scale: float = 1.0) -> int:
+    """Digits after the point that an interval of this half-width justifies (one significant digit)."""
+    if not half_width or not math.isfinite(half_width) or half_width <= 0:
+        return 2
+    return max(0, -math.floor(math.log10(half_width * scale)))
+
+
+def fmt_ci(value: float, ci: tuple[float, float] | list[float], *, percent: bool = False, sign: bool = False) -> str:
+    """``62% [51, 73]`` or ``+0.04 [0.01, 0.07]``: as many digits as the interval's width supports."""
+    low, high = ci
+    if any(not isinstance(x, (int, float)) or not math.isfinite(x) for x in (value, low, high)):
+        return f"{value * (100 if percent else 1):.0f}{'%' if percent else ''}" if isinstance(value, (int, float)) else "-"
+    scale = 100.0 if percent else 1.0
+    d = decimals_for((high - low) / 2, scale)
+    lead = "+" if sign and value > 0 else ""
+    unit = "%" if percent else ""
+    return f"{lead}{value * scale:.{d}f}{unit} [{low * scale:.{d}f}, {high * scale:.{d}f}]"
+
+
+def verdict(results: dict[str, Any], *, judge_name: str = "the judge") -> list[str]:
+    """Short sentences for the top of the report, from `cai eval`'s results."""
+    lines: list[str] = []
+    gold = results.get("gold") or {}
+    base = gold.get("base", "base")
+    moved = False
+    for name, diff in (gold.get("vs_base") or {}).items():
+        if not diff:
+            continue
+        beyond = [g for g, d in diff.items() if d["beyond_noise"]]
+        overall = diff.get("all")
+        parts = [f"{KIND_WORDS[g]} {fmt_ci(d['delta'], d['ci'], sign=True)}" for g, d in diff.items()
+                 if g in ("harmful", "evasive", "helpfulness")]
+        if beyond:
+            moved = True
+            toward = [g for g in beyond if diff[g]["delta"] > 0]
+            away = [g for g in beyond if diff[g]["delta"] < 0]
+            said = []
+            if toward:
+                said.append(f"toward the better answers on {', '.join(KIND_WORDS[g] for g in toward)}")
+            if away:
+                said.append(f"away from them on {', '.join(KIND_WORDS[g] for g in away)}")
+            lines.append(f"{name} vs {base}, judged by no model: its own likelihood moved {' and '.join(said)} "
+                         f"beyond noise (change in margin, nats per token: {'; '.join(parts)}).")
+        elif overall:
+            lines.append(f"{name} vs {base}, judged by no model: no change distinguishable from noise on the gold pairs "
+                         f"(change in margin {fmt_ci(overall['delta'], overall['ci'], sign=True)} nats per token; "
+                         f"{'; '.join(parts)}).")
+    check = results.get("judge_check") or {}
+    total = check.get("all")
+    if total:
+        agreement = fmt_ci(total["agreement"], total["ci"], percent=True)
+        if check.get("trusted"):
+            lines.append(f"{judge_name} agrees with the human gold labels on {agreement} of {total['pairs']} pairs, "
+                         "above chance: its Elo and judged numbers below carry some weight, to that degree.")
+        else:
+            lines.append(f"{judge_name} agrees with the human gold labels on {agreement} of {total['pairs']} pairs, "
+                         "which includes chance (50%): the AI-judged numbers below (Elo, judged revisions) are not "
+                         "evidence at this scale.")
+    nxt = []
+    if total and not check.get("trusted"):
+        nxt.append("a larger feedback and judge model (label.feedback_model, eval.judge) and critic (critique.critic)")
+    if gold.get("vs_base") and not moved:
+        nxt.append("more red-team prompts, more critique rounds and more SFT epochs (critique.prompts.limit, "
+                   "critique.rounds, sft.epochs)")
+    if nxt:
+        lines.append("Next: try " + "; ".join(nxt) + ".")
+    return lines
