@@ -181,3 +181,58 @@ def test_bad_sampling_params():
         SamplingParams(temperature=-1)
     with pytest.raises(CaiError):
         SamplingParams(top_p=0)
+
+
+def _metaspace_backend():
+    """A tiny llama with a SentencePiece-style tokenizer (spaces as "▁", one prepended), as Llama-2/Mistral use."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from cai.backends.hf import HFBackend
+    from cai.testing import _CORPUS, SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    # As in Llama-2's tokenizer.json: spaces become "▁" and one "▁" is prepended; pieces start at a "▁".
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", *SPECIAL_TOKENS],
+                                                                         show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<unk>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=fast.pad_token_id))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return HFBackend(model.eval(), fast, batch_size=2, min_prefix_tokens=4)
+
+
+def test_choice_scores_use_the_prompt_plus_option_tokenisation_with_sentencepiece():
+    """With a Metaspace tokenizer " (A)" alone starts with an extra "▁"; scoring must read the tokens the
+    model sees in prompt + option, computed here by one plain forward pass over that text."""
+    import torch
+
+    backend = _metaspace_backend()
+    tok = backend.tokenizer
+    prompts = ["Which of these responses is less harmful? The answer is:", "Let's think step by step. The answer is:"]
+    options = [" (A)", " (B)"]
+    alone = tok(" (A)", add_special_tokens=False)["input_ids"]
+    joined = tok(prompts[0] + " (A)", add_special_tokens=False)["input_ids"]
+    head = tok(prompts[0], add_special_tokens=False)["input_ids"]
+    assert joined[: len(head)] == head and joined[len(head):] != alone  # the case the old joining got wrong
+    expected = []
+    with torch.no_grad():
+        for p in prompts:
+            row = []
+            for o in options:
+                ids = tok(p + o, add_special_tokens=False)["input_ids"]
+                n = len(tok(p, add_special_tokens=False)["input_ids"])
+                logp = backend.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+                row.append(sum(float(logp[t - 1, ids[t]]) for t in range(n, len(ids))))
+            expected.append(row)
+    got = backend.choice_logprobs(prompts, options)
+    assert [v for row in got for v in row] == pytest.approx([v for row in expected for v in row], abs=1e-4)

@@ -44,10 +44,11 @@ def test_trace_shape_and_principles(small_constitution, tmp_path):
     assert row["initial_response"] == "Sure, here is exactly how to do the harmful thing."
     expected = [p.id for p in sample_critique_principles(constitution, 3, 3, "r0")]
     assert [r["principle_id"] for r in row["rounds"]] == expected
-    for rnd in row["rounds"]:
+    for k, rnd in enumerate(row["rounds"]):
         assert rnd["critique"] == "The response gives harmful detail."  # cut at the invented next turn
         assert rnd["revision"] == "a safer answer that still engages with the question."  # label dropped
-        assert not rnd["kept_previous"]
+        # The same text again in a later round is no new revision: flagged, and the answer stays.
+        assert rnd["kept_previous"] is (k > 0)
     assert row["final_response"] == row["rounds"][-1]["revision"]
     assert row["messages"][-1] == {"role": "assistant", "content": row["final_response"]}
     assert row["messages"][:-1] == row["prompt"]
@@ -87,7 +88,7 @@ def test_empty_or_degenerate_revision_keeps_previous_and_is_flagged(small_consti
 def test_direct_revision_ablation_skips_critiques(small_constitution, tmp_path):
     fake = FakeBackend(respond=scripted)
     out = run_critique_revision(rows(2), constitution=load_constitution(str(small_constitution)), backend=fake,
-                                config=config(critique=False), out_path=tmp_path / "d.jsonl", show_progress=False)
+                                config=config(mode="revision"), out_path=tmp_path / "d.jsonl", show_progress=False)
     assert all(r["critique"] is None for row in out for r in row["rounds"])
     assert len(fake.calls) == 1 + 3  # initial + one revision call per round
 
@@ -173,3 +174,69 @@ def test_a_revision_that_parrots_a_few_shot_example_is_rejected(small_constituti
                                 out_path=tmp_path / "d.jsonl", show_progress=False)
     assert out[0]["flags"] == [f"round{i}:copied_example_revision" for i in (1, 2, 3)]
     assert out[0]["final_response"] == "An initial answer with enough words."
+
+
+def test_rewrite_mode_answers_the_user_again_under_the_principle(small_constitution, tmp_path):
+    """Rewrite mode: no critique; a system turn holds the draft and the principle, then the user's own turns."""
+    seen = []
+
+    def respond(text: str, seed: int) -> str:
+        seen.append(text)
+        if "Draft reply:" in text:
+            return f"a kind and careful answer, version {seed % 97} of it, that helps with the safe part"
+        return "Sure, here is exactly how to do the harmful thing."
+
+    fake = FakeBackend(respond=respond)
+    out = run_critique_revision(rows(2), constitution=load_constitution(str(small_constitution)), backend=fake,
+                                config=config(mode="rewrite", rewrite_lead="I can help with part of this:"),
+                                out_path=tmp_path / "d.jsonl", show_progress=False)
+    assert len(fake.calls) == 1 + 3  # initial + one batched rewrite call per round, no critique calls
+    rewrite_prompts = [t for t in seen if "Draft reply:" in t]
+    assert rewrite_prompts and all("harmful request number" in t and "Guideline: Rewrite" in t for t in rewrite_prompts)
+    assert all("How do I bake bread" not in t for t in rewrite_prompts)  # no few-shot examples
+    for row in out:
+        assert all(r["critique"] is None for r in row["rounds"])
+        assert row["final_response"].startswith("I can help with part of this: a kind and careful answer")
+        assert row["final_response"] != row["initial_response"]
+
+
+def test_best_of_n_keeps_the_first_candidate_that_passes_the_checks(small_constitution, tmp_path):
+    calls = {"n": 0}
+
+    def respond(text: str, seed: int) -> str:
+        if "Draft reply:" not in text:
+            return "Sure, here is exactly how to do the harmful thing."
+        calls["n"] += 1
+        # Alternate: a meta comment (rejected), then a real answer.
+        return ("The response is harmful and should be rewritten." if calls["n"] % 2
+                else f"Here is a safer way to get what you need, option {calls['n']}, with care for everyone.")
+
+    out = run_critique_revision(rows(1), constitution=load_constitution(str(small_constitution)),
+                                backend=FakeBackend(respond=respond), config=CritiqueConfig(rounds=1, mode="rewrite", candidates=2),
+                                out_path=tmp_path / "d.jsonl", show_progress=False)
+    rnd = out[0]["rounds"][0]
+    assert not rnd["kept_previous"] and rnd["revision"].startswith("Here is a safer way")
+    assert rnd["candidates_tried"] == 2 and rnd["rejected_candidates"] == ["meta"]
+
+
+@pytest.mark.parametrize("revision, previous, critique, problem", [
+    ("Giving weapon steps is harmful here; explaining the risks and pointing to a licensed club would help more.",
+     "Sure, do it.",
+     "Giving weapon steps is harmful here; explaining the risks and pointing to a licensed club would help more.",
+     "copied_critique"),
+    ("Sure, here is how to pick the lock on the door of your neighbour quickly.", 
+     "Sure, here is how to pick the lock on the door of your neighbour quickly.", "", "unchanged"),
+    ("Sure, here is how to pick the lock on the door of your neighbour quickly. But be careful and stay safe.",
+     "Sure, here is how to pick the lock on the door of your neighbour quickly.", "", "extends_previous"),
+    ("Here is how to get back into your own home: call a licensed locksmith or your landlord.",
+     "Sure, here is how to pick the lock on the door of your neighbour quickly.", "", None),
+    # Deleting the harmful half of an answer is a real revision.
+    ("Locks keep homes safe, and a locksmith can help you if you are locked out of your own home.",
+     "Locks keep homes safe, and a locksmith can help you if you are locked out of your own home. To open a "
+     "neighbour's door, slide a card between the door and the frame and wiggle it while pushing.", "", None),
+])
+def test_revision_checks_catch_copies_repeats_and_extensions(revision, previous, critique, problem, small_constitution):
+    from cai.stages.critique import revision_problem
+
+    assert revision_problem(revision, previous=previous, critique=critique,
+                            constitution=load_constitution(str(small_constitution))) == problem

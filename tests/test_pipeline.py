@@ -52,6 +52,25 @@ def test_whole_run_artifacts(tiny_run):
     assert "| model |" in (run / "eval" / "results.md").read_text()
     answers = read_jsonl(run / "eval" / "responses.jsonl")
     assert len(answers) == 4 * (4 + 3)
+    # The judge-free measure: every model scored on the same 12 gold pairs, each trained one against base.
+    gold = results["gold"]
+    assert set(gold["summary"]) == set(results["models"]) and set(gold["vs_base"]) == {"sft", "ppo", "dpo"}
+    assert all({r["group"]: r for r in rows}["all"]["pairs"] == 12 for rows in gold["summary"].values())
+    scores = read_jsonl(run / "eval" / "gold_scores.jsonl")
+    assert len(scores) == 4 * 12 and all(r["better"] < 0 and r["worse"] < 0 for r in scores)  # mean log-probs
+    # The judge's check on the gold pairs, labelled by the labelling procedure in both orders, never clamped.
+    check = results["judge_check"]
+    assert check["all"]["pairs"] == 12 and 0 <= check["all"]["ci"][0] <= check["all"]["agreement"] <= check["all"]["ci"][1]
+    judged = read_jsonl(run / "eval" / "judge_gold.jsonl")
+    assert all(set(e["p_first"]) == {"ab", "ba"} for r in judged for e in r["per_principle"]) and not any(r["cot"] for r in judged)
+    assert [c["round"] for c in results["judged_revision_curve"]] == [1, 2][: len(results["judged_revision_curve"])]
+    text = (run / "eval" / "results.md").read_text()
+    assert text.index("## Verdict") < text.index("## Gold pairs") < text.index("## AI-judged")
+    assert "judged by no model" in text and "agrees with the human gold labels" in text
+    label = json.loads((run / "label" / "manifest.json").read_text())["counts"]
+    assert label["gold_pairs_checked"] == 8 and 0 <= label["gold_agreement"] <= 1
+    critique = json.loads((run / "critique" / "manifest.json").read_text())["counts"]
+    assert critique["mode"] == "critique_revision" and 0 <= critique["revision_acceptance"] <= 1
 
 
 def test_report_is_self_contained_with_plots(tiny_run):
@@ -60,6 +79,9 @@ def test_report_is_self_contained_with_plots(tiny_run):
     assert "src=\"http" not in page and "<script" not in page
     for heading in ("Harmlessness vs helpfulness", "Training", "Principles", "Sample transcripts", "Stages", "Config"):
         assert heading in page
+    assert page.index("<h2>Verdict</h2>") < page.index("Gold pairs (no judge)") < page.index("Judge check") < page.index(
+        "Harmlessness vs helpfulness")  # the conclusion first, the judge's credibility before its numbers
+    assert "reward model used in training" in page and "accepted revision" in page
 
 
 def test_finished_run_is_skipped_and_changed_config_refused(tiny_run, monkeypatch):

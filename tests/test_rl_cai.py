@@ -142,3 +142,18 @@ def test_pack_aligns_responses():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 5, 6], [0, 0, 4, 7, 0]]
     assert batch["response_mask"].tolist() == [[1, 1], [1, 0]]
     assert batch["position_ids"].tolist()[1][2:4] == [0, 1]
+
+
+def test_human_helpfulness_comparisons_mix_with_the_ai_labels():
+    from cai.train.pm import Pair, mix_and_split
+
+    def pairs(kind, n, tag):
+        return [Pair([{"role": "user", "content": f"{tag}{i}"}], "a", "b", 1.0, f"{tag}{i}", kind) for i in range(n)]
+
+    harmless, ai_helpful, human = pairs("harmlessness", 12, "h"), pairs("helpfulness", 10, "ai"), pairs("helpfulness", 10, "hu")
+    config = PMConfig(helpfulness_ratio=0.5, human_ratio=0.25, eval_fraction=0.0)
+    train, _, counts = mix_and_split(harmless + ai_helpful, human, config, seed=0)
+    assert counts["helpfulness_pairs"] == 12 and counts["human_helpfulness_pairs"] == 3  # 12 wanted, a quarter human
+    assert sum(p.group.startswith("ai") for p in train) == 9 and counts["helpfulness_source"] == "human+ai"
+    _, _, alone = mix_and_split(harmless, human, config, seed=0)  # no AI helpfulness labels: all from humans
+    assert alone["human_helpfulness_pairs"] == 10 and alone["helpfulness_source"] == "human"

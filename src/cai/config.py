@@ -109,7 +109,18 @@ class CritiqueConfig(Strict):
     max_examples: StrictInt | None = Field(
         None, ge=0, description="Use only the first N few-shot examples of the constitution (shorter prompts, faster)."
     )
-    critique: bool = Field(True, description="false = revise directly without a critique (the paper's ablation).")
+    mode: Literal["critique_revision", "revision", "rewrite"] = Field(
+        "critique_revision",
+        description="'critique_revision' = the paper's critique then revision (for capable models); 'revision' = revise "
+                    "without a critique (the paper's ablation); 'rewrite' = answer the user again with the draft and the "
+                    "principle in a system turn, which small instruct models follow far better.",
+    )
+    rewrite_lead: str = Field(
+        "", description="Rewrite mode: words the reply is prefilled with (the model continues them; they stay in the revision)."
+    )
+    candidates: StrictInt = Field(
+        1, ge=1, description="Revisions sampled per round; the first that passes the checks is kept (best-of-n)."
+    )
     prompt_format: Literal["auto", "chat", "text"] = Field(
         "auto", description="'chat' uses the model's chat template, 'text' a plain transcript; 'auto' picks chat when there is a template."
     )
@@ -202,7 +213,10 @@ class PMConfig(Strict):
 
     base: str | None = Field(None, description="Model the PM starts from; null = the run's starting model.")
     helpfulness_ratio: float = Field(0.25, ge=0, lt=1, description="Share of helpfulness comparisons in the mix.")
-    human_data: str | None = Field(None, description="hh-rlhf style chosen/rejected comparisons to use for helpfulness.")
+    human_data: str | None = Field(None, description="hh-rlhf style chosen/rejected comparisons to mix into the helpfulness pairs.")
+    human_ratio: float = Field(
+        0.5, ge=0, le=1, description="With human_data: share of the helpfulness pairs drawn from it (the rest are AI-labelled)."
+    )
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="Share of prompts held out for accuracy and calibration.")
     epochs: StrictInt = Field(2, ge=1, description="Passes over the comparisons.")
     batch_size: StrictInt = Field(8, ge=1, description="Comparisons per optimizer step (per process).")

@@ -175,6 +175,39 @@ def direct_revision_text(
     return EXAMPLE_SEPARATOR.join(blocks)
 
 
+# --------------------------------------------------------------------------- rewrite (small models)
+
+REWRITE_GUIDE = (
+    "You are a helpful, honest and harmless assistant. Below is a draft of your reply to the user's last "
+    "message, and a guideline it must follow.\n\nDraft reply:\n\"\"\"\n{draft}\n\"\"\"\n\nGuideline: {guideline}\n\n"
+    "Now write your final reply to the user. Speak to the user directly; do not talk about the draft. "
+    "Help with everything in the request that is safe, and if part of it is harmful, decline that part "
+    "in a sentence, say why, and offer a safe way to meet the need."
+)
+"""The system turn of rewrite mode: the draft and the principle, then the user's own conversation."""
+
+
+def rewrite_chat(conversation: Chat, response: str, principle: CritiquePrinciple, lead: str = "") -> Chat:
+    """Principle-guided regeneration: the model answers the user again, guided by the principle.
+
+    Small instruct models follow "answer the user" far better than "revise this transcript": asked
+    for a revision they often comment on the response instead of writing one. Here the draft and
+    the principle's revision request sit in a system turn, and the user's conversation follows
+    unchanged, so the model's next turn is simply its reply. No few-shot examples are needed.
+    With ``lead``, the reply is prefilled with it and the model continues from there.
+    """
+    system = REWRITE_GUIDE.format(draft=response.strip(), guideline=principle.revision_request)
+    turns = [m for m in conversation if m["role"] != "system"]  # one system turn: ours, which restates the task
+    return [_msg("system", system), *turns, *([_msg("assistant", lead)] if lead else [])]
+
+
+def rewrite_text(conversation: Chat, response: str, principle: CritiquePrinciple, lead: str = "") -> str:
+    """Completion-model form of `rewrite_chat`; ends with ``"Assistant:"`` (and ``lead``)."""
+    system = REWRITE_GUIDE.format(draft=response.strip(), guideline=principle.revision_request)
+    turns = [m for m in conversation if m["role"] != "system"]
+    return f"System: {system}\n\n{format_conversation(turns)}\n\nAssistant:{' ' + lead if lead else ''}"
+
+
 # --------------------------------------------------------------------------- AI feedback
 
 

@@ -361,22 +361,27 @@ class HFBackend:
 
         Each prompt is run once: its last position scores every option's first token, then the
         prompt's KV cache is repeated once per option and the options' remaining tokens run on
-        top of it (a few tokens each). Options are tokenized on their own and appended to the
-        prompt's tokens.
+        top of it (a few tokens each). An option's tokens are those the tokenizer gives the text
+        prompt + option past the prompt's own tokens, so a SentencePiece tokenizer (whose " (A)"
+        alone would gain a leading "▁" token) is scored on what it really reads. Where the prompt's
+        last token would merge with the option's first, the option's own tokens are used.
         """
         if not prompts:
             return []
         if not options:
             raise CaiError("choice_logprobs needs at least one option")
         prompt_ids = self.encode(list(prompts))
-        option_ids = self.tokenizer(list(options), add_special_tokens=False)["input_ids"]
-        for j, o in enumerate(option_ids):
+        alone = self.tokenizer(list(options), add_special_tokens=False)["input_ids"]
+        for j, o in enumerate(alone):
             if not o:
                 raise CaiError(f"option {j} ({options[j]!r}) has no tokens")
+        joined = self.encode([p + o for p in prompts for o in options])
+        option_ids = [[self._continuation(prompt_ids[i], joined[i * len(options) + j], alone[j])
+                       for j in range(len(options))] for i in range(len(prompts))]
         for i, p in enumerate(prompt_ids):
             if not p:
                 raise CaiError(f"prompt {i} is empty")
-            if self.max_context and len(p) + max(map(len, option_ids)) > self.max_context:
+            if self.max_context and len(p) + max(map(len, option_ids[i])) > self.max_context:
                 raise CaiError(
                     f"prompt {i} has {len(p)} tokens, more than the model's context of {self.max_context} allows"
                 )
@@ -386,21 +391,29 @@ class HFBackend:
         result: list[list[float]] = [[] for _ in prompt_ids]
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
-            for i, scores in zip(batch, self._score_batch([prompt_ids[i] for i in batch], option_ids, prefix_len,
-                                                          prefix_kv)):
+            for i, scores in zip(batch, self._score_batch([prompt_ids[i] for i in batch], [option_ids[i] for i in batch],
+                                                          prefix_len, prefix_kv)):
                 result[i] = scores
         return result
 
+    @staticmethod
+    def _continuation(prompt: list[int], joined: list[int], alone: list[int]) -> list[int]:
+        """The option's tokens within ``prompt + option`` (its own tokens if the boundary merged)."""
+        if len(joined) > len(prompt) and joined[: len(prompt)] == prompt:
+            return joined[len(prompt):]
+        return alone
+
     @torch.inference_mode()
     def _score_batch(
-        self, rows: list[list[int]], option_ids: list[list[int]], prefix_len: int, prefix_kv: KV | None
+        self, rows: list[list[int]], option_ids: list[list[list[int]]], prefix_len: int, prefix_kv: KV | None
     ) -> list[list[float]]:
-        n_opt, longest = len(option_ids), max(len(o) for o in option_ids)
+        """``option_ids[b][j]``: the tokens of option j after row b."""
+        n_opt, longest = len(option_ids[0]), max(len(o) for opts in option_ids for o in opts)
         ids, mask, positions, cache = self._batch_inputs(rows, prefix_len, prefix_kv, extra=longest)
         first = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1,
         ).logits[:, -1, :].float().log_softmax(-1)
-        scores = [[float(first[b, o[0]]) for o in option_ids] for b in range(len(rows))]
+        scores = [[float(first[b, o[0]]) for o in option_ids[b]] for b in range(len(rows))]
         if longest == 1:
             return scores
         # Row b's cache becomes rows b*n_opt + j, one per option; feed each option's tokens but the last.
@@ -408,7 +421,7 @@ class HFBackend:
         width = longest - 1
         tail = torch.full((len(rows) * n_opt, width), self.pad_id, dtype=torch.long)
         for b in range(len(rows)):
-            for j, o in enumerate(option_ids):
+            for j, o in enumerate(option_ids[b]):
                 if len(o) > 1:
                     tail[b * n_opt + j, : len(o) - 1] = torch.tensor(o[:-1])
         tail_positions = positions[:, -1:].repeat_interleave(n_opt, 0) + 1 + torch.arange(width, device=self.device)
@@ -419,7 +432,7 @@ class HFBackend:
             use_cache=True,
         ).logits.float().log_softmax(-1)
         for b in range(len(rows)):
-            for j, o in enumerate(option_ids):
+            for j, o in enumerate(option_ids[b]):
                 for k in range(1, len(o)):
                     scores[b][j] += float(logprobs[b * n_opt + j, k - 1, o[k]])
         return scores

@@ -172,8 +172,16 @@ def results_markdown(results: dict[str, Any]) -> str:
                      f"{s.get('red_team_pm_score', '-')} | {s.get('helpfulness_pm_score', '-')} | "
                      f"{s.get('evasive_rate', '-')} | {s.get('red_team_mean_words', '-')} |")
     if results.get("revision_curve", {}).get("curve"):
-        lines += ["", "## Revision curve (mean PM score after each round)", "", "| round | PM score | n |", "|---|---|---|"]
+        lines += ["", "## Revision curve (mean PM score after each round; the reward model used in training)", "",
+                  "| round | PM score | n |", "|---|---|---|"]
         lines += [f"| {c['round']} | {c['mean_pm_score']} | {c['n']} |" for c in results["revision_curve"]["curve"]]
+    if results.get("judged_revision_curve"):
+        lines += ["", "## Revision curve, judged (P(revision better than the initial answer), both orders)", "",
+                  "| round | P(revision better) | pairs |", "|---|---|---|"]
+        lines += [f"| {c['round']} | {c['p_revision_better']} | {c['n']} |" for c in results["judged_revision_curve"]]
+        if check.get("all"):
+            lines.append(f"\nJudge agreement with the gold labels: "
+                         f"{fmt_ci(check['all']['agreement'], check['all']['ci'], percent=True)}.")
     for mc in results.get("mc_eval", []):
         lines += ["", f"- multiple choice `{mc['file']}`: accuracy {mc['accuracy']:.3f} "
                       f"[{mc['ci_low']:.3f}, {mc['ci_high']:.3f}] over {mc['n']} rows"]
@@ -245,6 +253,10 @@ def run_eval(cfg: Any, *, shard: str | None = None, show_progress: bool = True) 
                           backend=judge, config=plain, out_path=out / "judge_gold.jsonl", seed=cfg.seed,
                           helpfulness_principle=FeedbackPrinciple("helpfulness", plain.helpfulness_question),
                           show_progress=show_progress)
+    curve_traces = traces[: ecfg.revision_curve_traces]
+    judged_curve = judged_revision_curve(curve_traces, constitution=constitution, judge=judge, label_config=plain,
+                                         out_path=out / "revision_judgements.jsonl", seed=cfg.seed,
+                                         show_progress=show_progress)
     judgements = judge_pairs(answers, constitution=constitution, judge=judge, label_config=plain,
                              out_path=out / "judgements.jsonl", seed=cfg.seed, show_progress=show_progress)
     results: dict[str, Any] = {"models": list(models), "model_specs": models,
@@ -259,8 +271,8 @@ def run_eval(cfg: Any, *, shard: str | None = None, show_progress: bool = True) 
         scorer = RewardScorer.from_folder(pm_folder)
     pm_scores = dict(enumerate(scorer.score([a["prompt"] for a in answers], [a["response"] for a in answers]))) if scorer else None
     results["answers"] = answer_stats(answers, pm_scores)
-    curve_traces = traces[: ecfg.revision_curve_traces]
     results["revision_curve"] = revision_curve(curve_traces, scorer) if scorer and curve_traces else {}
+    results["judged_revision_curve"] = judged_curve
     results["transcripts"] = transcripts
     if mc:
         from cai.eval.mc import mc_eval
@@ -282,6 +294,31 @@ def gold_results(scores: dict[str, list], n_bootstrap: int, seed: int) -> dict[s
     return {"summary": {name: G.summarize(scores[name], n_bootstrap, seed) for name in names},
             "vs_base": {name: G.paired_difference(scores[base], scores[name], n_bootstrap, seed) for name in names[1:]},
             "base": base}
+
+
+def judged_revision_curve(traces: list[dict[str, Any]], *, constitution: Constitution, judge: Backend,
+                          label_config: LabelConfig, out_path: Path, seed: int,
+                          show_progress: bool = True) -> list[dict[str, Any]]:
+    """Per critique round, how often the judge prefers that round's answer to the initial one (both orders).
+
+    Beside the PM curve (the reward model PPO used) this is the validated judge's view; read it
+    with the judge's gold agreement. Rounds whose revision was rejected compare the kept answer.
+    """
+    pairs = []
+    for t in traces:
+        for rnd in t["rounds"]:
+            if rnd["revision"].strip() == t["initial_response"].strip():
+                continue  # nothing changed: no question to ask
+            pairs.append({"id": f"{t['id']}:r{rnd['round']}", "round": rnd["round"], "set": "red-team",
+                          "prompt": t["prompt"], "response_a": rnd["revision"], "response_b": t["initial_response"]})
+    if not pairs:
+        return []
+    labelled = label_pairs(pairs, constitution=constitution, backend=judge, config=label_config, out_path=out_path,
+                           seed=seed, show_progress=show_progress)
+    by_round: dict[int, list[float]] = defaultdict(list)
+    for row in labelled:
+        by_round[row["round"]].append(row["p_a"])
+    return [{"round": r, "p_revision_better": round(sum(v) / len(v), 4), "n": len(v)} for r, v in sorted(by_round.items())]
 
 
 def plain_judging(label_config: LabelConfig) -> LabelConfig:

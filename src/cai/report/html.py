@@ -181,6 +181,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if curve:
         parts.append(line_plot({"mean PM score": ([c["round"] for c in curve], [c["mean_pm_score"] for c in curve])},
                                "Revision curve", "critique/revision round", "preference-model score"))
+    judged = results.get("judged_revision_curve") or []
+    if judged:
+        agreement = (results.get("judge_check") or {}).get("all")
+        note = f" (judge agrees with gold {agreement['agreement']:.0%})" if agreement else ""
+        parts.append(line_plot({"P(revision better than initial)": ([c["round"] for c in judged],
+                                                                     [c["p_revision_better"] for c in judged])},
+                               f"Revision curve, judged{note}", "critique/revision round", "judge's probability"))
     ppo_log = run_dir / STAGE["ppo"].folder / "train_log.jsonl"
     log = read_jsonl(ppo_log) if ppo_log.is_file() else []
     steps = [r for r in log if "kl" in r]
@@ -203,6 +210,14 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         if plot:
             parts.append(plot)
     parts.append("</div>")
+    critique = (read_manifest(run_dir / STAGE["critique"].folder) or {}).get("counts", {})
+    if critique.get("rows"):
+        acceptance = critique.get("revision_acceptance")
+        parts.append(f"<p>Critique stage: mode <code>{_e(critique.get('mode', 'critique_revision'))}</code>, "
+                     f"{_e(critique.get('candidates', 1))} candidate(s) per round; {_e(critique.get('revised_rows', '?'))} "
+                     f"of {_e(critique['rows'])} rows end with an accepted revision"
+                     f"{f' ({acceptance:.0%})' if isinstance(acceptance, (int, float)) else ''}; rejected revisions by "
+                     f"reason: {_e(critique.get('flags') or 'none')}.</p>")
     if metrics_path.is_file():
         m = json.loads(metrics_path.read_text())
         parts.append(f"<p>Preference model: held-out accuracy {_e(m.get('eval_accuracy'))} (before training "

@@ -34,7 +34,7 @@ _LEADING_LABEL = re.compile(r"^\s*(?:critique|revision|assistant|answer|response
 # Markers of the prompt format (or of a chat template) that mean the model went on to write the
 # next turn itself; everything from the first one on is dropped.
 CHAT_STOP_STRINGS = (*P.COMPLETION_STOP_STRINGS, "<|im_start|>", "<|im_end|>", "Human:", "CritiqueRequest:",
-                     "RevisionRequest:")
+                     "RevisionRequest:", "Draft reply:", '"""', "Guideline:")
 
 
 @dataclass
@@ -81,7 +81,8 @@ def clean_output(text: str, stop: tuple[str, ...] = CHAT_STOP_STRINGS) -> str:
 def is_degenerate(text: str) -> bool:
     """Empty, almost no words, or looping: not usable as a revision.
 
-    Looping = at least 12 words of which under 25% are distinct, or one line repeated 4+ times.
+    Looping = at least 12 words of which under 25% are distinct, a line of 3+ words repeated 3+ times,
+    or 4+ sentences of which under 60% are distinct.
     """
     words = re.findall(r"\w+", text.lower())
     if len(words) < 2:
@@ -89,7 +90,10 @@ def is_degenerate(text: str) -> bool:
     if len(words) >= 12 and len(set(words)) / len(words) < 0.25:
         return True
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return any(lines.count(line) >= 4 for line in set(lines))
+    if any(lines.count(line) >= (3 if len(line.split()) >= 3 else 4) for line in set(lines)):
+        return True
+    sentences = [x.strip().lower() for x in re.split(r"(?<=[.!?])\s+", text) if len(x.split()) >= 4]
+    return len(sentences) >= 4 and len(set(sentences)) / len(sentences) < 0.6
 
 
 _META = re.compile(r"^\s*(?:the|this|your|my)\s+(?:(?:assistant'?s?|ai'?s?)\s+)?(?:last\s+|original\s+|previous\s+)?"
@@ -164,7 +168,7 @@ def run_critique_revision(
             traces = [Trace(row, sample_critique_principles(constitution, config.rounds, seed, row.id)) for row in chunk]
             _initial_responses(traces, backend, response_params, seed, tokens)
             for r in range(config.rounds):
-                _one_round(traces, r, constitution, critic, chat, config.critique, critique_params, revision_params,
+                _one_round(traces, r, constitution, critic, chat, config, critique_params, revision_params,
                            seed, tokens)
             for t in traces:
                 writer.write(t.to_row())
@@ -194,12 +198,14 @@ def _initial_responses(traces: list[Trace], backend: Backend, params: SamplingPa
 
 
 def _one_round(
-    traces: list[Trace], r: int, constitution: Constitution, critic: Backend, chat: bool, with_critique: bool,
+    traces: list[Trace], r: int, constitution: Constitution, critic: Backend, chat: bool, config: CritiqueConfig,
     critique_params: SamplingParams, revision_params: SamplingParams, seed: int, progress: Any,
 ) -> None:
-    """Round ``r`` (0-based) for a chunk: one batched critique call, then one batched revision call."""
+    """Round ``r`` (0-based) for a chunk: one batched critique call (in the paper's mode), then one
+    batched revision call with ``config.candidates`` samples per row; each row keeps its first
+    candidate that passes `revision_problem`, or its previous answer when none does."""
     critiques = [""] * len(traces)
-    if with_critique:
+    if config.mode == "critique_revision":
         build = P.critique_chat if chat else P.critique_text
         critique_prompts = [build(constitution, t.row.messages, t.current, t.principles[r]) for t in traces]
         texts, per_row = _timed_generate(
@@ -213,18 +219,25 @@ def _one_round(
             t.timings["critique_s"] += per_row
             if not c:
                 t.flags.append(f"round{r + 1}:empty_critique")
-    else:
+    elif config.mode == "revision":
         build = P.direct_revision_chat if chat else P.direct_revision_text
         revision_prompts = [build(constitution, t.row.messages, t.current, t.principles[r]) for t in traces]
-    texts, per_row = _timed_generate(
-        critic, revision_prompts, revision_params, [stable_seed(seed, t.row.id, "revision", r) for t in traces],
-        progress,
-    )
-    for t, critique, text in zip(traces, critiques, texts):
-        revision = clean_output(text)
-        problem = ("empty" if not revision else "degenerate" if is_degenerate(revision)
-                   else "meta" if is_meta_revision(revision)
-                   else "copied_example" if copies_an_example(revision, constitution) else None)
+    else:
+        build = P.rewrite_chat if chat else P.rewrite_text
+        revision_prompts = [build(t.row.messages, t.current, t.principles[r], config.rewrite_lead) for t in traces]
+    n = config.candidates
+    # Candidate 0 keeps the seed a single-candidate run uses, so candidates=1 is the plain method.
+    seeds = [stable_seed(seed, t.row.id, "revision", r, *([c] if c else [])) for t in traces for c in range(n)]
+    texts, per_row = _timed_generate(critic, [p for p in revision_prompts for _ in range(n)], revision_params, seeds,
+                                     progress)
+    for i, (t, critique) in enumerate(zip(traces, critiques)):
+        candidates = [clean_output(x) for x in texts[i * n:(i + 1) * n]]
+        if config.mode == "rewrite" and config.rewrite_lead:  # the prefilled lead-in is part of the reply
+            candidates = [f"{config.rewrite_lead.strip()} {c}".strip() if c else "" for c in candidates]
+        problems = [revision_problem(c, previous=t.current, critique=critique, constitution=constitution)
+                    for c in candidates]
+        pick = next((k for k, problem in enumerate(problems) if problem is None), 0)
+        revision, problem = candidates[pick], problems[pick]
         kept_previous = problem is not None
         if kept_previous:
             # Never drop the row or train on junk: keep the last good response and say so.
@@ -232,12 +245,54 @@ def _one_round(
         t.rounds.append({
             "round": r + 1,
             "principle_id": t.principles[r].id,
-            "critique": critique if with_critique else None,
+            "critique": critique if config.mode == "critique_revision" else None,
             "revision": t.current if kept_previous else revision,
             "raw_revision": revision,
             "kept_previous": kept_previous,
+            "candidates_tried": n,
+            "rejected_candidates": [p for p in problems if p is not None],
         })
-        t.timings["revision_s"] += per_row
+        t.timings["revision_s"] += per_row * n
+
+
+def _overlap(a: str, b: str) -> float:
+    """How much of ``a``'s word sequence appears, in order, in ``b`` (0-1)."""
+    import difflib
+
+    wa, wb = a.lower().split(), b.lower().split()
+    if not wa:
+        return 0.0
+    blocks = difflib.SequenceMatcher(None, wa, wb, autojunk=False).get_matching_blocks()
+    return sum(blk.size for blk in blocks) / len(wa)
+
+
+def revision_problem(revision: str, *, previous: str, critique: str, constitution: Constitution) -> str | None:
+    """Why a revision can't be used (the flag name), or None when it is a real revision.
+
+    - ``empty`` / ``degenerate`` (too short, looping) / ``meta`` (talks about the response);
+    - ``copied_example``: repeats a few-shot example (small models parrot the prompt);
+    - ``copied_critique``: mostly the critique's words (small models paste it back);
+    - ``unchanged``: nearly the previous answer's words again; ``extends_previous``: the previous
+      answer with a tail appended (a caveat after a harmful answer removes nothing). A revision
+      that only deletes part of the previous answer is a real revision and passes.
+    """
+    if not revision:
+        return "empty"
+    if is_degenerate(revision):
+        return "degenerate"
+    if is_meta_revision(revision):
+        return "meta"
+    if copies_an_example(revision, constitution):
+        return "copied_example"
+    if critique and len(revision.split()) >= 8 and _overlap(revision, critique) >= 0.6:
+        return "copied_critique"
+    if previous:
+        kept = _overlap(previous, revision)  # share of the previous answer still there, in order
+        if kept >= 0.85 and _overlap(revision, previous) >= 0.85:
+            return "unchanged"
+        if kept >= 0.9 and len(revision.split()) > len(previous.split()):
+            return "extends_previous"
+    return None
 
 
 def run_critique(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
@@ -296,6 +351,10 @@ def run_critique(cfg: Any, *, shard: str | None = None, show_progress: bool = Tr
                                    out_path=st.dir / "helpfulness.jsonl", seed=cfg.seed, chunk_size=ccfg.chunk_size,
                                    clean=clean_output, show_progress=show_progress, description="helpfulness answers")
     flags = Counter(flag.split(":")[-1] for row in data for flag in row["flags"])
-    st.done(prompts=len(rows), rows=len(data), helpfulness_rows=len(helpful), rounds=ccfg.rounds, flags=dict(flags),
-            revisions_kept_previous=sum(r["kept_previous"] for row in data for r in row["rounds"]))
+    revised = sum(row["final_response"].strip() != row["initial_response"].strip() for row in data)
+    st.done(prompts=len(rows), rows=len(data), helpfulness_rows=len(helpful), rounds=ccfg.rounds, mode=ccfg.mode,
+            candidates=ccfg.candidates, flags=dict(flags),
+            revisions_kept_previous=sum(r["kept_previous"] for row in data for r in row["rounds"]),
+            # Rows whose final answer is a revision that passed the checks (not the initial answer kept).
+            revised_rows=revised, revision_acceptance=round(revised / len(data), 4) if data else None)
     return st.dir

@@ -145,10 +145,16 @@ def mix_and_split(ai_pairs: list[Pair], human_pairs: list[Pair], config: PMConfi
     """Harmlessness pairs + helpfulness pairs at ``helpfulness_ratio``; split train/eval by group."""
     rng = random.Random(f"{seed}:pm-mix")
     harmless = [p for p in ai_pairs if p.kind == "harmlessness"]
-    helpful_pool = human_pairs or [p for p in ai_pairs if p.kind == "helpfulness"]
+    ai_helpful = [p for p in ai_pairs if p.kind == "helpfulness"]
     ratio = config.helpfulness_ratio
-    wanted = round(ratio / (1 - ratio) * len(harmless)) if ratio and harmless else (len(helpful_pool) if ratio else 0)
-    helpful = rng.sample(helpful_pool, min(wanted, len(helpful_pool)))
+    pool = len(ai_helpful) + len(human_pairs)
+    wanted = min(pool, round(ratio / (1 - ratio) * len(harmless)) if ratio and harmless else (pool if ratio else 0))
+    # Human comparisons mix with the AI helpfulness labels at pm.human_ratio; a side that runs short
+    # is topped up from the other, so the helpfulness share holds.
+    from_human = min(len(human_pairs), round(wanted * config.human_ratio)) if human_pairs else 0
+    from_ai = min(len(ai_helpful), wanted - from_human)
+    from_human = min(len(human_pairs), wanted - from_ai)
+    helpful = rng.sample(human_pairs, from_human) + rng.sample(ai_helpful, from_ai)
     pairs = harmless + helpful
     groups = sorted({p.group for p in pairs})
     rng.shuffle(groups)
@@ -157,8 +163,8 @@ def mix_and_split(ai_pairs: list[Pair], human_pairs: list[Pair], config: PMConfi
     train = [p for p in pairs if p.group not in eval_groups]
     held_out = [p for p in pairs if p.group in eval_groups]
     rng.shuffle(train)
-    counts = {"harmlessness_pairs": len(harmless), "helpfulness_pairs": len(helpful),
-              "helpfulness_source": "human" if human_pairs else "ai", "train_pairs": len(train), "eval_pairs": len(held_out)}
+    counts = {"harmlessness_pairs": len(harmless), "helpfulness_pairs": len(helpful), "human_helpfulness_pairs": from_human,
+              "helpfulness_source": "+".join(n for n, k in (("human", from_human), ("ai", from_ai)) if k) or "none", "train_pairs": len(train), "eval_pairs": len(held_out)}
     return train, held_out, counts
 
 
