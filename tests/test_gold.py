@@ -179,3 +179,20 @@ def test_verdict_says_what_moved_and_whether_the_judge_counts():
     assert "not evidence" in text and "label.feedback_model" in text
     assert fmt_ci(0.6234, (0.5111, 0.7345), percent=True) == "62% [51, 73]"
     assert fmt_ci(0.04321, (0.0101, 0.0763), sign=True) == "+0.04 [0.01, 0.08]"
+
+
+def test_gold_command_scores_models_side_by_side(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from cai.cli import main
+
+    out = tmp_path / "scores.jsonl"
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr("sys.argv", ["cai", "gold", f"a={tiny_model_dir}", f"b={tiny_model_dir}", "--limit", "8",
+                                     "-o", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "change in margin from a" in text
+    assert " yes " not in text and " no " in text  # the same model twice: no change beyond noise
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 16 and {r["model"] for r in rows} == {"a", "b"}

@@ -124,36 +124,14 @@ def chat(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
     """Talk to a model, multi-turn. /reset starts over, /exit (or Ctrl-D) quits."""
-    from cai.types import SamplingParams
     from cai.backends.hf import HFBackend
+    from cai.chat import chat_loop
+    from cai.types import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     err.print(f"loading {model} ...")
-    backend = HFBackend.from_spec(model, batch_size=1)
-    base = [{"role": "system", "content": system}] if system else []
-    history = list(base)
-    err.print("ready: type a message; /reset starts over, /exit quits")
-    turn = 0
-    while True:
-        try:
-            line = input("you> ")
-        except (EOFError, KeyboardInterrupt):
-            err.print()
-            return
-        text = line.strip()
-        if not text:
-            continue
-        if text in {"/exit", "/quit"}:
-            return
-        if text == "/reset":
-            history = list(base)
-            err.print("(conversation cleared)")
-            continue
-        history.append({"role": "user", "content": text})
-        reply = backend.generate([history], params, seeds=[seed + turn])[0].strip()
-        turn += 1
-        history.append({"role": "assistant", "content": reply})
-        out.print(Text("assistant> ", style="bold cyan") + Text(reply))
+    chat_loop(HFBackend.from_spec(model, batch_size=1), params, system=system,
+              say=lambda reply: out.print(Text("assistant> ", style="bold cyan") + Text(reply)), note=err.print)
 
 
 def _run_config(config: Path | None, sets: list[str] | None):
@@ -356,31 +334,17 @@ def mc_eval_command(
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
 ) -> None:
     """Accuracy of a model as a feedback model on multiple-choice files (HHH-alignment style)."""
-    from rich.table import Table
-
     from cai.backends.hf import HFBackend
     from cai.constitution_yaml import load_constitution
-    from cai.eval.mc import load_mc_file, mc_eval
+    from cai.eval.mc import load_mc_file, mc_eval, mc_tables
 
     data = {str(f): load_mc_file(f) for f in files}
     const = load_constitution(constitution) if cot else None
     backend = HFBackend.from_spec(model, batch_size=batch_size)
     results = [mc_eval(rows, backend, file=name, mode="cot" if cot else "plain", constitution=const)
                for name, rows in data.items()]
-    table = Table(title=f"{model}: multiple-choice accuracy ({'cot' if cot else 'plain'})")
-    for column in ("file", "rows", "accuracy", "95% interval"):
-        table.add_column(column)
-    for r in results:
-        table.add_row(r.file, str(r.n), f"{r.accuracy:.3f}", f"{r.ci_low:.3f}-{r.ci_high:.3f}")
-    out.print(table)
-    for r in results:
-        cal = Table(title=f"calibration: {r.file}")
-        for column in ("confidence bin", "pairs", "mean confidence", "accuracy"):
-            cal.add_column(column)
-        for b in r.calibration:
-            cal.add_row(f"{b['bin_low']:.2f}-{b['bin_high']:.2f}", str(b["count"]), f"{b['mean_confidence']:.3f}",
-                        f"{b['accuracy']:.3f}")
-        out.print(cal)
+    for table in mc_tables(results, f"{model}: multiple-choice accuracy ({'cot' if cot else 'plain'})"):
+        out.print(table)
     if output is not None:
         from cai.io import write_json_atomic
 
@@ -389,8 +353,29 @@ def mc_eval_command(
 
 
 @app.command()
+def gold(
+    models: Annotated[list[str], typer.Argument(help="Models as NAME=SPEC or SPEC (the first is the baseline), e.g. base=bundled sft=runs/demo/sft.")],
+    pairs: Annotated[str, typer.Option(help="'gold' (built in) or a gold-pairs JSONL file.")] = "gold",
+    split: Annotated[str, typer.Option(help="dev, test or all.")] = "test",
+    limit: Annotated[Optional[int], typer.Option(help="At most N pairs, spread over kinds.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Per-pair scores as JSONL (resumable).")] = None,
+) -> None:
+    """Judge-free: each model's own preference for the better answer on human-labelled gold pairs."""
+    import tempfile
+
+    from cai.data.gold import load_gold_pairs
+    from cai.eval import gold as G
+
+    specs = dict(m.split("=", 1) if "=" in m else (m, m) for m in models)
+    chosen = G.stratified(load_gold_pairs(pairs, None if split == "all" else split), limit)
+    path = output or Path(tempfile.mkdtemp()) / "gold_scores.jsonl"
+    for table in G.gold_tables(G.score_models(specs, chosen, path)):
+        out.print(table)
+
+
+@app.command()
 def serve(
-    model: Annotated[str, typer.Argument(help="'bundled', a model folder (e.g. runs/demo/rl_cai), a .gguf file or a hub id.")],
+    model: Annotated[str, typer.Argument(help="'bundled', a model folder (e.g. runs/demo/ppo), a .gguf file or a hub id.")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     name: Annotated[Optional[str], typer.Option(help="Model name the API reports (default: the spec).")] = None,

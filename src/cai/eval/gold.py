@@ -240,3 +240,29 @@ def judge_agreement(labelled: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["position_bias"] = position_bias(list(labelled))
     out["mean_confidence"] = (sum(max(r["p_a"], 1 - r["p_a"]) for r in labelled) / len(labelled)) if labelled else None
     return out
+
+
+def gold_tables(scores: dict[str, list[PairScore]], n_bootstrap: int = 1000) -> list[Any]:
+    """Rich tables for ``cai gold``: each model by kind, then each model's change from the first."""
+    from rich.table import Table
+
+    from cai.eval.verdict import fmt_ci
+
+    names = list(scores)
+    table = Table(title="gold pairs: the model's own preference for the better answer (no judge)")
+    for column in ("model", "group", "pairs", "accuracy", "margin (nats/token)"):
+        table.add_column(column)
+    for name in names:
+        for r in summarize(scores[name], n_bootstrap):
+            table.add_row(name, r["group"], str(r["pairs"]), fmt_ci(r["accuracy"], r["accuracy_ci"], percent=True),
+                          fmt_ci(r["margin"], r["margin_ci"], sign=True))
+    tables = [table]
+    if len(names) > 1:
+        diff = Table(title=f"change in margin from {names[0]} (paired bootstrap)")
+        for column in ("model", "group", "change", "beyond noise"):
+            diff.add_column(column)
+        for name in names[1:]:
+            for group, d in paired_difference(scores[names[0]], scores[name], n_bootstrap).items():
+                diff.add_row(name, group, fmt_ci(d["delta"], d["ci"], sign=True), "yes" if d["beyond_noise"] else "no")
+        tables.append(diff)
+    return tables

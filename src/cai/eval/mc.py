@@ -166,3 +166,24 @@ def mc_eval(
     low, high = wilson_interval(k, len(rows))
     return MCResult(file=file, mode=mode, n=len(rows), correct=k, accuracy=k / len(rows), ci_low=low, ci_high=high,
                     calibration=calibration_table(pairwise), rows=details)
+
+
+def mc_tables(results: list, title: str) -> list:
+    """Rich tables for ``cai mc-eval``: accuracy per file, then each file's calibration."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("file", "rows", "accuracy", "95% interval"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r.file, str(r.n), f"{r.accuracy:.3f}", f"{r.ci_low:.3f}-{r.ci_high:.3f}")
+    tables = [table]
+    for r in results:
+        cal = Table(title=f"calibration: {r.file}")
+        for column in ("confidence bin", "pairs", "mean confidence", "accuracy"):
+            cal.add_column(column)
+        for b in r.calibration:
+            cal.add_row(f"{b['bin_low']:.2f}-{b['bin_high']:.2f}", str(b["count"]), f"{b['mean_confidence']:.3f}",
+                        f"{b['accuracy']:.3f}")
+        tables.append(cal)
+    return tables
