@@ -138,7 +138,7 @@ def results_markdown(results: dict[str, Any]) -> str:
 
     lines = ["# Evaluation results", ""]
     models = results["models"]
-    lines += ["## Verdict", "", *[f"- {v}" for v in verdict(results)], ""]
+    lines += ["## Verdict", "", *[f"- {v}" for v in verdict(results, judge_name=results.get("judge", "the judge"))], ""]
     gold = results.get("gold") or {}
     if gold.get("summary"):
         lines += ["## Gold pairs, judged by no model (policy prefers the better answer)", "",
@@ -245,7 +245,7 @@ def run_eval(cfg: Any, *, shard: str | None = None, show_progress: bool = True) 
     transcripts = _transcripts(traces[: ecfg.transcripts], models, load, ecfg.sampling.params())
     # The judge-free measure: each policy's own preference on the human-labelled pairs.
     gold_scores = G.score_models(models, G.stratified(gold, ecfg.gold_limit), out / "gold_scores.jsonl",
-                                 device=cfg.model.device)
+                                 device=cfg.model.device, show_progress=show_progress)
     judge = load_backend(ecfg.judge or cfg.label.feedback_model or cfg.model)
     plain = plain_judging(cfg.label)
     # The judge is checked on the gold pairs first, by exactly the procedure it then judges with.
@@ -260,6 +260,7 @@ def run_eval(cfg: Any, *, shard: str | None = None, show_progress: bool = True) 
     judgements = judge_pairs(answers, constitution=constitution, judge=judge, label_config=plain,
                              out_path=out / "judgements.jsonl", seed=cfg.seed, show_progress=show_progress)
     results: dict[str, Any] = {"models": list(models), "model_specs": models,
+                               "judge": f"the judge ({(ecfg.judge or cfg.label.feedback_model or cfg.model).name})",
                                "gold": gold_results(gold_scores, ecfg.bootstrap * 5, cfg.seed),
                                "judge_check": G.judge_agreement(checked),
                                "elo": elo_by_axis(judgements, "base", ecfg.bootstrap, cfg.seed)}

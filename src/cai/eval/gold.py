@@ -68,7 +68,7 @@ def stratified(pairs: Sequence[GoldPair], limit: int | None) -> list[GoldPair]:
 
 @torch.no_grad()
 def answer_logprobs(model: Any, tokenizer: Any, chats: Sequence[Any], answers: Sequence[str],
-                    batch_size: int = 8) -> list[float]:
+                    batch_size: int = 8, progress: Any = None) -> list[float]:
     """Mean log-probability per token of each answer as the assistant's reply to its chat.
 
     The whole conversation plus answer is rendered and tokenised at once and the answer's tokens
@@ -109,14 +109,17 @@ def answer_logprobs(model: Any, tokenizer: Any, chats: Sequence[Any], answers: S
             logp = torch.log_softmax(logits[j, s - 1:n - 1], dim=-1)
             target = ids[j, s:n].to(device)
             out[i] = logp.gather(1, target[:, None]).mean().item()
+        if progress is not None:
+            progress(len(rows), sum(len(full[i]) for i in rows))
     return out
 
 
-def score_model(model: Any, tokenizer: Any, pairs: Sequence[GoldPair], batch_size: int = 8) -> list[PairScore]:
+def score_model(model: Any, tokenizer: Any, pairs: Sequence[GoldPair], batch_size: int = 8,
+                progress: Any = None) -> list[PairScore]:
     """`PairScore` of one model on every pair (better and worse answers scored in one batch pass)."""
     chats = [p.messages for p in pairs] * 2
     answers = [p.better for p in pairs] + [p.worse for p in pairs]
-    lps = answer_logprobs(model, tokenizer, chats, answers, batch_size)
+    lps = answer_logprobs(model, tokenizer, chats, answers, batch_size, progress)
     n = len(pairs)
     return [PairScore(p.id, p.kind, lps[i], lps[n + i]) for i, p in enumerate(pairs)]
 
@@ -169,9 +172,10 @@ def paired_difference(base: Sequence[PairScore], other: Sequence[PairScore], n_b
 
 
 def score_models(models: dict[str, str], pairs: Sequence[GoldPair], out_path: Path, *, device: str = "auto",
-                 batch_size: int = 8) -> dict[str, list[PairScore]]:
+                 batch_size: int = 8, show_progress: bool = True) -> dict[str, list[PairScore]]:
     """Score every model on the pairs, one model in memory at a time; rows resume from ``out_path``."""
     from cai.models import load_model
+    from cai.progress import progress_bar
 
     done = {(r["model"], r["id"]): r for r in read_jsonl(out_path, repair=True)}
     with JsonlWriter(out_path) as writer:
@@ -181,7 +185,9 @@ def score_models(models: dict[str, str], pairs: Sequence[GoldPair], out_path: Pa
                 continue
             loaded = load_model(spec, device=device)
             loaded.model.eval()
-            for s in score_model(loaded.model, loaded.tokenizer, todo, batch_size):
+            with progress_bar(f"gold pairs: {name}", 2 * len(todo), enabled=show_progress) as advance:
+                scored = score_model(loaded.model, loaded.tokenizer, todo, batch_size, progress=advance)
+            for s in scored:
                 row = {"model": name, "id": s.id, "kind": s.kind, "better": round(s.better, 6), "worse": round(s.worse, 6)}
                 writer.write(row)
                 done[(name, s.id)] = row

@@ -55,7 +55,7 @@ def verdict(results: dict[str, Any], *, judge_name: str = "the judge") -> list[s
             if toward:
                 said.append(f"toward the better answers on {', '.join(KIND_WORDS[g] for g in toward)}")
             if away:
-                said.append(f"away from them on {', '.join(KIND_WORDS[g] for g in away)}")
+                said.append(f"away from the better answers on {', '.join(KIND_WORDS[g] for g in away)}")
             lines.append(f"{name} vs {base}, judged by no model: its own likelihood moved {' and '.join(said)} "
                          f"beyond noise (change in margin, nats per token: {'; '.join(parts)}).")
         elif overall:

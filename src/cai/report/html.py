@@ -141,7 +141,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     parts.append("<h2>Verdict</h2>")
     from cai.eval.verdict import fmt_ci, verdict
 
-    sentences = verdict(results) if results else []
+    sentences = verdict(results, judge_name=results.get("judge", "the judge")) if results else []
     parts.append("<ul class='verdict'>" + "".join(f"<li>{_e(v)}</li>" for v in sentences) + "</ul>" if sentences
                  else '<p class="note">no evaluation yet: run <code>cai eval</code></p>')
     gold = results.get("gold") or {}
