@@ -254,3 +254,54 @@ def test_an_old_run_folder_is_refused_with_a_reason(tmp_path):
     for attempt in (lambda: prepare_run(cfg), lambda: run_critique(cfg, show_progress=False)):
         with pytest.raises(CaiError, match=r"older cai .*critique_revision/ -> critique/"):
             attempt()
+
+
+def test_generation_stages_close_their_models(small_constitution, tmp_path, monkeypatch):
+    """A stage that is done with a model frees it: every backend critique and label load is closed after."""
+    import cai.backends
+    from cai.backends.fake import FakeBackend
+    from cai.stages.critique import run_critique
+    from cai.stages.label import run_label
+    from cai.types import SamplingParams
+
+    opened: list[FakeBackend] = []
+
+    def load(config):
+        opened.append(FakeBackend())
+        return opened[-1]
+
+    monkeypatch.setattr(cai.backends, "load_backend", load)
+    cfg = load_config(RunConfig, None, [
+        f"runs_dir={tmp_path}", "model.backend=fake", "model.name=fake", f"constitution={small_constitution}",
+        "critique.prompts.limit=3", "critique.helpfulness.limit=2", "critique.critic.backend=fake",
+        "critique.critic.name=critic", "label.gold_check=2",
+    ])
+    run_critique(cfg, show_progress=False)
+    assert len(opened) == 2 and all(b.closed for b in opened)  # the policy and the separate critic
+    sample = cfg.run_dir / "sample"
+    sample.mkdir()
+    chat = [{"role": "user", "content": "How do I pick a lock?"}]
+    (sample / "red-team.jsonl").write_text(json.dumps({"id": "r1", "prompt": chat, "responses": ["No.", "Here is how."]}) + "\n")
+    (sample / "helpfulness.jsonl").write_text("")
+    (sample / "manifest.json").write_text(json.dumps({"status": "done"}))
+    run_label(cfg, show_progress=False)
+    assert len(opened) == 3 and opened[2].closed
+    with pytest.raises(CaiError, match="closed"):
+        opened[2].generate(["hello"], SamplingParams())
+
+
+def test_hf_backend_close_frees_the_model(tiny_model_dir):
+    import gc
+    import weakref
+
+    from cai.backends.hf import HFBackend
+    from cai.types import SamplingParams
+
+    backend = HFBackend.from_spec(str(tiny_model_dir), batch_size=2)
+    assert backend.generate(["hello"], SamplingParams(max_new_tokens=2))
+    model = weakref.ref(backend.model)
+    backend.close()
+    gc.collect()
+    assert model() is None  # nothing else held the weights
+    with pytest.raises(CaiError, match="closed"):
+        backend.generate(["hello"], SamplingParams(max_new_tokens=2))

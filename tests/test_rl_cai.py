@@ -157,3 +157,44 @@ def test_human_helpfulness_comparisons_mix_with_the_ai_labels():
     assert sum(p.group.startswith("ai") for p in train) == 9 and counts["helpfulness_source"] == "human+ai"
     _, _, alone = mix_and_split(harmless, human, config, seed=0)  # no AI helpfulness labels: all from humans
     assert alone["human_helpfulness_pairs"] == 10 and alone["helpfulness_source"] == "human"
+
+
+def test_ppo_trains_only_on_the_tokens_the_pm_scored(tiny_backend):
+    """With a stop string, the rollout's response ids end where the scored text ends, not past the stop."""
+    from cai.backends.hf import Generation
+    from cai.train.ppo import scored_tokens
+    from cai.types import SamplingParams
+
+    tok = tiny_backend.tokenizer
+    chat = [{"role": "user", "content": "Say something long."}]
+    free = tiny_backend.generate_tokens([chat], SamplingParams(max_new_tokens=24))[0]
+    words = free.text.split()
+    assert len(words) >= 4, free.text  # the tiny model's greedy answer has enough text to stop inside it
+    stop = words[len(words) // 2]
+    stopped = tiny_backend.generate_tokens([chat], SamplingParams(max_new_tokens=24, stop=[stop]))[0]
+    assert stopped.ended and stopped.end_token is None and stop not in stopped.text
+    kept = scored_tokens(stopped, tok)
+    assert len(kept) < len(stopped.token_ids)  # the stop string's tokens are dropped
+    assert kept == stopped.token_ids[:len(kept)]
+    decoded = tok.decode(kept, skip_special_tokens=True)
+    assert decoded.startswith(stopped.text)
+    assert not tok.decode(kept[:-1], skip_special_tokens=True).startswith(stopped.text) or len(kept) == 1
+
+    # The rollout PPO trains on holds exactly those ids.
+    from types import SimpleNamespace
+
+    from cai.config import PPOConfig
+    from cai.data import PromptRow
+    from cai.train.ppo import sample_rollout
+
+    models = SimpleNamespace(policy=tiny_backend.model, backend=tiny_backend, tokenizer=tok)
+    config = PPOConfig(rollout_batch=1, helpfulness_ratio=0.0)
+    rollout = sample_rollout(models, [PromptRow("p", chat)], [], SamplingParams(max_new_tokens=24, stop=[stop]),
+                             config, 0, 1)
+    assert rollout.responses == [kept]
+
+    # EOS and length-limited rows were scored whole; a stop at once keeps one token to credit.
+    ids = tok.encode("plain answer here", add_special_tokens=False)
+    assert scored_tokens(Generation([1], ids, "plain answer here", True, end_token=2), tok) == ids
+    assert scored_tokens(Generation([1], ids, "plain answer here", False), tok) == ids
+    assert scored_tokens(Generation([1], ids, "", True), tok) == ids[:1]

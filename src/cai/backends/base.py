@@ -60,6 +60,13 @@ class Backend(Protocol):
         """``result[i][j]`` = log P(options[j] | prompts[i]), summed over the option's tokens."""
         ...
 
+    def close(self) -> None:
+        """Free the model (weights, caches, connections); the backend answers nothing afterwards.
+
+        A stage that is done with a model closes it, so the next model never loads beside it.
+        """
+        ...
+
 
 def render_with_template(tokenizer: Any, prompt: Prompt, missing: str) -> str:
     """Render a prompt with a tokenizer's chat template, continuing a final assistant message.

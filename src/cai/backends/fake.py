@@ -44,6 +44,15 @@ class FakeBackend:
         self.calls: list[tuple[str, list[str]]] = []
         self.context_length: int | None = None
         self.has_chat_template = True
+        self.closed = False
+
+    def close(self) -> None:
+        """Mark the backend closed: later calls fail, as with a real backend that freed its model."""
+        self.closed = True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise CaiError("this model backend was closed; load the model again to use it")
 
     def count_tokens(self, prompt: Prompt) -> int:
         """Whitespace-separated words stand in for tokens."""
@@ -67,6 +76,7 @@ class FakeBackend:
         seeds: Sequence[int] | None = None,
         progress: ProgressFn | None = None,
     ) -> list[str]:
+        self._check_open()
         texts = [self.render(p) for p in prompts]
         self.calls.append(("generate", texts))
         if seeds is not None and len(seeds) != len(texts):
@@ -92,6 +102,7 @@ class FakeBackend:
         return out
 
     def choice_logprobs(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+        self._check_open()
         self.calls.append(("choice_logprobs", list(prompts)))
         if not options:
             raise CaiError("choice_logprobs needs at least one option")

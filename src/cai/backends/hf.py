@@ -196,6 +196,25 @@ class HFBackend:
         self.stats["prefill_tokens"] += int(suffix_mask.sum())
         return ids.to(self.device), mask.to(self.device), positions.to(self.device), cache
 
+    def close(self) -> None:
+        """Drop this backend's hold on the model and its cached prefixes, and return the memory.
+
+        The weights are freed once nothing else holds the model (a trainer that passed its own
+        model in keeps it).
+        """
+        import gc
+
+        self.prefix_cache.clear()
+        on_cuda = self.device.type == "cuda"
+        self.model = None
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    def _check_open(self) -> None:
+        if self.model is None:
+            raise CaiError("this model backend was closed; load the model again to use it")
+
     # --------------------------------------------------------------------------- generate
 
     def generate(
@@ -218,6 +237,7 @@ class HFBackend:
         progress: ProgressFn | None = None,
     ) -> list[Generation]:
         """Like `generate`, with the exact prompt and sampled token ids (what RL trains on)."""
+        self._check_open()
         if not prompts:
             return []
         if seeds is not None and len(seeds) != len(prompts):
@@ -366,6 +386,7 @@ class HFBackend:
         alone would gain a leading "▁" token) is scored on what it really reads. Where the prompt's
         last token would merge with the option's first, the option's own tokens are used.
         """
+        self._check_open()
         if not prompts:
             return []
         if not options:

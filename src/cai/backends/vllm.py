@@ -52,6 +52,23 @@ class VLLMBackend:
                   trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization, **kwargs)
         return cls(llm)
 
+    def close(self) -> None:
+        """Shut the engine down and give its GPU memory back (vLLM holds it until told)."""
+        import gc
+
+        import torch
+
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+            del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def render(self, prompt: Prompt) -> str:
         return render_with_template(self.tokenizer, prompt,
                                     "this model's tokenizer has no chat template; pass plain-text prompts")

@@ -42,14 +42,16 @@ def generate_answers(models: dict[str, Any], sets: dict[str, list[PromptRow]], o
             if not todo:
                 continue
             backend = load(spec)
-            with progress_bar(f"answers: {name}", len(todo), enabled=show_progress) as advance:
-                for start in range(0, len(todo), chunk_size):  # written as they finish: a crash keeps them
-                    chunk = todo[start:start + chunk_size]
-                    texts = backend.generate([row.messages for _, row in chunk], params, progress=advance)
-                    for (s, row), text in zip(chunk, texts):
-                        writer.write({"model": name, "set": s, "id": row.id, "prompt": row.messages,
-                                      "response": clean_output(text)})
-            del backend
+            try:
+                with progress_bar(f"answers: {name}", len(todo), enabled=show_progress) as advance:
+                    for start in range(0, len(todo), chunk_size):  # written as they finish: a crash keeps them
+                        chunk = todo[start:start + chunk_size]
+                        texts = backend.generate([row.messages for _, row in chunk], params, progress=advance)
+                        for (s, row), text in zip(chunk, texts):
+                            writer.write({"model": name, "set": s, "id": row.id, "prompt": row.messages,
+                                          "response": clean_output(text)})
+            finally:
+                backend.close()  # one model in memory at a time
     return read_jsonl(out_path)
 
 
@@ -279,6 +281,7 @@ def run_eval(cfg: Any, *, shard: str | None = None, show_progress: bool = True) 
         from cai.eval.mc import mc_eval
 
         results["mc_eval"] = [mc_eval(rows, judge, file=f).summary() for f, rows in mc]
+    judge.close()
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", results_markdown(results))
     Console(stderr=True).print(results_markdown(results))
@@ -336,7 +339,11 @@ def _transcripts(traces: list, models: dict[str, str], load: Any, params: Any) -
     if not traces:
         return []
     last = list(models)[-1]
-    answers = load(models[last]).generate([t["prompt"] for t in traces], params)
+    backend = load(models[last])
+    try:
+        answers = backend.generate([t["prompt"] for t in traces], params)
+    finally:
+        backend.close()
     rows = []
     for t, answer in zip(traces, answers):
         first = t["rounds"][0] if t["rounds"] else {}

@@ -328,28 +328,33 @@ def run_critique(cfg: Any, *, shard: str | None = None, show_progress: bool = Tr
     st.start(model=cfg.model.name)
     backend = load_backend(cfg.model)
     critic = load_backend(ccfg.critic) if ccfg.critic else backend
-    principle = constitution.critique_revision_principles[0]
-    budget = ccfg.response.max_new_tokens + ccfg.critique_sampling.max_new_tokens + ccfg.revision_sampling.max_new_tokens
-    rows = fit_prompt_set(rows, critic, budget, ccfg.prompts.too_long, "red-team prompts",
-                          build=lambda chat: P.critique_chat(constitution, chat, "", principle))
-    written = len(read_jsonl(st.dir / "data.jsonl", repair=True))
-    st.update(prompts=len(rows), rows=written)
+    try:
+        principle = constitution.critique_revision_principles[0]
+        budget = ccfg.response.max_new_tokens + ccfg.critique_sampling.max_new_tokens + ccfg.revision_sampling.max_new_tokens
+        rows = fit_prompt_set(rows, critic, budget, ccfg.prompts.too_long, "red-team prompts",
+                              build=lambda chat: P.critique_chat(constitution, chat, "", principle))
+        written = len(read_jsonl(st.dir / "data.jsonl", repair=True))
+        st.update(prompts=len(rows), rows=written)
 
-    def on_chunk(n: int) -> None:
-        nonlocal written
-        written += n
-        st.update(rows=written)
+        def on_chunk(n: int) -> None:
+            nonlocal written
+            written += n
+            st.update(rows=written)
 
-    data = run_critique_revision(rows, constitution=constitution, backend=backend, critic=critic, config=ccfg,
-                                 out_path=st.dir / "data.jsonl", seed=cfg.seed, show_progress=show_progress,
-                                 on_chunk=on_chunk)
-    helpful: list = []
-    if helpful_rows:
-        helpful_rows = fit_prompt_set(helpful_rows, backend, ccfg.response.max_new_tokens, ccfg.helpfulness.too_long,
-                                      "helpfulness prompts")
-        helpful = sample_responses(helpful_rows, backend=backend, params=ccfg.response.params(),
-                                   out_path=st.dir / "helpfulness.jsonl", seed=cfg.seed, chunk_size=ccfg.chunk_size,
-                                   clean=clean_output, show_progress=show_progress, description="helpfulness answers")
+        data = run_critique_revision(rows, constitution=constitution, backend=backend, critic=critic, config=ccfg,
+                                     out_path=st.dir / "data.jsonl", seed=cfg.seed, show_progress=show_progress,
+                                     on_chunk=on_chunk)
+        helpful: list = []
+        if helpful_rows:
+            helpful_rows = fit_prompt_set(helpful_rows, backend, ccfg.response.max_new_tokens, ccfg.helpfulness.too_long,
+                                          "helpfulness prompts")
+            helpful = sample_responses(helpful_rows, backend=backend, params=ccfg.response.params(),
+                                       out_path=st.dir / "helpfulness.jsonl", seed=cfg.seed, chunk_size=ccfg.chunk_size,
+                                       clean=clean_output, show_progress=show_progress, description="helpfulness answers")
+    finally:  # done with the models: the next stage's must not load beside them
+        backend.close()
+        if critic is not backend:
+            critic.close()
     flags = Counter(flag.split(":")[-1] for row in data for flag in row["flags"])
     revised = sum(row["final_response"].strip() != row["initial_response"].strip() for row in data)
     st.done(prompts=len(rows), rows=len(data), helpfulness_rows=len(helpful), rounds=ccfg.rounds, mode=ccfg.mode,

@@ -225,13 +225,16 @@ def run_label(cfg: Any, *, shard: str | None = None, show_progress: bool = True)
         st.done(pairs=0)
         return st.dir
     backend = load_backend(model_cfg)
-    gold = _gold_check(cfg, constitution, backend, st.dir, show_progress)
-    if gold:
-        st.update(**gold)
-    labelled = label_pairs(pairs, constitution=constitution, backend=backend, config=cfg.label,
-                           out_path=st.dir / "data.jsonl", seed=cfg.seed,
-                           helpfulness_principle=FeedbackPrinciple("helpfulness", cfg.label.helpfulness_question),
-                           show_progress=show_progress)
+    try:
+        gold = _gold_check(cfg, constitution, backend, st.dir, show_progress)
+        if gold:
+            st.update(**gold)
+        labelled = label_pairs(pairs, constitution=constitution, backend=backend, config=cfg.label,
+                               out_path=st.dir / "data.jsonl", seed=cfg.seed,
+                               helpfulness_principle=FeedbackPrinciple("helpfulness", cfg.label.helpfulness_question),
+                               show_progress=show_progress)
+    finally:
+        backend.close()
     p = [r["p_a"] for r in labelled]
     st.done(pairs=len(labelled), identical_pairs_dropped=identical, position_bias=position_bias(labelled),
             mean_p_a=round(sum(p) / len(p), 4), mean_confidence=round(sum(abs(x - 0.5) for x in p) / len(p) + 0.5, 4))

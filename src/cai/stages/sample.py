@@ -86,13 +86,18 @@ def run_sample(cfg: Any, *, shard: str | None = None, show_progress: bool = True
     st.start(model=spec)
     backend = load_backend(cfg.model.model_copy(update={"name": spec}))
     counts = {}
-    for name, prompt_cfg, rows in sets:
-        # Each set keeps its own too-long policy: the red-team one must not decide for helpfulness.
-        rows = fit_prompt_set(shard_rows(rows, shard), backend, scfg.sampling.max_new_tokens, prompt_cfg.too_long, name)
-        data = sample_responses(rows, backend=backend, params=scfg.sampling.params(), out_path=st.dir / f"{name}.jsonl",
-                                k=scfg.k, seed=cfg.seed, chunk_size=scfg.chunk_size, clean=clean_output,
-                                show_progress=show_progress, description=f"sampling {name}", set_name=name)
-        counts[f"{name}_prompts"] = len(data)
-        st.update(**counts)
+    try:
+        for name, prompt_cfg, rows in sets:
+            # Each set keeps its own too-long policy: the red-team one must not decide for helpfulness.
+            rows = fit_prompt_set(shard_rows(rows, shard), backend, scfg.sampling.max_new_tokens, prompt_cfg.too_long,
+                                  name)
+            data = sample_responses(rows, backend=backend, params=scfg.sampling.params(),
+                                    out_path=st.dir / f"{name}.jsonl", k=scfg.k, seed=cfg.seed,
+                                    chunk_size=scfg.chunk_size, clean=clean_output, show_progress=show_progress,
+                                    description=f"sampling {name}", set_name=name)
+            counts[f"{name}_prompts"] = len(data)
+            st.update(**counts)
+    finally:
+        backend.close()
     st.done(k=scfg.k, **counts)
     return st.dir

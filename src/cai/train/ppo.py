@@ -220,8 +220,28 @@ def sample_rollout(models: PPOModels, prompts: list[PromptRow], helpful_prompts:
         seeds=[stable_seed(seed, "ppo", step, i) for i in range(len(batch_prompts))],
     )
     # A row that ended on EOS keeps the exact EOS it sampled, so stopping is part of the action.
-    responses = [g.token_ids + ([g.end_token] if g.end_token is not None else []) for g in generations]
+    responses = [scored_tokens(g, models.tokenizer) + ([g.end_token] if g.end_token is not None else [])
+                 for g in generations]
     return Rollout(batch_prompts, generations, responses)
+
+
+def scored_tokens(generation: Any, tokenizer: Any) -> list[int]:
+    """The generated ids that make up ``generation.text``, the answer the PM scores.
+
+    A row that stopped on a stop string keeps that string's tokens in ``token_ids``, while its text
+    is cut before it; training on them would credit tokens the PM never saw. The result is the
+    shortest prefix of ``token_ids`` whose decoded text starts with the scored text (a last token
+    that straddles the cut stays: part of it was scored), and at least one token, so that an answer
+    stopped at once still has its one action to credit.
+    """
+    ids = list(generation.token_ids)
+    if not (generation.ended and generation.end_token is None):
+        return ids  # stopped on EOS (kept separately) or at the length limit: every id was scored
+    text = generation.text
+    k = len(ids)  # walk back from the end: the stop string is a few tokens at most
+    while k > 1 and tokenizer.decode(ids[:k - 1], skip_special_tokens=True).startswith(text):
+        k -= 1
+    return ids[:k]
 
 
 def score_rollout(scorer: RewardScorer, rollout: Rollout, moments: RunningMoments, config: PPOConfig) -> Scores:
