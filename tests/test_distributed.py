@@ -17,6 +17,8 @@ import textwrap
 
 import pytest
 
+from cai.errors import CaiError
+
 DRIVER = textwrap.dedent('''
     """One rank of a tiny SFT run; writes rank<i>.json with a hash of its trained weights."""
     import hashlib, json, sys
@@ -133,3 +135,153 @@ def test_sft_on_two_cpu_processes_trains_one_model_and_saves_it_once(tmp_path, t
     steps = ranks[0]["steps"]  # the learning-rate schedule counts the steps each rank takes, so it runs to its end
     assert log[-1]["lr"] == pytest.approx(0.01 * warmup_linear_decay(steps - 1, steps, 0))
     assert not (out / "checkpoint").exists()
+
+
+PPO_DRIVER = textwrap.dedent('''
+    """A tiny PPO run (one process, or one rank of several); writes rank<i>.json with its figures."""
+    import hashlib, json, sys
+
+    import torch
+
+    from cai.config import PPOConfig
+    from cai.data import PromptRow
+    from cai.train.ppo import train_ppo
+
+    model_dir, pm_dir, out_dir, results = sys.argv[1:5]
+    prompts = [PromptRow(f"p{i}", [{"role": "user", "content": f"Tell me about topic {i}."}]) for i in range(8)]
+    held_out = [PromptRow(f"e{i}", [{"role": "user", "content": f"Explain idea {i}."}]) for i in range(3)]
+    config = PPOConfig(steps=2, rollout_batch=4, minibatch=4, epochs=2, learning_rate=1e-3, helpfulness_ratio=0.0,
+                       eval_every=1, save_every=100, dtype="float32",
+                       sampling={"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0})
+    metrics = train_ppo(prompts, [], held_out, policy_spec=model_dir, pm_folder=pm_dir, out_dir=out_dir,
+                        config=config, seed=3, device="cpu", show_progress=False)
+
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    with open(f"{results}/rank{rank}.json", "w") as f:
+        json.dump({"rank": rank, "world": world, "eval_reward_end": metrics["eval_reward_end"]}, f)
+''')
+
+
+def tiny_pm(model_dir, folder):
+    """A preference model folder from the tiny policy (random scalar head): any fixed reward will do here."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch_model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch_model.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    torch_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def launch(command, env, cwd, log_path, timeout=240):
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(process.pid)
+            pytest.fail(f"did not finish in {timeout} s (a rank waiting in a collective the other never joined?)\n"
+                        f"{log_path.read_text()[-3000:]}")
+    assert process.returncode == 0, log_path.read_text()[-3000:]
+
+
+def test_ppo_on_two_cpu_processes_matches_one_process_on_the_same_global_batch(tmp_path, tiny_model_dir):
+    """Each rank rolls out half the batch with the rows' own seeds; statistics and gradients are taken over
+    both, so the two-process run logs the one-process figures and trains the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    driver = tmp_path / "ppo_driver.py"
+    driver.write_text(PPO_DRIVER)
+    pm = tiny_pm(tiny_model_dir, tmp_path / "pm")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    runs = {}
+    for world in (1, 2):
+        out, results = tmp_path / f"ppo{world}", tmp_path / f"ranks{world}"
+        results.mkdir()
+        script = [str(driver), str(tiny_model_dir), str(pm), str(out), str(results)]
+        if world == 1:
+            command = [sys.executable, *script]
+        else:
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                       "--main_process_port", str(free_port()), *script]
+        launch(command, env, tmp_path, tmp_path / f"launch{world}.log")
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        ranks = [json.loads((results / f"rank{i}.json").read_text()) for i in range(world)]
+        runs[world] = (out, log, ranks)
+
+    (one_out, one_log, _), (two_out, two_log, two_ranks) = runs[1], runs[2]
+    assert [r["world"] for r in two_ranks] == [2, 2]
+    assert [row["step"] for row in two_log] == [0, 1, 2]  # one line per step, written by the main process only
+    assert two_ranks[0]["eval_reward_end"] == two_ranks[1]["eval_reward_end"] == two_log[-1]["eval_reward"]
+    for key in ("reward_mean", "reward_std", "kl", "response_length", "policy_loss", "value_loss", "entropy",
+                "approx_kl", "explained_variance"):
+        for a, b in zip(one_log[1:], two_log[1:]):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (key, a["step"])
+    assert two_log[0]["eval_reward"] == pytest.approx(one_log[0]["eval_reward"], abs=1e-5)
+    assert two_log[-1]["eval_reward"] == pytest.approx(one_log[-1]["eval_reward"], abs=1e-4)
+
+    from transformers import AutoModelForCausalLM
+
+    one = AutoModelForCausalLM.from_pretrained(one_out).state_dict()
+    two = AutoModelForCausalLM.from_pretrained(two_out).state_dict()  # saved once, and it loads
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    moved = max(float((one[k] - start[k]).abs().max()) for k in one)
+    apart = max(float((one[k] - two[k]).abs().max()) for k in one)
+    assert moved > 1e-4 and apart < moved / 20  # it trained, and the two runs trained the same weights
+    head_one, head_two = load_file(str(one_out / "value_head.safetensors")), load_file(str(two_out / "value_head.safetensors"))
+    assert all(torch.allclose(head_one[k], head_two[k], atol=1e-4) for k in head_one)
+    assert not (two_out / "checkpoint").exists()
+
+
+def test_cai_ppo_under_accelerate_launch_runs_the_stage_once(tmp_path, tiny_run):
+    """`accelerate launch -m cai.cli ppo` on a finished run's preference model: both ranks train, one records."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from cai.config_loader import config_to_yaml
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run.run_dir, runs / tiny_run.name)
+    shutil.rmtree(runs / tiny_run.name / "ppo")
+    config = tmp_path / "run.yaml"
+    config.write_text(config_to_yaml(tiny_run.model_copy(update={"runs_dir": str(runs)})))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "cai.cli", "ppo", "-c", str(config)]
+    launch(command, env, tmp_path, tmp_path / "launch.log")
+    folder = runs / tiny_run.name / "ppo"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["attempts"] == 1  # recorded by one rank, once
+    steps = [json.loads(line)["step"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [0, *range(1, tiny_run.rl.ppo.steps + 1)]
+    AutoModelForCausalLM.from_pretrained(folder)
+    assert (folder / "README.md").is_file() and not (folder / "checkpoint").exists()
+
+
+def test_ppo_refuses_a_batch_the_processes_do_not_divide(monkeypatch):
+    from cai.config import PPOConfig
+    from cai.train import ppo
+
+    class TwoRanks:
+        num_processes, distributed_type = 2, "MULTI_CPU"
+        state = None
+
+        def __init__(self, **kwargs):
+            pass
+
+    import accelerate
+
+    monkeypatch.setattr(accelerate, "Accelerator", TwoRanks)
+    with pytest.raises(CaiError, match="multiples of the 2 processes"):
+        ppo.ppo_accelerator(PPOConfig(rollout_batch=3, minibatch=3), "cpu")
+    ppo.ppo_accelerator(PPOConfig(rollout_batch=4, minibatch=2), "cpu")

@@ -75,12 +75,12 @@ class RewardScorer:
         self.pad_id = config.pad_token_id
 
     @classmethod
-    def from_folder(cls, folder: str | Path, **kwargs: Any) -> RewardScorer:
+    def from_folder(cls, folder: str | Path, device: str = "auto", **kwargs: Any) -> RewardScorer:
         from transformers import AutoModelForSequenceClassification
 
         from cai.models import load_model
 
-        loaded = load_model(str(folder), model_class=AutoModelForSequenceClassification, num_labels=1)
+        loaded = load_model(str(folder), model_class=AutoModelForSequenceClassification, num_labels=1, device=device)
         return cls(loaded.model, loaded.tokenizer, **kwargs)
 
     def encode(self, prompts: Sequence[Chat], responses: Sequence[str]) -> list[list[int]]:

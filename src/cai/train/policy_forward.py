@@ -63,6 +63,23 @@ def forward_response(model: Any, value_head: ValueHead | None, batch: dict[str, 
     return result
 
 
+class PolicyWithValue(torch.nn.Module):
+    """The policy and its value head as the one module PPO trains.
+
+    ``accelerate.prepare`` wraps one module (DDP, DeepSpeed), so the two train as one: calling it
+    runs `forward_response` on a packed batch. Saving still goes through ``policy`` and
+    ``value_head`` separately.
+    """
+
+    def __init__(self, policy: Any, value_head: ValueHead) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return forward_response(self.policy, self.value_head, batch)
+
+
 def batch_to(batch: dict[str, Any], device: torch.device, rows: list[int] | None = None) -> dict[str, Any]:
     """A packed batch on ``device``: its tensors (only ``rows`` of them, when given) moved, ``prompt_len`` kept."""
     return {k: (v[rows] if rows is not None else v).to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -16,6 +16,14 @@ TRL no longer ships PPO, so this is our own recipe, top to bottom. Each iteratio
 Every iteration is logged to ``train_log.jsonl`` (reward, KL, entropy, clip fraction, value loss,
 explained variance, response length, and time split into generation / scoring / optimisation);
 held-out PM reward is measured at the start, every ``eval_every`` steps and at the end.
+
+**Under ``accelerate launch``** (DDP, or DeepSpeed ZeRO-2) each of N processes rolls out every N-th
+prompt of the global ``rollout_batch`` (with that row's seed, so the samples are the ones one process
+would draw), scores its own rows, and trains on them; reward statistics, advantage whitening, the KL
+that steers the coefficient and the logged figures are taken over all ranks, and each rank's loss is
+weighted by its share of the batch's tokens, so the reduced gradient is the one-process gradient.
+The main process writes the log, checkpoints and the model. FSDP and ZeRO-3 shard the weights, which
+rollouts here need whole on every rank, so they are refused with a sentence.
 """
 
 from __future__ import annotations
@@ -49,8 +57,17 @@ from cai.losses.ppo import (
     whiten,
 )
 from cai.progress import progress_bar
-from cai.train.common import apply_lora, load_checkpoint, make_trackers, optimizer_step, save_checkpoint, save_model_folder
-from cai.train.policy_forward import ValueHead, batch_to, forward_no_grad, forward_response, pack
+from cai.errors import CaiError
+from cai.train.common import (
+    Ranks,
+    apply_lora,
+    load_checkpoint,
+    make_trackers,
+    optimizer_step,
+    save_checkpoint,
+    save_model_folder,
+)
+from cai.train.policy_forward import PolicyWithValue, ValueHead, batch_to, forward_no_grad, pack
 from cai.train.pm import RewardScorer
 from cai.types import SamplingParams
 
@@ -82,7 +99,8 @@ class Rollout:
 
 @dataclass
 class Scores:
-    """PM scores of a rollout, [B]: ``raw`` as the PM gave them, ``reward`` normalised and clipped."""
+    """PM scores of a rollout: ``raw`` [B] as the PM gave them, for the whole batch over all ranks;
+    ``reward`` [b] normalised and clipped, for this rank's rows (b = B with one process)."""
 
     raw: torch.Tensor
     reward: torch.Tensor
@@ -106,10 +124,6 @@ class PPOBatch:
     """GAE advantages, whitened over the response tokens."""
     returns: torch.Tensor
 
-    @property
-    def kl_per_sequence(self) -> float:
-        """Mean over rollouts of the summed per-token KL (nats per answer): what adaptive KL steers."""
-        return float(self.kl.sum(1).mean())
 
 
 def train_ppo(
@@ -127,58 +141,94 @@ def train_ppo(
 ) -> dict[str, Any]:
     """Run PPO; save the policy as an HF folder in ``out_dir``; return summary metrics.
 
-    A rerun resumes from ``out_dir/checkpoint`` when an earlier run left one there.
+    A rerun resumes from ``out_dir/checkpoint`` when an earlier run left one there. Under
+    ``accelerate launch`` every process runs this function on its share of each batch.
 
     Returns:
         ``steps``, the held-out PM reward at the start and the end, and every evaluation.
     """
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    models = load_ppo_models(policy_spec, pm_folder, config, device)
-    params = [p for p in models.policy.parameters() if p.requires_grad] + list(models.value_head.parameters())
+    accelerator = ppo_accelerator(config, device)
+    ranks = Ranks(accelerator)
+    models = load_ppo_models(policy_spec, pm_folder, config, device if ranks.count == 1 else str(accelerator.device))
+    trainable = PolicyWithValue(models.policy, models.value_head)
+    params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
     kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.adaptive_kl
               else FixedKLController(config.kl_coef))
     moments = RunningMoments()  # of the PM scores, for reward normalisation
     checkpoint = out_dir / "checkpoint"
     done, evals = resume_ppo(checkpoint, models, optimizer, kl_ctl, moments)
-    trackers = make_trackers(config.report_to, out_dir, "cai-ppo", config.model_dump(mode="json"))
-    log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False)
+    wrapped, optimizer = accelerator.prepare(trainable, optimizer)
+    trackers = make_trackers(config.report_to, out_dir, "cai-ppo", config.model_dump(mode="json")) if ranks.is_main else []
+    log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False) if ranks.is_main else None
     sampling = config.sampling.params()
     if not evals:
-        evals.append({"step": 0, "eval_reward": _eval_reward(models.backend, models.scorer, eval_prompts, sampling)})
-        log.write(evals[-1])
-    with progress_bar("ppo", config.steps, enabled=show_progress) as advance:
+        evals.append({"step": 0, "eval_reward": _eval_reward(models.backend, models.scorer, eval_prompts, sampling, ranks)})
+        if log:
+            log.write(evals[-1])
+    with progress_bar("ppo", config.steps, enabled=show_progress and ranks.is_main) as advance:
         advance(done, 0)
         for step in range(done + 1, config.steps + 1):
             lap = _stopwatch()
-            rollout = sample_rollout(models, prompts, helpful_prompts, sampling, config, seed, step)
+            rollout = sample_rollout(models, prompts, helpful_prompts, sampling, config, seed, step, ranks)
             gen_s = lap()
-            scores = score_rollout(models.scorer, rollout, moments, config)
+            scores = score_rollout(models.scorer, rollout, moments, config, ranks)
             ppo_batch = compute_advantages(models, rollout, scores.reward, kl_ctl.value, config,
-                                           kl_estimator=config.kl_estimator)
+                                           kl_estimator=config.kl_estimator, ranks=ranks)
             score_s = lap()
-            stats = optimise(models, optimizer, params, ppo_batch, config, seed, step)
+            stats = optimise(wrapped, accelerator, optimizer, params, ppo_batch, config, seed, step, ranks)
             opt_s = lap()
-            kl_ctl.update(ppo_batch.kl_per_sequence, len(rollout.responses))
+            kl_sum, rows = ranks.sum(float(ppo_batch.kl.sum()), ppo_batch.mask.shape[0])
+            kl_ctl.update(kl_sum / rows, int(rows))
             record = step_record(step, scores, ppo_batch, stats, kl_ctl.value,
-                                 {"gen_s": gen_s, "score_s": score_s, "opt_s": opt_s})
+                                 {"gen_s": gen_s, "score_s": score_s, "opt_s": opt_s}, ranks)
             if step % config.eval_every == 0 or step == config.steps:
-                evals.append({"step": step, "eval_reward": _eval_reward(models.backend, models.scorer, eval_prompts, sampling)})
+                evals.append({"step": step,
+                              "eval_reward": _eval_reward(models.backend, models.scorer, eval_prompts, sampling, ranks)})
                 record["eval_reward"] = evals[-1]["eval_reward"]
-            log.write(record)
+            if log:
+                log.write(record)
             for tracker in trackers:
                 tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
             advance(1, int(ppo_batch.mask.sum()))
             if step % config.save_every == 0 and step < config.steps:
-                save_ppo_checkpoint(checkpoint, models, optimizer, step, kl_ctl, moments, evals)
-    log.close()
+                if ranks.is_main:
+                    save_ppo_checkpoint(checkpoint, models, optimizer, step, kl_ctl, moments, evals)
+                accelerator.wait_for_everyone()
+    if log:
+        log.close()
     for tracker in trackers:
         tracker.finish()
-    save_ppo_outputs(models, out_dir)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if ranks.is_main:
+        save_ppo_outputs(models, out_dir)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    accelerator.wait_for_everyone()
     return {"steps": config.steps, "eval_reward_start": evals[0]["eval_reward"], "eval_reward_end": evals[-1]["eval_reward"],
             "evals": evals}
+
+
+def ppo_accelerator(config: PPOConfig, device: str) -> Any:
+    """The run's ``Accelerator``, after checking that PPO can split its batches over its processes.
+
+    Raises:
+        CaiError: FSDP or ZeRO-3 (weights sharded, rollouts need them whole), or a rollout batch or
+            minibatch that the number of processes does not divide.
+    """
+    from accelerate import Accelerator, DistributedType
+
+    accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
+    n = accelerator.num_processes
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3):
+        raise CaiError("PPO runs under DDP or DeepSpeed ZeRO-2 (configs/accelerate/ddp.yaml, deepspeed-zero2.yaml): "
+                       "FSDP and ZeRO-3 shard the weights, and PPO's rollouts need them whole on every process")
+    if n > 1 and (config.rollout_batch % n or config.minibatch % n):
+        raise CaiError(f"rl.ppo.rollout_batch ({config.rollout_batch}) and rl.ppo.minibatch ({config.minibatch}) "
+                       f"must be multiples of the {n} processes, so every process trains on as many rows")
+    return accelerator
 
 
 def load_ppo_models(policy_spec: str, pm_folder: str | Path, config: PPOConfig, device: str) -> PPOModels:
@@ -191,7 +241,7 @@ def load_ppo_models(policy_spec: str, pm_folder: str | Path, config: PPOConfig, 
     # Reference = the frozen starting policy: the adapter switched off with LoRA, else a frozen copy.
     reference = None if config.lora.enabled else copy.deepcopy(loaded.model).eval().requires_grad_(False)
     value_head = ValueHead(loaded.model.config.hidden_size).to(loaded.device)
-    scorer = RewardScorer.from_folder(pm_folder, batch_size=config.minibatch)
+    scorer = RewardScorer.from_folder(pm_folder, device=device, batch_size=config.minibatch)
     backend = HFBackend(policy, loaded.tokenizer, batch_size=config.rollout_batch, reuse_prefix=False)
     return PPOModels(policy, reference, value_head, scorer, backend, loaded.tokenizer, loaded.device)
 
@@ -211,13 +261,20 @@ def resume_ppo(checkpoint: Path, models: PPOModels, optimizer: torch.optim.Optim
 
 
 def sample_rollout(models: PPOModels, prompts: list[PromptRow], helpful_prompts: list[PromptRow],
-                   sampling: SamplingParams, config: PPOConfig, seed: int, step: int) -> Rollout:
-    """Step 1: the policy answers a seeded batch of prompts (each row with its own seed)."""
+                   sampling: SamplingParams, config: PPOConfig, seed: int, step: int,
+                   ranks: Ranks | None = None) -> Rollout:
+    """Step 1: the policy answers a seeded batch of prompts (each row with its own seed).
+
+    Under several processes each answers every N-th row of the global batch, with that row's seed.
+    """
     batch_prompts = _prompt_batch(prompts, helpful_prompts, config, seed, step)
+    rows = list(range(len(batch_prompts)))
+    if ranks is not None:
+        rows = ranks.share(rows)
+    batch_prompts = [batch_prompts[i] for i in rows]
     models.policy.eval()
     generations = models.backend.generate_tokens(
-        [r.messages for r in batch_prompts], sampling,
-        seeds=[stable_seed(seed, "ppo", step, i) for i in range(len(batch_prompts))],
+        [r.messages for r in batch_prompts], sampling, seeds=[stable_seed(seed, "ppo", step, i) for i in rows],
     )
     # A row that ended on EOS keeps the exact EOS it sampled, so stopping is part of the action.
     responses = [scored_tokens(g, models.tokenizer) + ([g.end_token] if g.end_token is not None else [])
@@ -244,26 +301,33 @@ def scored_tokens(generation: Any, tokenizer: Any) -> list[int]:
     return ids[:k]
 
 
-def score_rollout(scorer: RewardScorer, rollout: Rollout, moments: RunningMoments, config: PPOConfig) -> Scores:
-    """Step 2: PM scores, normalised with running statistics (updated here) and clipped, as configured."""
+def score_rollout(scorer: RewardScorer, rollout: Rollout, moments: RunningMoments, config: PPOConfig,
+                  ranks: Ranks | None = None) -> Scores:
+    """Step 2: PM scores, normalised with running statistics (updated here) and clipped, as configured.
+
+    The statistics are those of the whole batch, over every rank; ``raw`` holds the whole batch's
+    scores (for the log), ``reward`` this rank's rows.
+    """
     raw = torch.tensor(scorer.score([r.messages for r in rollout.prompts], [g.text for g in rollout.generations]))
+    everyone = ranks.gather(raw) if ranks is not None else raw
     reward = raw
     if config.normalize_reward:
-        moments.update(raw)
+        moments.update(everyone)
         reward = (raw - moments.mean) / max(moments.std, 1e-6)
     if config.reward_clip:
         reward = reward.clamp(-config.reward_clip, config.reward_clip)
-    return Scores(raw, reward)
+    return Scores(everyone, reward)
 
 
 def compute_advantages(models: PPOModels, rollout: Rollout, reward: torch.Tensor, kl_coef: float, config: PPOConfig,
-                       *, kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1") -> PPOBatch:
+                       *, kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1", ranks: Ranks | None = None) -> PPOBatch:
     """Step 3: per-token rewards (-kl_coef * KL to the reference, plus ``reward`` [B] at the last token),
     values and GAE advantages of the rollout under the policy that sampled it.
 
     Args:
         kl_estimator: which per-token KL estimate penalises the reward (``cai.losses.ppo.kl_penalty``);
             the same tensor is logged as ``kl`` and steers adaptive KL.
+        ranks: with several processes, advantages are whitened over every rank's tokens.
     """
     batch = batch_to(pack([g.prompt_ids for g in rollout.generations], rollout.responses, models.tokenizer.pad_token_id),
                 models.device)
@@ -275,27 +339,46 @@ def compute_advantages(models: PPOModels, rollout: Rollout, reward: torch.Tensor
     kl = kl_penalty(old["logprobs"], ref["logprobs"], kl_estimator) * mask
     rewards = per_token_rewards(reward.to(models.device), kl, mask, kl_coef)
     advantages, returns = gae(rewards, old["values"], mask, config.gamma, config.lam)
-    return PPOBatch(batch, mask, old["logprobs"], old["values"], kl, whiten(advantages, mask), returns)
+    whitened = whiten(advantages, mask) if ranks is None or ranks.count == 1 else whiten_across(advantages, mask, ranks)
+    return PPOBatch(batch, mask, old["logprobs"], old["values"], kl, whitened, returns)
 
 
-def optimise(models: PPOModels, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-             ppo_batch: PPOBatch, config: PPOConfig, seed: int, step: int) -> dict[str, float]:
+def whiten_across(x: torch.Tensor, mask: torch.Tensor, ranks: Ranks, eps: float = 1e-8) -> torch.Tensor:
+    """`whiten` with the mean and (population) variance of the masked entries of every rank's ``x``."""
+    total, count = ranks.sum(float((x * mask).sum()), float(mask.sum()))
+    mean = total / count
+    (squares,) = ranks.sum(float((((x - mean) ** 2) * mask).sum()))
+    out = (x - mean) * torch.rsqrt(torch.tensor(squares / count + eps, dtype=x.dtype))
+    return torch.where(mask.bool(), out, torch.zeros_like(out))
+
+
+def optimise(wrapped: Any, accelerator: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+             ppo_batch: PPOBatch, config: PPOConfig, seed: int, step: int, ranks: Ranks) -> dict[str, float]:
     """Step 4: ``epochs`` seeded passes of minibatches over the rollout, one optimizer step each, of
     clipped policy loss + value_coef * clipped value loss - entropy_coef * entropy.
 
+    Args:
+        wrapped: the `PolicyWithValue` as ``accelerator.prepare`` returned it (DDP-wrapped on several
+            processes), so that backward reduces the gradients.
+        ranks: with N processes each trains on ``minibatch / N`` of its own rows per step; its loss is
+            scaled by its share of the step's tokens times N, so the averaged gradient is the gradient
+            of the token mean over the whole minibatch, as on one process.
+
     Returns:
-        The mean over minibatches of each loss statistic.
+        The mean over minibatches of each loss statistic (token-weighted over the ranks).
     """
     # The policy stays in eval mode: with dropout on (LoRA's, say) the ratio to the old policy
     # would not start at 1 and the clipping would act on noise.
-    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction",
-                                                      "value_clip_fraction", "approx_kl", "entropy")}
+    names = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl", "entropy")
+    weighted: list[list[float]] = []
     order = list(range(ppo_batch.mask.shape[0]))
+    size = config.minibatch // ranks.count
+    device = next(p for p in wrapped.parameters()).device
     for epoch in range(config.epochs):
         random.Random(f"{seed}:ppo:{step}:{epoch}").shuffle(order)
-        for start in range(0, len(order), config.minibatch):
-            rows = order[start:start + config.minibatch]
-            new = forward_response(models.policy, models.value_head, batch_to(ppo_batch.batch, models.device, rows))
+        for start in range(0, len(order), size):
+            rows = order[start:start + size]
+            new = wrapped(batch_to(ppo_batch.batch, device, rows))
             m = ppo_batch.mask[rows]
             pg, clip_frac, approx_kl = policy_loss(new["logprobs"], ppo_batch.old_logprobs[rows],
                                                    ppo_batch.advantages[rows], m, config.clip_range)
@@ -303,29 +386,43 @@ def optimise(models: PPOModels, optimizer: torch.optim.Optimizer, params: list[t
                                      config.clip_range_value)
             entropy = masked_mean(new["entropy"], m)
             loss = pg + config.value_coef * vf - config.entropy_coef * entropy
-            loss.backward()
-            optimizer_step(optimizer, params, max_grad_norm=config.max_grad_norm)
-            for key, value in (("policy_loss", pg), ("value_loss", vf), ("clip_fraction", clip_frac),
-                               ("value_clip_fraction", vf_clip), ("approx_kl", approx_kl), ("entropy", entropy)):
-                stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+            tokens = float(m.sum())
+            (all_tokens,) = ranks.sum(tokens)
+            share = tokens / all_tokens
+            accelerator.backward(loss * (share * ranks.count))
+            optimizer_step(optimizer, params, max_grad_norm=config.max_grad_norm, accelerator=accelerator)
+            weighted.append([(float(v.detach()) if torch.is_tensor(v) else float(v)) * share
+                             for v in (pg, vf, clip_frac, vf_clip, approx_kl, entropy)])
+    totals = ranks.sum(*[sum(column) for column in zip(*weighted)])
+    return {name: total / len(weighted) for name, total in zip(names, totals)}
 
 
 def step_record(step: int, scores: Scores, ppo_batch: PPOBatch, stats: dict[str, float], kl_coef: float,
-                seconds: dict[str, float]) -> dict[str, Any]:
-    """One iteration's line of ``train_log.jsonl``: reward, KL, loss statistics, lengths and time split.
+                seconds: dict[str, float], ranks: Ranks) -> dict[str, Any]:
+    """One iteration's line of ``train_log.jsonl``: reward, KL, loss statistics, lengths and time split,
+    each over the whole batch (every rank's rows).
 
-    ``kl_coef`` is the coefficient after this iteration's update; ``seconds`` maps gen_s/score_s/opt_s.
+    ``kl_coef`` is the coefficient after this iteration's update; ``seconds`` maps gen_s/score_s/opt_s
+    (the main process's).
     """
-    raw = scores.raw
+    raw, mask = scores.raw, ppo_batch.mask
+    rows, reward_sum, kl_sum, tokens = ranks.sum(mask.shape[0], float(scores.reward.sum()), float(ppo_batch.kl.sum()),
+                                                 float(mask.sum()))
+    if ranks.count == 1:
+        ev = explained_variance(ppo_batch.old_values, ppo_batch.returns, mask)
+    else:  # from sums over the ranks: Var = E[x^2] - E[x]^2 of the returns and of the critic's errors
+        r, e = ppo_batch.returns.double() * mask, (ppo_batch.returns.double() - ppo_batch.old_values.double()) * mask
+        sr, sr2, se, se2 = ranks.sum(float(r.sum()), float((r * r).sum()), float(e.sum()), float((e * e).sum()))
+        var_r, var_e = sr2 / tokens - (sr / tokens) ** 2, se2 / tokens - (se / tokens) ** 2
+        ev = float("nan") if var_r <= 0 else 1.0 - var_e / var_r
     return {
         "step": step, "reward_mean": round(float(raw.mean()), 5),
         "reward_std": round(float(raw.std()), 5) if len(raw) > 1 else 0.0,
-        "normalized_reward_mean": round(float(scores.reward.mean()), 5),
-        "kl": round(ppo_batch.kl_per_sequence, 5), "kl_coef": kl_coef,
+        "normalized_reward_mean": round(reward_sum / rows, 5),
+        "kl": round(kl_sum / rows, 5), "kl_coef": kl_coef,
         **{k: round(v, 5) for k, v in stats.items()},
-        "explained_variance": explained_variance(ppo_batch.old_values, ppo_batch.returns, ppo_batch.mask),
-        "response_length": float(ppo_batch.mask.sum(1).mean()),
+        "explained_variance": ev,
+        "response_length": tokens / rows,
         **{k: round(v, 3) for k, v in seconds.items()},
     }
 
@@ -370,14 +467,18 @@ def _prompt_batch(prompts: list[PromptRow], helpful: list[PromptRow], config: PP
     return [rng.choice(prompts) for _ in range(n_red)] + [rng.choice(helpful) for _ in range(n_help)]
 
 
-def _eval_reward(backend: Any, scorer: RewardScorer, prompts: list[PromptRow], params: SamplingParams) -> float:
-    """Mean PM score of greedy answers to held-out prompts."""
+def _eval_reward(backend: Any, scorer: RewardScorer, prompts: list[PromptRow], params: SamplingParams,
+                 ranks: Ranks | None = None) -> float:
+    """Mean PM score of greedy answers to held-out prompts (each rank answers its share)."""
     if not prompts:
         return float("nan")
+    mine = ranks.share(prompts) if ranks is not None else prompts
     greedy = SamplingParams(max_new_tokens=params.max_new_tokens)
     backend.model.eval()
-    texts = backend.generate([r.messages for r in prompts], greedy)
-    scores = scorer.score([r.messages for r in prompts], texts)
+    texts = backend.generate([r.messages for r in mine], greedy) if mine else []
+    scores = scorer.score([r.messages for r in mine], texts) if mine else []
+    if ranks is not None:
+        scores = ranks.gather_objects(scores)
     return round(sum(scores) / len(scores), 5)
 
 
