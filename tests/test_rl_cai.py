@@ -86,13 +86,13 @@ def test_dpo_artifacts(tiny_run):
 
 
 def test_ppo_resumes_from_checkpoint(tiny_run, tmp_path, monkeypatch):
-    from cai.train import ppo
+    from cai.train import ppo, ppo_steps
 
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run.run_dir, runs / tiny_run.name)
     shutil.rmtree(runs / tiny_run.name / "ppo")
     cfg = tiny_run.model_copy(update={"runs_dir": str(runs)})
-    real = ppo.policy_loss
+    real = ppo_steps.policy_loss
     calls = {"n": 0}
 
     def crash_in_step_three(*args, **kwargs):
@@ -101,7 +101,7 @@ def test_ppo_resumes_from_checkpoint(tiny_run, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ppo, "policy_loss", crash_in_step_three)
+    monkeypatch.setattr(ppo_steps, "policy_loss", crash_in_step_three)
     with pytest.raises(KeyboardInterrupt):
         ppo.run_ppo(cfg, show_progress=False)
     folder = runs / tiny_run.name / "ppo"
@@ -135,7 +135,7 @@ def test_lora_ppo_reference_is_the_adapter_switched_off(tiny_run, tmp_path):
 
 
 def test_pack_aligns_responses():
-    from cai.train.ppo import pack
+    from cai.train.policy_forward import pack
 
     batch = pack([[1, 2, 3], [4]], [[5, 6], [7]], pad_id=0)
     assert batch["prompt_len"] == 3
@@ -162,7 +162,7 @@ def test_human_helpfulness_comparisons_mix_with_the_ai_labels():
 def test_ppo_trains_only_on_the_tokens_the_pm_scored(tiny_backend):
     """With a stop string, the rollout's response ids end where the scored text ends, not past the stop."""
     from cai.backends.hf import Generation
-    from cai.train.ppo import scored_tokens
+    from cai.train.ppo_steps import scored_tokens
     from cai.types import SamplingParams
 
     tok = tiny_backend.tokenizer
@@ -185,7 +185,7 @@ def test_ppo_trains_only_on_the_tokens_the_pm_scored(tiny_backend):
 
     from cai.config import PPOConfig
     from cai.data import PromptRow
-    from cai.train.ppo import sample_rollout
+    from cai.train.ppo_steps import sample_rollout
 
     models = SimpleNamespace(policy=tiny_backend.model, backend=tiny_backend, tokenizer=tok)
     config = PPOConfig(rollout_batch=1, helpfulness_ratio=0.0)
