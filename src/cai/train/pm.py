@@ -29,6 +29,7 @@ from cai.train.common import (
     apply_lora,
     batches_for_rank,
     count_parameters,
+    make_trackers,
     make_optimizer_and_schedule,
     optimizer_step,
     save_model_folder,
@@ -207,6 +208,8 @@ def train_preference_model(
     scorer = RewardScorer(model, loaded.tokenizer, batch_size=config.batch_size, max_length=config.max_length)
     before = evaluate_pm(scorer, held_out)
     log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False)
+    trackers = (make_trackers(config.report_to, out_dir, "cai-pm", config.model_dump(mode="json"))
+                if accelerator.is_main_process else [])
     model.train()
     step, started, losses = 0, time.perf_counter(), []
     with progress_bar("preference model", steps, enabled=show_progress and accelerator.is_main_process) as advance:
@@ -226,11 +229,17 @@ def train_preference_model(
                 step += 1
                 losses.append(loss.item())
                 if accelerator.is_main_process:
-                    log.write({"step": step, "epoch": epoch, "loss": round(loss.item(), 5),
-                               "seconds": round(time.perf_counter() - started, 2)})
+                    record = {"step": step, "epoch": epoch, "loss": round(loss.item(), 5),
+                              "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 2)}
+                    log.write(record)
+                    for tracker in trackers:
+                        tracker.log({k: v for k, v in record.items() if k != "step"}, step=step)
                 advance(1, 0)
     log.close()
     after = evaluate_pm(scorer, held_out)
+    for tracker in trackers:
+        tracker.log({"eval_accuracy": after["accuracy"], "eval_ece": after["ece"]}, step=step)
+        tracker.finish()
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     model.eval()

@@ -26,6 +26,7 @@ from cai.train.common import (
     apply_lora,
     batches_for_rank,
     count_parameters,
+    make_trackers,
     load_checkpoint,
     make_optimizer_and_schedule,
     optimizer_step,
@@ -132,6 +133,8 @@ def train_sft(
     accum = config.gradient_accumulation
     losses: list[float] = []
     log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False)
+    trackers = (make_trackers(config.report_to, out_dir, "cai-sft", config.model_dump(mode="json"))
+                if accelerator.is_main_process else [])
     with progress_bar("sft", steps, enabled=show_progress and accelerator.is_main_process) as advance:
         advance(step, 0)
         for epoch in range(config.epochs):
@@ -160,13 +163,18 @@ def train_sft(
                 losses.append(step_loss)
                 elapsed = seconds_before + time.perf_counter() - started
                 if accelerator.is_main_process:
-                    log.write({"step": step, "epoch": epoch, "loss": round(step_loss, 5),
-                               "lr": optimizer.param_groups[0]["lr"], "tokens": tokens_seen, "seconds": round(elapsed, 2)})
+                    record = {"step": step, "epoch": epoch, "loss": round(step_loss, 5),
+                              "lr": optimizer.param_groups[0]["lr"], "tokens": tokens_seen, "seconds": round(elapsed, 2)}
+                    log.write(record)
+                    for tracker in trackers:
+                        tracker.log({k: v for k, v in record.items() if k != "step"}, step=step)
                 advance(1, 0)
                 if step % config.save_every == 0 and step < steps and accelerator.is_main_process:
                     save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer,
                                     {"step": step, "tokens": tokens_seen, "seconds": elapsed})
     log.close()
+    for tracker in trackers:
+        tracker.finish()
     accelerator.wait_for_everyone()
     elapsed = seconds_before + time.perf_counter() - started
     if accelerator.is_main_process:
