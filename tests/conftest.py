@@ -35,7 +35,7 @@ def served_backend(tiny_model_dir):
 @pytest.fixture()
 def server(served_backend):
     """`cai serve`'s OpenAI-compatible server over the tiny model, on an ephemeral loopback port."""
-    from cai.serve import serve_app
+    from cai.serve.server import serve_app
 
     with serve_app(served_backend, "tiny", port=0).start() as srv:
         yield srv

@@ -535,7 +535,7 @@ CUSTOM_SECRET = "sk-test-CUSTOM456"
 def test_api_keys_never_reach_files_logs_or_reprs(monkeypatch, capsys, tmp_path, tiny_model_dir, tiny_backend):
     """A run whose model is served over HTTP with a bearer key: the key is used, and written nowhere."""
     from cai.backends.openai_http import OpenAIHTTPBackend
-    from cai.serve import serve_app
+    from cai.serve.server import serve_app
 
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     monkeypatch.setenv("CAI_TEST_KEY", CUSTOM_SECRET)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from cai.backends.fake import FakeBackend
-from cai.serve import serve_app
+from cai.serve.server import serve_app
 from cai.types import SamplingParams
 
 openai = pytest.importorskip("openai")

@@ -204,7 +204,7 @@ def status(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/demo.")]) -> None:
-    """Write RUN/report.html: Elo picture, revision curve, PPO curves, calibration, transcripts."""
+    """Write RUN/report.html: Elo picture, revision curve, RL curves, calibration, transcripts."""
     from cai.report.html import write_report
 
     out.print(f"report: {write_report(run_dir)}")
@@ -284,19 +284,32 @@ def dpo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def rloo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """RL-CAI: RLOO (TRL) of the SL-CAI policy against the preference model, KL to SL-CAI (section rl.rloo)."""
+    _stage("rloo", config, set_)
+
+
+@app.command()
+def grpo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """RL-CAI: GRPO (TRL) of the SL-CAI policy against the preference model, KL to SL-CAI (section rl.grpo)."""
+    _stage("grpo", config, set_)
+
+
+@app.command()
 def rl(
-    algo: Annotated[Optional[str], typer.Option(help="ppo, dpo or both (default: rl.algo from the config).")] = None,
+    algo: Annotated[Optional[str], typer.Option(
+        help="ppo, dpo, rloo, grpo, several joined by commas (ppo,rloo) or both (= ppo,dpo); default: rl.algo.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """RL-CAI: the RL stages rl.algo picks (ppo, dpo or both), one after the other."""
-    from cai.runs import RL_STAGES
+    """RL-CAI: the RL stages rl.algo picks (ppo, dpo, rloo, grpo: one or several), one after the other."""
+    from cai.config import rl_algorithms
 
-    if algo is not None and algo not in {*RL_STAGES, "both"}:
-        raise CaiError(f"unknown --algo '{algo}'; use {', '.join(RL_STAGES)} or both")
-    cfg = _run_config(config, set_)
-    chosen = algo or cfg.rl.algo
-    for name in RL_STAGES if chosen == "both" else (chosen,):
+    try:
+        chosen = rl_algorithms(algo) if algo is not None else None
+    except ValueError as err:
+        raise CaiError(f"--algo: {err}") from err
+    for name in chosen or _run_config(config, set_).rl.algo:
         _stage(name, config, set_)
 
 
@@ -384,7 +397,7 @@ def serve(
     """Serve a model over an OpenAI-compatible API (chat, completions, streaming, log-probs)."""
     import os
 
-    from cai.serve import run_server
+    from cai.serve.server import run_server
 
     api_key = None
     if api_key_env:
@@ -392,6 +405,18 @@ def serve(
         if not api_key:
             raise CaiError(f"environment variable {api_key_env} is not set")
     run_server(model, host=host, port=port, model_name=name, api_key=api_key)
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="A model folder (e.g. runs/demo/sft), 'bundled' or a .gguf file.")],
+    gguf: Annotated[Path, typer.Option("--gguf", help="The GGUF file to write (for llama.cpp, Ollama, LM Studio).")],
+    tensor_type: Annotated[str, typer.Option("--type", help="f32, f16 or q8_0 for the matrices (norms stay f32).")] = "f16",
+) -> None:
+    """Write a model as one GGUF file: weights, tokenizer and chat template."""
+    from cai.export import check_export_type, export_gguf
+
+    out.print(export_gguf(model, gguf, check_export_type(tensor_type)).summary(), markup=False)
 
 
 @constitution_app.command("validate")

@@ -8,9 +8,9 @@ YAML values: ``sampling.temperature=0.7``, ``model.name=path/to/model``, ``sampl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from cai.types import SamplingParams
 
@@ -164,6 +164,9 @@ class SFTConfig(Strict):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
     max_length: StrictInt = Field(512, ge=16, description="Tokens per example; longer ones are cut from the left of the prompt.")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Also log to these trackers (through accelerate)."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Train low-rank adapters instead of every weight.")
     save_every: StrictInt = Field(50, ge=1, description="Optimizer steps between resumable checkpoints.")
     activation_checkpointing: bool = Field(False, description="Trade compute for memory; only when memory asks for it.")
@@ -225,6 +228,9 @@ class PMConfig(Strict):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
     max_length: StrictInt = Field(512, ge=16, description="Tokens per prompt + answer; longer ones are cut from the left.")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Also log to these trackers (through accelerate)."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Train low-rank adapters instead of every weight.")
     dtype: DType = Field("auto", description=_DTYPE)
 
@@ -291,19 +297,132 @@ class DPOConfig(Strict):
     dtype: DType = Field("auto", description=_DTYPE)
 
 
+class VLLMRolloutConfig(Strict):
+    """TRL's vLLM rollouts for RLOO and GRPO (GPU only; needs ``pip install vllm``). Each key is TRL's ``vllm_<key>``."""
+
+    enabled: bool = Field(False, description="Generate rollouts with vLLM instead of transformers' generate (TRL's use_vllm).")
+    mode: Literal["colocate", "server"] = Field(
+        "colocate", description="'colocate': vLLM shares the training GPUs in this process; 'server': a separate "
+                                "`trl vllm-serve` process on its own GPUs.")
+    server_base_url: str | None = Field(None, description="Server mode: the server's URL (e.g. http://gpu1:8000); overrides host and port.")
+    server_host: str = Field("0.0.0.0", description="Server mode: host of the vLLM server.")
+    server_port: StrictInt = Field(8000, ge=1, le=65535, description="Server mode: port of the vLLM server.")
+    server_timeout: float = Field(240.0, gt=0, description="Server mode: seconds to wait for the server to come up.")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="Colocate mode: share of each GPU's memory vLLM may take.")
+    tensor_parallel_size: StrictInt = Field(1, ge=1, description="Colocate mode: GPUs each vLLM engine spans.")
+    max_model_length: StrictInt | None = Field(None, ge=16, description="vLLM's context window (prompt + answer); null = the model's.")
+    enable_sleep_mode: bool = Field(False, description="Colocate mode: offload vLLM's weights and cache during optimisation steps.")
+
+    def trl_kwargs(self) -> dict[str, Any]:
+        """These settings under their names in TRL's RLOOConfig / GRPOConfig."""
+        kwargs = {f"vllm_{key}": value for key, value in self.model_dump().items() if key != "enabled"}
+        return {"use_vllm": self.enabled, **kwargs}
+
+
+class OnlineRLConfig(Strict):
+    """What RLOO and GRPO share: sample several answers per prompt, score them with the preference model,
+    and push the policy toward the better ones, with a KL penalty to the SL-CAI model."""
+
+    prompts: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(limit=None),
+                                     description="Red-team prompts the policy answers in rollouts.")
+    helpfulness: PromptSetConfig | None = Field(default_factory=lambda: PromptSetConfig(source="helpfulness", limit=None),
+                                                description="Helpfulness prompts mixed into rollouts; null to skip.")
+    helpfulness_ratio: float = Field(0.25, ge=0, lt=1, description="Share of helpfulness prompts in the rollout prompts (capped by what exists).")
+    eval_prompts: PromptSetConfig = Field(
+        default_factory=lambda: PromptSetConfig(split="test", limit=16),
+        description="Held-out prompts whose mean PM reward (greedy answers) is measured before, during and after training.",
+    )
+    steps: StrictInt = Field(20, ge=1, description="Optimizer steps; a fresh batch of rollouts every `iterations` steps.")
+    prompts_per_step: StrictInt = Field(4, ge=1, description="Prompts per optimizer step, per process; each is answered `generations` times.")
+    generations: StrictInt = Field(4, ge=2, description="Answers sampled per prompt: the group whose rewards are compared.")
+    max_new_tokens: StrictInt = Field(64, ge=1, description="Hard cap on tokens per sampled answer (TRL's max_completion_length).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts (1 samples the policy itself).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass of rollouts (1 = off).")
+    top_k: StrictInt = Field(0, ge=0, description="Keep only the k most likely tokens in rollouts (0 = off).")
+    beta: float = Field(0.05, ge=0, description="KL coefficient to the SL-CAI reference (0 = no reference model, no KL).")
+    learning_rate: float = Field(1e-6, gt=0, description="Peak AdamW learning rate (TRL's linear decay).")
+    iterations: StrictInt = Field(1, ge=1, description="Optimisation passes over each batch of rollouts (TRL's num_iterations, mu).")
+    clip_range: float = Field(0.2, gt=0, description="Ratio clip epsilon when iterations > 1 (TRL's epsilon).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
+    eval_every: StrictInt = Field(10, ge=1, description="Steps between held-out reward measurements.")
+    save_every: StrictInt = Field(50, ge=1, description="Steps between resumable checkpoints (TRL's save_steps).")
+    activation_checkpointing: bool = Field(False, description="Trade compute for memory; only when memory asks for it.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Also log to these trackers (TRL's report_to)."
+    )
+    vllm: VLLMRolloutConfig = Field(default_factory=VLLMRolloutConfig, description="vLLM rollouts on GPUs (TRL's vllm_* options).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Train low-rank adapters instead of every weight.")
+    dtype: DType = Field("auto", description=_DTYPE)
+
+
+class RLOOConfig(OnlineRLConfig):
+    """``cai rloo``: REINFORCE leave-one-out (TRL's RLOOTrainer) against the preference model: each answer's
+    advantage is its reward minus the mean reward of the other answers to the same prompt."""
+
+    normalize_advantages: bool = Field(False, description="Scale advantages to mean 0, std 1 over each batch.")
+
+
+class GRPOConfig(OnlineRLConfig):
+    """``cai grpo``: group relative policy optimisation (TRL's GRPOTrainer) against the preference model: each
+    answer's advantage is its reward minus its group's mean, scaled by the group's spread."""
+
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide advantages by the reward std of the group, of the whole batch, or not at all (Dr. GRPO).")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "dapo", description="How token losses are averaged: per answer (grpo), by a constant (dr_grpo), or by the "
+                            "tokens in the batch (dapo, bnpo), TRL's loss_type.")
+
+
+RLAlgo = Literal["ppo", "dpo", "rloo", "grpo"]
+"""The RL-CAI methods, each one stage (`cai.runs.RL_STAGES`), in the order a run trains them."""
+_RL_ALGOS: tuple[str, ...] = get_args(RLAlgo)
+
+
+def rl_algorithms(algo: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The RL stages an ``rl.algo`` value picks, deduplicated, in pipeline order.
+
+    ``algo`` is one name, a list of names, a comma-separated string (``ppo,rloo``, as ``cai rl --algo``
+    takes it), or ``both`` (= ppo and dpo, the meaning it had before rloo and grpo existed).
+
+    Raises:
+        ValueError: an unknown name, or an empty list; the sentence names the allowed values.
+    """
+    names = [part.strip() for part in algo.split(",")] if isinstance(algo, str) else list(algo)
+    names = [n for name in names for n in (("ppo", "dpo") if name == "both" else (name,))]
+    unknown = [n for n in names if n not in _RL_ALGOS]
+    if unknown or not names:
+        what = f"unknown rl.algo {', '.join(repr(str(n)) for n in unknown)}" if unknown else "rl.algo names no algorithm"
+        raise ValueError(f"{what}; choose {', '.join(_RL_ALGOS)}, a list of them (e.g. [ppo, rloo]) or both (= ppo and dpo)")
+    return [n for n in _RL_ALGOS if n in names]
+
+
 class RLConfig(Strict):
     """RL-CAI: which algorithms run (``cai rl``), and each one's settings."""
 
-    algo: Literal["ppo", "dpo", "both"] = Field("ppo", description="'both' trains PPO and DPO models side by side.")
+    algo: list[RLAlgo] = Field(
+        default_factory=lambda: ["ppo"],
+        description="RL methods to train side by side: one of ppo, dpo, rloo, grpo or a list ([ppo, rloo]); "
+                    "'both' = [ppo, dpo].",
+    )
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO against the preference model (stage 'ppo').")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO on the AI labels (stage 'dpo').")
+    rloo: RLOOConfig = Field(default_factory=RLOOConfig, description="RLOO against the preference model (stage 'rloo', TRL).")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO against the preference model (stage 'grpo', TRL).")
+
+    @field_validator("algo", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        """One name, a list of names or 'both', as the list of RL stages in pipeline order."""
+        if isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+            return rl_algorithms(value)
+        return value  # a wrong type: pydantic's own sentence names it
 
 
 class EvalConfig(Strict):
     """``cai eval``: models side by side on held-out prompts, judged pairwise."""
 
     models: dict[str, str] | None = Field(
-        None, description="name: model spec; null = the run's base, sl_cai, rl_cai_ppo and rl_cai_dpo models that exist."
+        None, description="name: model spec; null = the run's base model and the sft, ppo, dpo, rloo and grpo models that exist."
     )
     red_team: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(split="test", limit=32),
                                       description="Held-out red-team prompts every model answers.")
@@ -338,7 +457,7 @@ class RunConfig(Strict):
     sample: SampleConfig = Field(default_factory=SampleConfig, description="Stage 'sample'.")
     label: LabelConfig = Field(default_factory=LabelConfig, description="Stage 'label'.")
     pm: PMConfig = Field(default_factory=PMConfig, description="Stage 'pm'.")
-    rl: RLConfig = Field(default_factory=RLConfig, description="Stages 'ppo' and 'dpo'.")
+    rl: RLConfig = Field(default_factory=RLConfig, description="Stages 'ppo', 'dpo', 'rloo' and 'grpo'.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Stage 'eval'.")
 
     @property

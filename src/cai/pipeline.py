@@ -24,8 +24,7 @@ REPORT = "report"
 
 def stages_of_run(cfg: RunConfig) -> list[str]:
     """The stages this run executes, in order: every stage, with only the RL ones ``rl.algo`` picks."""
-    picked = RL_STAGES if cfg.rl.algo == "both" else (cfg.rl.algo,)
-    return [s.name for s in STAGES if s.name not in RL_STAGES or s.name in picked]
+    return [s.name for s in STAGES if s.name not in RL_STAGES or s.name in cfg.rl.algo]
 
 
 def check_inputs(cfg: RunConfig) -> None:
@@ -37,9 +36,10 @@ def check_inputs(cfg: RunConfig) -> None:
     from cai.models import check_model_spec
 
     load_constitution(cfg.constitution)
-    ppo = cfg.rl.ppo
+    rl = [cfg.rl.ppo] + [getattr(cfg.rl, algo) for algo in ("rloo", "grpo") if algo in cfg.rl.algo]
     sources = [cfg.critique.prompts, cfg.critique.helpfulness, cfg.sample.prompts, cfg.sample.helpfulness,
-               ppo.prompts, ppo.helpfulness, ppo.eval_prompts, cfg.eval.red_team, cfg.eval.helpfulness]
+               *[s for section in rl for s in (section.prompts, section.helpfulness, section.eval_prompts)],
+               cfg.eval.red_team, cfg.eval.helpfulness]
     for source in sources:
         if source is not None:
             load_prompts(source.source, split=source.split, limit=1)
@@ -52,6 +52,11 @@ def check_inputs(cfg: RunConfig) -> None:
     for key, model in models.items():
         if model is not None and model.backend in ("hf", "vllm"):
             check_model_spec(model.name, f"{key}.name")
+    for algo in ("rloo", "grpo"):
+        if algo in cfg.rl.algo:
+            from cai.train.online_rl import check_vllm
+
+            check_vllm(getattr(cfg.rl, algo), f"rl.{algo}")  # vLLM rollouts asked for where they can't run
     ensure_dir(cfg.run_dir)
 
 

@@ -24,11 +24,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
 from rich.console import Console
 
 from cai import __version__
+from cai.config import RLAlgo, rl_algorithms
 from cai.config_loader import config_hash_of, config_to_yaml
 from cai.errors import CaiError
 from cai.io import ensure_dir, write_json_atomic, write_text_atomic
@@ -81,12 +82,16 @@ STAGES: tuple[Stage, ...] = (
           "RL-CAI model: PPO against the preference model"),
     Stage("dpo", "cai.train.dpo:run_dpo", ("rl.dpo", "sample.policy"), (), False,
           "RL-CAI model: DPO on the AI-labelled pairs"),
+    Stage("rloo", "cai.train.online_rl:run_rloo", ("rl.rloo", "sample.policy"), ("train_log.jsonl",), False,
+          "RL-CAI model: RLOO (TRL) against the preference model"),
+    Stage("grpo", "cai.train.online_rl:run_grpo", ("rl.grpo", "sample.policy"), ("train_log.jsonl",), False,
+          "RL-CAI model: GRPO (TRL) against the preference model"),
     Stage("eval", "cai.eval.evaluate:run_eval", ("eval", "label"), ("responses.jsonl", "judgements.jsonl"), False,
           "the models side by side: gold pairs, judged pairs, Elo"),
 )
 STAGE: dict[str, Stage] = {s.name: s for s in STAGES}
-RL_STAGES = ("ppo", "dpo")
-"""The stages `rl.algo` chooses between (``both`` runs both)."""
+RL_STAGES: tuple[str, ...] = get_args(RLAlgo)
+"""The stages `rl.algo` chooses between: one, several (``[ppo, rloo]``) or ``both`` (= ppo and dpo)."""
 
 LEGACY_FOLDERS = {"critique_revision": "critique", "sl_cai": "sft", "samples": "sample", "feedback": "label",
                   "preference_model": "pm", "rl_cai": "ppo", "rl_cai_dpo": "dpo"}
@@ -288,7 +293,8 @@ class StageRun:
             "versions": library_versions(),
         }
         self._elapsed_before = self.manifest["elapsed_s"]
-        write_text_atomic(self.dir / "config.yaml", config_to_yaml(self.cfg))
+        if _is_main_process():
+            write_text_atomic(self.dir / "config.yaml", config_to_yaml(self.cfg))
         self._save()
 
     def update(self, **counts: Any) -> None:
@@ -304,21 +310,34 @@ class StageRun:
     def _save(self) -> None:
         self.manifest["elapsed_s"] = round(self._elapsed_before + time.time() - self._started, 2)
         self.manifest["peak_rss_gb"] = peak_rss_gb()
-        write_json_atomic(self.dir / "manifest.json", self.manifest)
+        if _is_main_process():  # under `accelerate launch` every rank runs the stage; one records it
+            write_json_atomic(self.dir / "manifest.json", self.manifest)
 
 
-def stage_status(run_dir: Path, rl_algo: str | None = None) -> list[dict[str, Any]]:
+def _is_main_process() -> bool:
+    """False on the ranks other than 0 of a ``torchrun``/``accelerate launch`` job (which set RANK)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def stage_status(run_dir: Path, rl_algo: str | list[str] | None = None) -> list[dict[str, Any]]:
     """Each stage's state for ``cai status``, the end-of-run summary and the report.
 
     Args:
-        rl_algo: the run's ``rl.algo``, so an RL stage it doesn't choose reads "not in this run".
+        rl_algo: the run's ``rl.algo`` (a list, or one name or ``both`` as older configs saved it), so
+            an RL stage it doesn't choose reads "not in this run".
     """
+    try:
+        picked = rl_algorithms(rl_algo) if rl_algo else None
+    except ValueError:
+        picked = None  # a saved config this cai can't read: say nothing rather than guess
     rows = []
     for stage in STAGES:
         manifest = read_manifest(run_dir / stage.folder) or {}
         status = manifest.get("status", "not started")
-        if not manifest and rl_algo and stage.name in RL_STAGES and rl_algo not in (stage.name, "both"):
-            status = f"not in this run (rl.algo: {rl_algo})"
+        if not manifest and picked and stage.name in RL_STAGES and stage.name not in picked:
+            status = f"not in this run (rl.algo: {', '.join(picked)})"
         counts = manifest.get("counts", {})
         rows.append({"stage": stage.name, "status": status, "attempts": manifest.get("attempts"),
                      "elapsed_s": manifest.get("elapsed_s"), "peak_rss_gb": manifest.get("peak_rss_gb"),

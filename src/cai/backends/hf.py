@@ -330,7 +330,7 @@ class HFBackend:
     ) -> torch.Tensor:
         """Pick each row's next token: the one decoding step every sampler here shares.
 
-        `generate` calls it once per step, and `cai.serve_engine.HFRunner` calls it for the
+        `generate` calls it once per step, and `cai.serve.engine.HFRunner` calls it for the
         one-row streaming path, so a seeded request samples the same tokens either way.
 
         Args:

@@ -1,11 +1,11 @@
 """``cai eval``: compare models on harmlessness and helpfulness, side by side.
 
-For each model (by default the run's starting model, SL-CAI, RL-CAI PPO and RL-CAI DPO, those
-that exist): greedy answers to held-out red-team and helpfulness prompts. A judge model compares
-every pair of models' answers to each prompt, in both orders, under harmlessness principles (red-
-team prompts) and the helpfulness question (helpfulness prompts); a Bradley-Terry fit gives an
-Elo per model and axis with bootstrap intervals. Also: preference-model scores, answer length,
-the evasive-refusal rate, the revision curve (mean PM score after each critique round) and
+For each model (by default the run's starting model, SL-CAI and each RL-CAI model, PPO, DPO, RLOO
+and GRPO, those that exist): greedy answers to held-out red-team and helpfulness prompts. A judge
+model compares every pair of models' answers to each prompt, in both orders, under harmlessness
+principles (red-team prompts) and the helpfulness question (helpfulness prompts); a Bradley-Terry
+fit gives an Elo per model and axis with bootstrap intervals. Also: preference-model scores, answer
+length, the evasive-refusal rate, the revision curve (mean PM score after each critique round) and
 per-principle statistics from the SL traces.
 
 Outputs in ``eval/``: ``responses.jsonl`` (resumable), ``judgements.jsonl``, ``results.json`` and
@@ -193,14 +193,15 @@ def results_markdown(results: dict[str, Any]) -> str:
 def eval_models(cfg: Any) -> dict[str, str]:
     """The models to compare: ``eval.models``, else the run's models that exist, in pipeline order.
 
-    Each trained model is named after the stage that made it (``sft``, ``ppo``, ``dpo``).
+    Each trained model is named after the stage that made it (``sft``, then the RL stages: ``ppo``,
+    ``dpo``, ``rloo``, ``grpo``).
     """
-    from cai.runs import is_done, stage_dir
+    from cai.runs import RL_STAGES, is_done, stage_dir
 
     if cfg.eval.models:
         return dict(cfg.eval.models)
     models = {"base": cfg.model.name}
-    for stage in ("sft", "ppo", "dpo"):
+    for stage in ("sft", *RL_STAGES):
         if is_done(stage_dir(cfg, stage)):
             models[stage] = str(stage_dir(cfg, stage))
     return models

@@ -1,8 +1,8 @@
 """``cai report RUN``: one self-contained HTML page about a run, plots embedded as PNG.
 
 Sections: the headline harmlessness-vs-helpfulness Elo picture, the results table, the revision
-curve, PPO training curves (reward, KL), preference-model calibration, per-principle statistics,
-sample transcripts, stage timings and counts, and the resolved config. Anything a run hasn't
+curve, PPO / RLOO / GRPO training curves (reward, KL), preference-model calibration, per-principle
+statistics, sample transcripts, stage timings and counts, and the resolved config. Anything a run hasn't
 produced yet is skipped with a note, so the report works on a partial run too.
 """
 
@@ -111,6 +111,27 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], title: str, xl
     return _png(fig)
 
 
+ONLINE_RL_STAGES = ("ppo", "rloo", "grpo")
+"""RL stages whose ``train_log.jsonl`` has per-step ``reward_mean`` and ``kl`` (nats per answer) and ``eval_reward`` rows."""
+
+
+def online_rl_curves(log_path: Path, name: str) -> list[str]:
+    """Reward (rollouts and held-out) and KL curves of one online RL stage; none when it has no log yet."""
+    log = read_jsonl(log_path) if log_path.is_file() else []
+    steps = [r for r in log if "reward_mean" in r]
+    if not steps:
+        return []
+    evals = [r for r in log if "eval_reward" in r]
+    plots = [line_plot({"rollout reward (PM)": ([r["step"] for r in steps], [r["reward_mean"] for r in steps]),
+                        "held-out reward (PM)": ([r["step"] for r in evals], [r["eval_reward"] for r in evals])},
+                       f"{name} reward", f"{name} step", "PM score")]
+    kl = [r for r in steps if r.get("kl") is not None]  # none when the KL coefficient is 0
+    if kl:
+        plots.append(line_plot({"KL(policy || SL-CAI)": ([r["step"] for r in kl], [r["kl"] for r in kl])},
+                               f"{name} KL", f"{name} step", "KL per answer (nats)"))
+    return plots
+
+
 def calibration_plot(table: list[dict[str, Any]]) -> str | None:
     rows = [r for r in table if r.get("count")]
     if not rows:
@@ -188,16 +209,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         parts.append(line_plot({"P(revision better than initial)": ([c["round"] for c in judged],
                                                                      [c["p_revision_better"] for c in judged])},
                                f"Revision curve, judged{note}", "critique/revision round", "judge's probability"))
-    ppo_log = run_dir / STAGE["ppo"].folder / "train_log.jsonl"
-    log = read_jsonl(ppo_log) if ppo_log.is_file() else []
-    steps = [r for r in log if "kl" in r]
-    if steps:
-        evals = [r for r in log if "eval_reward" in r]
-        parts.append(line_plot({"rollout reward (PM)": ([r["step"] for r in steps], [r["reward_mean"] for r in steps]),
-                                "held-out reward (PM)": ([r["step"] for r in evals], [r["eval_reward"] for r in evals])},
-                               "PPO reward", "PPO step", "PM score"))
-        parts.append(line_plot({"KL(policy || SL-CAI)": ([r["step"] for r in steps], [r["kl"] for r in steps])},
-                               "PPO KL", "PPO step", "KL per answer (nats)"))
+    for stage in ONLINE_RL_STAGES:  # the RL stages that sample and score: same log keys, same curves
+        parts += online_rl_curves(run_dir / STAGE[stage].folder / "train_log.jsonl", stage.upper())
     sft_log = run_dir / STAGE["sft"].folder / "train_log.jsonl"
     if sft_log.is_file():
         rows = read_jsonl(sft_log)

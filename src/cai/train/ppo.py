@@ -95,7 +95,7 @@ def train_ppo(
     log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False) if ranks.is_main else None
     sampling = config.sampling.params()
     if not evals:
-        evals.append({"step": 0, "eval_reward": _eval_reward(models.backend, models.scorer, eval_prompts, sampling, ranks)})
+        evals.append({"step": 0, "eval_reward": eval_reward(models.backend, models.scorer, eval_prompts, sampling, ranks)})
         if log:
             log.write(evals[-1])
     with progress_bar("ppo", config.steps, enabled=show_progress and ranks.is_main) as advance:
@@ -116,7 +116,7 @@ def train_ppo(
                                  {"gen_s": gen_s, "score_s": score_s, "opt_s": opt_s}, ranks)
             if step % config.eval_every == 0 or step == config.steps:
                 evals.append({"step": step,
-                              "eval_reward": _eval_reward(models.backend, models.scorer, eval_prompts, sampling, ranks)})
+                              "eval_reward": eval_reward(models.backend, models.scorer, eval_prompts, sampling, ranks)})
                 record["eval_reward"] = evals[-1]["eval_reward"]
             if log:
                 log.write(record)
@@ -221,7 +221,7 @@ def _stopwatch() -> Callable[[], float]:
     return lap
 
 
-def _eval_reward(backend: Any, scorer: RewardScorer, prompts: list[PromptRow], params: SamplingParams,
+def eval_reward(backend: Any, scorer: RewardScorer, prompts: list[PromptRow], params: SamplingParams,
                  ranks: Ranks | None = None) -> float:
     """Mean PM score of greedy answers to held-out prompts (each rank answers its share)."""
     if not prompts:

@@ -1,6 +1,7 @@
 """The model side of ``cai serve``: request batching and token-level decoding.
 
-`cai.serve` speaks HTTP; this module does the work it hands over, in two ways:
+`cai.serve.app` speaks HTTP; this module does the work it hands over. `Engine` is what the routes
+call; it picks one of two ways to run a request:
 
 - `Batcher` gathers plain generation requests from many connections into shared
   ``backend.generate`` calls (any `Backend`).
@@ -8,7 +9,8 @@
   `HFBackend`'s model, for streaming, log-probs and ``echo``. The log-probs it reports are the
   model's own (log-softmax of its logits, before temperature, top-k or top-p).
 
-Both take the server's one model lock, so only one forward pass runs at a time.
+Both take the server's one model lock, so only one forward pass runs at a time. Everything here
+blocks (it runs the model), so the ASGI layer calls it from worker threads, never on its event loop.
 """
 
 from __future__ import annotations
@@ -27,6 +29,23 @@ from cai.types import SamplingParams
 
 class ContextLengthError(CaiError):
     """A prompt plus ``max_tokens`` is longer than the model's context (the server answers 400)."""
+
+
+@dataclass
+class BatchStats:
+    """What the `Batcher` has run so far: how well concurrent requests were gathered."""
+
+    calls: int = 0
+    """``backend.generate`` calls made."""
+    requests: int = 0
+    """Requests answered by those calls."""
+    largest: int = 0
+    """Most requests one call answered."""
+
+    @property
+    def mean_batch_size(self) -> float:
+        """Requests per ``generate`` call (1.0 means no two requests ever shared a call)."""
+        return self.requests / self.calls if self.calls else 0.0
 
 
 # ------------------------------------------------------------------------------ batching
@@ -50,10 +69,12 @@ class Batcher:
     def __init__(self, backend: Backend, lock: threading.Lock, max_batch: int, wait_s: float) -> None:
         self.backend, self.lock, self.max_batch, self.wait_s = backend, lock, max_batch, wait_s
         self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.stats = BatchStats()  # written by the batching thread only
         self.thread = threading.Thread(target=self._loop, name="cai-serve-batcher", daemon=True)
         self.thread.start()
 
     def submit(self, prompt: str, params: SamplingParams, seed: int) -> str:
+        """Queue one request and wait for its text (raises what ``backend.generate`` raised for it)."""
         job = _Job(prompt, params, seed, Future())
         self.queue.put(job)
         return job.future.result()
@@ -93,6 +114,9 @@ class Batcher:
                 return
             group[0].future.set_exception(err)
             return
+        self.stats.calls += 1
+        self.stats.requests += len(group)
+        self.stats.largest = max(self.stats.largest, len(group))
         for j, text in zip(group, texts):
             j.future.set_result(text)
 
@@ -118,11 +142,20 @@ class Completion:
 
     text: str
     finish_reason: str
-    """``"stop"`` (EOS or a stop string) or ``"length"`` (hit ``max_tokens``)."""
+    """``"stop"`` (EOS or a stop string), ``"length"`` (hit ``max_tokens``) or ``"cancelled"`` (client left)."""
     completion_tokens: int
     """Tokens generated (the API's ``usage.completion_tokens``)."""
     tokens: list[Token] | None = None
     """The tokens with their log-probs when `HFRunner` decoded them; None from the `Batcher` path."""
+    prompt_tokens: int = 0
+    """Tokens in the prompt (the API's ``usage.prompt_tokens``)."""
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, limit: int | None) -> None:
+    """Raise `ContextLengthError` when a prompt plus its ``max_tokens`` won't fit in ``limit`` tokens."""
+    if limit and prompt_tokens + max_new_tokens > limit:
+        raise ContextLengthError(f"the prompt has {prompt_tokens} tokens, which with max_tokens={max_new_tokens} "
+                                 f"exceeds the model's context of {limit} tokens")
 
 
 class HFRunner:
@@ -135,6 +168,8 @@ class HFRunner:
     def __init__(self, backend: Any, lock: threading.Lock) -> None:
         self.backend, self.lock = backend, lock
         self.tokenizer = backend.tokenizer
+        self.decode_steps = 0
+        """Tokens decoded so far, all requests together (a stream whose client left stops adding to it)."""
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
@@ -163,21 +198,24 @@ class HFRunner:
         echo_text: str | None = None,
         on_delta: Callable[[str, list[Token]], None] | None = None,
         on_prompt: Callable[[list[Token]], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> tuple[list[Token] | None, Completion | None]:
         """Score the prompt's tokens (when ``echo_text`` is given) and generate (when ``params`` is).
 
         One forward pass over the prompt serves both. ``on_prompt(tokens)`` receives the scored
         prompt before decoding starts; ``on_delta(text, tokens)`` receives the completion as it
-        grows, holding back text that could still turn out to start a stop string.
+        grows, holding back text that could still turn out to start a stop string. Once ``cancel``
+        is set (the client went away) decoding stops before the next token, with finish reason
+        ``"cancelled"``.
+
+        Raises:
+            ContextLengthError: the prompt plus ``params.max_new_tokens`` exceeds the model's context.
         """
         import torch
         from transformers import DynamicCache
 
         backend, model = self.backend, self.backend.model
-        limit = backend.max_context
-        if limit and len(prompt_ids) + (params.max_new_tokens if params else 0) > limit:
-            raise ContextLengthError(f"the prompt has {len(prompt_ids)} tokens, which with max_tokens exceeds "
-                                     f"the model's context of {limit} tokens")
+        check_context(len(prompt_ids), params.max_new_tokens if params else 0, backend.max_context)
         cache = DynamicCache()
         with self.lock, torch.inference_mode():
             ids = torch.tensor([prompt_ids], device=backend.device)
@@ -188,7 +226,7 @@ class HFRunner:
             on_prompt(prompt_tokens)
         if params is None:
             return prompt_tokens, None
-        return prompt_tokens, self._decode(logits[-1:], cache, params, seed, top_n, on_delta)
+        return prompt_tokens, self._decode(logits[-1:], cache, params, seed, top_n, on_delta, cancel)
 
     def _score_prompt(self, ids: list[int], logits: Any, top_n: int, text: str) -> list[Token]:
         pieces = self.token_pieces(ids)
@@ -217,17 +255,20 @@ class HFRunner:
                 yield None
                 return
             lp = logits[0].float().log_softmax(-1)
+            self.decode_steps += 1
             yield Token(tid, self.decode([tid], False), float(lp[tid]), self._top(lp, top_n))
             if step + 1 < params.max_new_tokens:
                 with self.lock, torch.inference_mode():
                     logits = backend.model(input_ids=token[:, None], cache=cache, use_cache=True).logits[:, -1, :]
 
-    def _decode(self, logits, cache, params, seed, top_n, on_delta) -> Completion:
+    def _decode(self, logits, cache, params, seed, top_n, on_delta, cancel) -> Completion:
         holdback = max((len(s) for s in params.stop), default=1) - 1
         ids: list[int] = []
         tokens: list[Token] = []
         text, emitted, sent_tokens, finish, stopped = "", 0, 0, "length", False
         for token in self._steps(logits, cache, params, seed, top_n):
+            if cancel is not None and cancel.is_set():
+                return Completion(text, "cancelled", len(ids), tokens)
             if token is None:
                 finish = "stop"
                 break
@@ -247,3 +288,101 @@ class HFRunner:
         if on_delta is not None and (len(text) > emitted or len(tokens) > sent_tokens):
             on_delta(text[emitted:], tokens[sent_tokens:])
         return Completion(text, finish, len(ids), tokens)
+
+
+# ------------------------------------------------------------------------------ the engine
+
+class Engine:
+    """The model behind one server: its lock, the `Batcher`, and an `HFRunner` when the backend is an `HFBackend`.
+
+    Plain requests go through the batcher (any backend); streaming, log-probs and token-id prompts
+    need the model itself, so they run on the `HFRunner`, token by token.
+
+    Args:
+        backend: any `Backend`.
+        max_batch: most concurrent requests gathered into one ``generate`` call.
+        batch_wait_s: how long the first request of a batch waits for others to join.
+    """
+
+    def __init__(self, backend: Backend, max_batch: int = 16, batch_wait_s: float = 0.005) -> None:
+        self.backend = backend
+        self.lock = threading.Lock()
+        self.batcher = Batcher(backend, self.lock, max_batch, batch_wait_s)
+        self.runner = HFRunner(backend, self.lock) if _is_hf(backend) else None
+
+    def close(self) -> None:
+        """Stop the batching thread (requests already queued are answered first)."""
+        self.batcher.close()
+
+    def token_prompt(self, ids: list[int]) -> str:
+        """The text of a prompt given as token ids.
+
+        Raises:
+            CaiError: the backend takes text only, or an id is outside the vocabulary.
+        """
+        if self.runner is None:
+            raise CaiError("this server's backend takes text prompts only")
+        vocab = len(self.runner.tokenizer)
+        if not all(0 <= t < vocab for t in ids):
+            raise CaiError(f"prompt token ids must be in [0, {vocab})")
+        return self.runner.decode(ids, False)
+
+    def generate(
+        self,
+        prompt: str,
+        prompt_ids: list[int] | None,
+        params: SamplingParams,
+        seed: int,
+        top_n: int | None = None,
+        *,
+        on_delta: Callable[[str, list[Token]], None] | None = None,
+        on_prompt: Callable[[list[Token]], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Completion:
+        """One completion of ``prompt`` (blocking): token by token when log-probs (``top_n``), token ids,
+        streaming (``on_delta``) or prompt scores (``on_prompt``) ask for it, else through the batcher.
+
+        Raises:
+            ContextLengthError: the prompt plus ``max_tokens`` won't fit.
+            CaiError: the request needs an `HFBackend` and this backend is not one, or the backend refused it.
+        """
+        runner = self.runner
+        if runner is not None and (top_n is not None or on_delta is not None or prompt_ids is not None):
+            ids = prompt_ids if prompt_ids is not None else self.backend.encode([prompt])[0]
+            echo_text = prompt if on_prompt is not None else None
+            gen = runner.run(ids, params, seed, top_n or 0, echo_text, on_delta=on_delta, on_prompt=on_prompt,
+                             cancel=cancel)[1]
+            gen.prompt_tokens = len(ids)
+            return gen
+        if top_n is not None or prompt_ids is not None:
+            raise CaiError("this server's backend can't return log-probs or take token ids")
+        n_prompt = self.backend.count_tokens(prompt)
+        check_context(n_prompt, params.max_new_tokens, self.backend.context_length)
+        text = self.batcher.submit(prompt, params, seed)
+        if on_delta is not None:
+            on_delta(text, [])
+        # The backend returns text only, so its tokens are counted again (re-encoding can differ a
+        # little from what was generated); a full budget is taken to mean the text was cut short.
+        used = min(self.backend.count_tokens(text), params.max_new_tokens) if text else 0
+        return Completion(text, "length" if used >= params.max_new_tokens else "stop", used, prompt_tokens=n_prompt)
+
+    def score_prompt(self, prompt: str, prompt_ids: list[int] | None, top_n: int | None) -> Completion:
+        """The prompt alone (``max_tokens=0`` with ``echo``): its token count and, given ``top_n``, its scored tokens.
+
+        Raises:
+            CaiError: log-probs were asked for and the backend is not an `HFBackend`.
+        """
+        if top_n is None:
+            n = len(prompt_ids) if prompt_ids is not None else self.backend.count_tokens(prompt)
+            return Completion(prompt, "length", 0, None, n)
+        if self.runner is None:
+            raise CaiError("this server's backend can't return log-probs")
+        ids = prompt_ids if prompt_ids is not None else self.backend.encode([prompt])[0]
+        tokens = self.runner.run(ids, None, 0, top_n, echo_text=prompt)[0]
+        return Completion(prompt, "length", 0, tokens, len(ids))
+
+
+def _is_hf(backend: Backend) -> bool:
+    from cai.backends.hf import HFBackend
+
+    return isinstance(backend, HFBackend)
