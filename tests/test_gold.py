@@ -179,6 +179,7 @@ def test_verdict_says_what_moved_and_whether_the_judge_counts():
     assert "not evidence" in text and "label.feedback_model" in text
     assert fmt_ci(0.6234, (0.5111, 0.7345), percent=True) == "62% [51, 73]"
     assert fmt_ci(0.04321, (0.0101, 0.0763), sign=True) == "+0.04 [0.01, 0.08]"
+    assert fmt_ci(0.0, (0.0, 0.0), percent=True) == "0% [0, 0]"  # every resample agreed: no false digits
 
 
 def test_gold_command_scores_models_side_by_side(tiny_model_dir, tmp_path, monkeypatch, capsys):

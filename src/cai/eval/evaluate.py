@@ -155,7 +155,8 @@ def results_markdown(results: dict[str, Any]) -> str:
                   "| group | pairs | agreement |", "|---|---|---|"]
         lines += [f"| {g} | {v['pairs']} | {fmt_ci(v['agreement'], v['ci'], percent=True)} |"
                   for g, v in check.items() if isinstance(v, dict)]
-        lines += ["", f"Position bias {check.get('position_bias')}, mean confidence "
+        bias = check.get("position_bias")
+        lines += ["", f"Position bias {round(bias, 2) if isinstance(bias, (int, float)) else '-'}, mean confidence "
                       f"{round(check['mean_confidence'], 3) if check.get('mean_confidence') else '-'}.", ""]
     lines += ["## AI-judged (see the judge check above before reading these)", ""]
     # The PM columns use the reward model PPO optimised: a PPO model scoring well there is circular.

@@ -28,7 +28,8 @@ def fmt_ci(value: float, ci: tuple[float, float] | list[float], *, percent: bool
     if any(not isinstance(x, (int, float)) or not math.isfinite(x) for x in (value, low, high)):
         return f"{value * (100 if percent else 1):.0f}{'%' if percent else ''}" if isinstance(value, (int, float)) else "-"
     scale = 100.0 if percent else 1.0
-    d = decimals_for((high - low) / 2, scale)
+    # A zero-width interval (every resample agreed, as with 0 of 6) justifies no extra digits.
+    d = decimals_for((high - low) / 2, scale) if high > low else (0 if percent else 2)
     lead = "+" if sign and value > 0 else ""
     unit = "%" if percent else ""
     return f"{lead}{value * scale:.{d}f}{unit} [{low * scale:.{d}f}, {high * scale:.{d}f}]"
