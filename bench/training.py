@@ -1,111 +1,488 @@
-"""Benchmark: training throughput of SFT, the preference model and one PPO iteration, with
-model-FLOPs utilisation (MFU) against a matmul peak measured on the same machine in the same run.
+"""Benchmark: cai's training loops side by side with the TRL trainer a careful user would run instead.
 
-Model FLOPs: 6 x parameters x tokens for a training step (forward + backward), 2 x parameters x
-tokens for a forward pass. PPO's iteration is split into generation / scoring (PM, old-policy and
-reference forwards) / optimisation time. Figures go to bench/results/training.{json,md}.
+In one process, on the same model, data, batch size, lengths, learning rate and number of steps:
 
-    python bench/training.py             # ~5 minutes on 2 CPU cores
+- **SFT**: `cai.train.sft.train_sft` vs TRL ``SFTTrainer`` (prompt-completion rows, so the loss is on
+  the answer as in cai; fp32, no activation checkpointing, padded batches: padding-free needs
+  FlashAttention, which CPUs lack; no eval, logging and saving off, dataloader workers 0).
+  Real (non-padding) tokens/s, and MFU = 6 N T / seconds / fp32 matmul peak, with N counted with
+  and without the embedding matrix, the peak measured here on the same threads.
+- **PM**: `cai.train.pm.train_preference_model` vs TRL ``RewardTrainer`` on the same pairs (hard
+  labels, so both minimise -log sigmoid(r_chosen - r_rejected)). Only the training steps are timed.
+- **DPO**: cai's stage *is* TRL's ``DPOTrainer`` (set to fp32 and no checkpointing on CPU), so it is
+  one row, not a comparison.
+- **RL**: one cai PPO iteration per step (`cai.train.ppo.train_ppo`, one optimizer step over the
+  rollout batch) vs TRL ``RLOOTrainer`` and ``GRPOTrainer`` wired as `cai.train.online_rl` wires
+  them, same reward model, samples per step, answer length cap and KL coefficient. Samples/s,
+  with the time split into generation / PM scoring / the rest (log-probs and optimisation).
+  The reward model is the PM the cai PM row has just trained.
+
+Where a target is missed the notes say what bounds it (a forward / backward / optimizer split of
+cai's SFT step, and the RL time splits). Figures go to bench/results/training.{json,md}.
+
+    HF_HUB_OFFLINE=1 python bench/training.py            # ~7 minutes on 2 CPU cores
+    HF_HUB_OFFLINE=1 python bench/training.py --quick    # ~2-3 minutes, writes training.quick.{json,md}
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-from cai.config import PMConfig, PPOConfig, SamplingConfig, SFTConfig
-from cai.data import load_prompts
-from cai.io import read_jsonl
-from cai.models import load_model
-
 RESULTS = Path(__file__).parent / "results"
+SENTENCES = [
+    "Here is a clear answer to the question.",
+    "The main idea is simple once the terms are defined.",
+    "A practical example helps: start small, check the result, then extend it.",
+    "Be careful with edge cases, such as empty input or very large values.",
+    "If anything is unclear, say which part and I can explain it in more detail.",
+    "In short, the approach works and is easy to test.",
+]
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 GFLOP/s of a square matmul on this machine."""
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each comparison does (the same for cai and TRL)."""
+
+    sft_examples: int
+    sft_batch: int
+    pm_pairs: int
+    pm_batch: int
+    dpo_pairs: int
+    rl_steps: int
+    prompts_per_step: int
+    generations: int
+    max_new_tokens: int
+    grpo: bool
+    max_length: int = 256
+
+
+FULL = Sizes(sft_examples=32, sft_batch=4, pm_pairs=16, pm_batch=4, dpo_pairs=8, rl_steps=3,
+             prompts_per_step=2, generations=4, max_new_tokens=48, grpo=True)
+QUICK = Sizes(sft_examples=12, sft_batch=4, pm_pairs=8, pm_batch=4, dpo_pairs=4, rl_steps=1,
+              prompts_per_step=2, generations=2, max_new_tokens=24, grpo=False)
+
+
+# -- Measuring ----------------------------------------------------------------------------------
+
+def matmul_peak(size: int = 2048, repeats: int = 8) -> float:
+    """Best fp32 FLOP/s of a square matmul on this process's torch threads."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     best = 0.0
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
-        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
 
 
-def chats(n: int) -> list:
+def parameter_counts(model: Any) -> tuple[int, int]:
+    """(all parameters, parameters without the input embedding matrix), each weight counted once."""
+    total = sum(p.numel() for p in model.parameters())
+    return total, total - model.get_input_embeddings().weight.numel()
+
+
+def trainer_clock() -> Any:
+    """A transformers callback timing training from ``on_train_begin`` to the last ``on_step_end``
+    (so the trainer's setup, model loading and dataset tokenisation are not counted)."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        started = ended = 0.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            self.ended = time.perf_counter()
+
+        @property
+        def seconds(self) -> float:
+            return self.ended - self.started
+
+    return Clock()
+
+
+def quiet(trainer: Any, clock: Any) -> Any:
+    """Drop the trainer's printing callbacks, add ``clock``."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    for noisy in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(noisy)
+    trainer.add_callback(clock)
+    return trainer
+
+
+def counting_collator(collator: Callable[[list], dict]) -> tuple[Callable[[list], dict], list[int]]:
+    """``collator`` that also adds each batch's real (attention-mask) tokens to the returned list."""
+    seen: list[int] = []
+
+    def collate(examples: list) -> dict:
+        batch = collator(examples)
+        seen.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    return collate, seen
+
+
+def timed(fn: Callable, spent: list[float]) -> Callable:
+    """``fn`` that adds its wall time to ``spent`` on each call."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - start)
+
+    return wrapper
+
+
+def row(name: str, figure: float, unit: str, check: str, *, ratio_vs: dict[str, float] | None = None,
+        target: str | None = None, met: bool | None = None) -> dict[str, Any]:
+    return {"row": name, "figure": round(figure, 4 if figure < 10 else 1), "unit": unit,
+            "ratio_vs": {k: round(v, 3) for k, v in (ratio_vs or {}).items()}, "check": check,
+            "target": target, "met": met}
+
+
+# -- Data ---------------------------------------------------------------------------------------
+
+def answer(i: int) -> str:
+    """A deterministic answer of 1-6 sentences, so batches hold rows of different lengths."""
+    return " ".join(SENTENCES[(i + k) % len(SENTENCES)] for k in range(1 + i % 6))
+
+
+def sft_chats(n: int) -> list[list[dict[str, str]]]:
+    from cai.data import load_prompts
+
     rows, _ = load_prompts("helpfulness", limit=n)
-    answer = "Here is a clear, careful answer that explains the main idea and gives one practical example."
-    return [[*r.messages, {"role": "assistant", "content": answer}] for r in rows]
+    return [[*r.messages, {"role": "assistant", "content": answer(i)}] for i, r in enumerate(rows)]
+
+
+def preference_pairs(n: int) -> list[tuple[list[dict[str, str]], str, str]]:
+    """(prompt, chosen, rejected): a longer careful answer against a curt one."""
+    from cai.data import load_prompts
+
+    rows, _ = load_prompts("red-team", limit=n)
+    return [(list(r.messages), answer(i + 3), "No. " + SENTENCES[i % len(SENTENCES)]) for i, r in enumerate(rows)]
+
+
+# -- SFT ----------------------------------------------------------------------------------------
+
+def bench_sft(sizes: Sizes, tmp: Path, peak: float, counts: tuple[int, int]) -> tuple[list[dict], list[str]]:
+    from datasets import Dataset
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    from cai.config import SFTConfig
+    from cai.models import load_model
+    from cai.train.sft import train_sft
+
+    chats = sft_chats(sizes.sft_examples)
+    steps = -(-len(chats) // sizes.sft_batch)  # one epoch each
+    lr = 2e-5
+    cai = train_sft(chats, model_spec="bundled", out_dir=tmp / "sft", device="cpu", show_progress=False,
+                    config=SFTConfig(epochs=1, batch_size=sizes.sft_batch, max_length=sizes.max_length,
+                                     learning_rate=lr, warmup_ratio=0.0, save_every=10**6, dtype="float32"))
+
+    loaded = load_model("bundled", dtype="float32", device="cpu")
+    args = TRLSFTConfig(
+        output_dir=str(tmp / "trl-sft"), per_device_train_batch_size=sizes.sft_batch, num_train_epochs=1,
+        max_length=sizes.max_length, learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0,
+        max_grad_norm=1.0, bf16=False, use_cpu=True, activation_checkpointing=False, padding_free=False,
+        packing=False, dataloader_num_workers=0, eval_strategy="no", logging_strategy="no",
+        save_strategy="no", report_to=[], disable_tqdm=True, seed=0)
+    rows = [{"prompt": c[:-1], "completion": c[-1:]} for c in chats]
+    trainer = SFTTrainer(model=loaded.model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=loaded.tokenizer)
+    trainer.data_collator, trl_tokens = counting_collator(trainer.data_collator)
+    clock = trainer_clock()
+    quiet(trainer, clock).train()
+    trl_tps, cai_tps = sum(trl_tokens) / clock.seconds, cai["tokens"] / cai["seconds"]
+
+    total, body = counts
+    same = (f"{cai['steps']} vs {trainer.state.global_step} steps, {cai['tokens']} vs {sum(trl_tokens)} real tokens "
+            f"(cai vs TRL), batch {sizes.sft_batch}, max_length {sizes.max_length}")
+    mfu = lambda tps, n: 100 * 6 * n * tps / peak  # noqa: E731
+    out = [
+        row("sft cai tokens/s", cai_tps, "tokens/s", same, ratio_vs={"sft trl SFTTrainer tokens/s": cai_tps / trl_tps},
+            target=">= 1.4x SFTTrainer", met=cai_tps >= 1.4 * trl_tps),
+        row("sft trl SFTTrainer tokens/s", trl_tps, "tokens/s",
+            f"{clock.seconds:.1f} s for {trainer.state.global_step} steps; padded batches (padding_free=False)"),
+        row("sft cai MFU (N without embedding)", mfu(cai_tps, body), "%", f"N = {body / 1e6:.1f}M",
+            target=">= 60%", met=mfu(cai_tps, body) >= 60),
+        row("sft cai MFU (N with embedding)", mfu(cai_tps, total), "%", f"N = {total / 1e6:.1f}M"),
+        row("sft trl MFU (N without embedding)", mfu(trl_tps, body), "%", f"N = {body / 1e6:.1f}M"),
+    ]
+    del trainer, loaded
+    notes = [sft_step_profile(chats, sizes, peak, body)]
+    return out, notes
+
+
+def sft_step_profile(chats: list, sizes: Sizes, peak: float, body: int, batches: int = 3) -> str:
+    """Where cai's SFT step spends its time: forward, backward, optimizer, over a few of the same batches."""
+    from cai.models import load_model
+    from cai.train.common import make_optimizer_and_schedule, optimizer_step, pad_batch, tokenize_for_answer_loss
+
+    loaded = load_model("bundled", dtype="float32", device="cpu")
+    model = loaded.model.train()
+    data = [tokenize_for_answer_loss(loaded.tokenizer, c, sizes.max_length) for c in chats]
+    params, optimizer, _ = make_optimizer_and_schedule(model, learning_rate=2e-5, weight_decay=0.0,
+                                                       warmup_ratio=0.0, steps=batches)
+    spent = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    tokens = padded = 0
+    for b in range(batches):
+        batch = pad_batch(data[b * sizes.sft_batch:(b + 1) * sizes.sft_batch], loaded.tokenizer.pad_token_id)
+        tokens, padded = tokens + int(batch["attention_mask"].sum()), padded + batch["attention_mask"].numel()
+        t0 = time.perf_counter()
+        loss = model(**batch).loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        optimizer_step(optimizer, params, max_grad_norm=1.0)
+        t3 = time.perf_counter()
+        for name, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2)):
+            spent[name] += dt
+    whole = sum(spent.values())
+    split = ", ".join(f"{k} {100 * v / whole:.0f}%" for k, v in spent.items())
+    return (f"SFT profile (cai step, {batches} batches of {sizes.sft_batch}): {split}; forward at "
+            f"{100 * 2 * body * padded / spent['forward'] / peak:.0f}% and backward at "
+            f"{100 * 4 * body * padded / spent['backward'] / peak:.0f}% of the matmul peak counting padded "
+            f"positions; padding is {100 * (1 - tokens / padded):.0f}% of them. The attention, norms, "
+            "activations and the 49k-wide LM head's log-softmax are not matmul-peak work at this width (576).")
+
+
+# -- Preference model ---------------------------------------------------------------------------
+
+def bench_pm(sizes: Sizes, tmp: Path) -> tuple[list[dict], Path]:
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from cai.config import PMConfig
+    from cai.io import read_jsonl
+    from cai.models import load_model
+    from cai.train.pm import Pair, RewardScorer, train_preference_model
+
+    raw = preference_pairs(sizes.pm_pairs)
+    lr = 3e-5
+    pairs = [Pair(p, chosen, rejected, 1.0, str(i)) for i, (p, chosen, rejected) in enumerate(raw)]
+    metrics = train_preference_model(
+        pairs, [], base="bundled", out_dir=tmp / "pm", device="cpu", show_progress=False,
+        config=PMConfig(epochs=1, batch_size=sizes.pm_batch, max_length=sizes.max_length, learning_rate=lr,
+                        warmup_ratio=0.0, eval_fraction=0.0, dtype="float32"))
+    cai_s = [r for r in read_jsonl(tmp / "pm" / "train_log.jsonl")][-1]["seconds"]  # training steps only
+    scorer = RewardScorer.from_folder(tmp / "pm", device="cpu", max_length=sizes.max_length)
+    cai_tokens = sum(len(r) for r in scorer.encode([p.prompt for p in pairs] * 2,
+                                                   [p.response_a for p in pairs] + [p.response_b for p in pairs]))
+    del scorer
+
+    torch.manual_seed(0)
+    loaded = load_model("bundled", dtype="float32", device="cpu", model_class=AutoModelForSequenceClassification,
+                        num_labels=1)
+    loaded.model.config.pad_token_id = loaded.tokenizer.pad_token_id
+    args = RewardConfig(
+        output_dir=str(tmp / "trl-pm"), per_device_train_batch_size=sizes.pm_batch, num_train_epochs=1,
+        max_length=sizes.max_length, learning_rate=lr, warmup_steps=0, max_grad_norm=1.0, bf16=False,
+        use_cpu=True, activation_checkpointing=False, dataloader_num_workers=0, eval_strategy="no",
+        logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=0)
+    rows = [{"prompt": p, "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]} for p, c, r in raw]
+    trainer = RewardTrainer(model=loaded.model, args=args, train_dataset=Dataset.from_list(rows),
+                            processing_class=loaded.tokenizer)
+    trainer.data_collator, trl_tokens = counting_collator(trainer.data_collator)
+    clock = trainer_clock()
+    quiet(trainer, clock).train()
+    cai_tps, trl_tps = cai_tokens / cai_s, sum(trl_tokens) / clock.seconds
+    same = (f"{metrics['steps']} vs {trainer.state.global_step} steps, {cai_tokens} vs {sum(trl_tokens)} real tokens "
+            f"(cai vs TRL), {len(pairs)} pairs, batch {sizes.pm_batch}; {cai_s:.1f} vs {clock.seconds:.1f} s")
+    return [
+        row("pm cai tokens/s", cai_tps, "tokens/s", same, ratio_vs={"pm trl RewardTrainer tokens/s": cai_tps / trl_tps},
+            target=">= 1.0x RewardTrainer", met=cai_tps >= trl_tps),
+        row("pm trl RewardTrainer tokens/s", trl_tps, "tokens/s", "hard labels: the same loss as cai's soft one at p=1"),
+    ], tmp / "pm"
+
+
+# -- DPO ----------------------------------------------------------------------------------------
+
+def bench_dpo(sizes: Sizes, tmp: Path) -> dict[str, Any]:
+    from cai.config import DPOConfig
+    from cai.io import read_jsonl
+    from cai.train.dpo import train_dpo
+
+    labelled = [{"prompt": p, "chosen": [{"role": "assistant", "content": c}],
+                 "rejected": [{"role": "assistant", "content": r}], "score": 1.0, "p_a": 1.0}
+                for p, c, r in preference_pairs(sizes.dpo_pairs)]
+    metrics = train_dpo(labelled, policy_spec="bundled", out_dir=tmp / "dpo", device="cpu",
+                        config=DPOConfig(batch_size=4, max_length=sizes.max_length, label_smoothing=0.0,
+                                         dtype="float32"))
+    runtime = next(r["train_runtime"] for r in read_jsonl(tmp / "dpo" / "train_log.jsonl") if "train_runtime" in r)
+    return row("dpo cai = TRL DPOTrainer pairs/s", metrics["pairs"] / runtime, "pairs/s",
+               f"{metrics['pairs']} pairs, {metrics['steps']} steps, batch 4, {runtime:.1f} s (TRL's train_runtime)")
+
+
+# -- RL -----------------------------------------------------------------------------------------
+
+def bench_rl(sizes: Sizes, tmp: Path, pm_folder: Path) -> tuple[list[dict], list[str]]:
+    from cai.config import PPOConfig, SamplingConfig
+    from cai.data import load_prompts
+    from cai.io import read_jsonl
+    from cai.train.ppo import train_ppo
+
+    prompts, _ = load_prompts("red-team", limit=16)
+    per_step = sizes.prompts_per_step * sizes.generations
+    config = PPOConfig(steps=sizes.rl_steps, rollout_batch=per_step, epochs=1, minibatch=per_step, kl_coef=0.05,
+                       eval_every=10**6, save_every=10**6, dtype="float32",
+                       sampling=SamplingConfig(max_new_tokens=sizes.max_new_tokens, temperature=1.0))
+    train_ppo(prompts, [], [], policy_spec="bundled", pm_folder=pm_folder, out_dir=tmp / "ppo", config=config,
+              device="cpu", show_progress=False)
+    steps = [r for r in read_jsonl(tmp / "ppo" / "train_log.jsonl") if "gen_s" in r]
+    split = {k: sum(r[k] for r in steps) for k in ("gen_s", "score_s", "opt_s")}
+    ppo_s = sum(split.values())
+    ppo_len = sum(r["response_length"] for r in steps) / len(steps)
+    ppo_sps = per_step * len(steps) / ppo_s
+    shape = (f"{len(steps)} steps x {per_step} samples, <= {sizes.max_new_tokens} new tokens, "
+             f"mean answer {ppo_len:.1f} tokens")
+    notes = [f"PPO time split: generation {split['gen_s']:.1f} s, PM scoring + old/reference log-probs "
+             f"{split['score_s']:.1f} s, optimisation {split['opt_s']:.1f} s (one optimizer step per iteration, "
+             "as RLOO/GRPO take one per batch)."]
+    trl_rows = []
+    for algo in ("rloo", "grpo") if sizes.grpo else ("rloo",):
+        sps, length, note = trl_online(algo, sizes, tmp, pm_folder, [r.messages for r in prompts])
+        trl_rows.append((algo, sps, length))
+        notes.append(note)
+    ratios = {f"{algo} trl samples/s": ppo_sps / sps for algo, sps, _ in trl_rows}
+    rloo_sps = trl_rows[0][1]
+    out = [row("ppo cai samples/s", ppo_sps, "samples/s", shape, ratio_vs=ratios,
+               target=">= RLOOTrainer samples/s", met=ppo_sps >= rloo_sps)]
+    for algo, sps, length in trl_rows:
+        out.append(row(f"{algo} trl samples/s", sps, "samples/s",
+                       f"{sizes.rl_steps} steps x {sizes.prompts_per_step} prompts x {sizes.generations} "
+                       f"generations, mean answer {length:.1f} tokens"))
+    return out, notes
+
+
+def trl_online(algo: str, sizes: Sizes, tmp: Path, pm_folder: Path, prompts: list) -> tuple[float, float, str]:
+    """TRL's RLOO or GRPO trainer as `cai.train.online_rl` builds it, timed step by step.
+
+    Returns:
+        (samples/s, mean answer length, a note splitting the time into generation / scoring / rest).
+    """
+    import trl
+    from datasets import Dataset
+
+    from cai.config import GRPOConfig, RLOOConfig
+    from cai.models import load_model
+    from cai.train.online_rl import pm_reward, trl_config
+    from cai.train.pm import RewardScorer
+
+    section = (RLOOConfig if algo == "rloo" else GRPOConfig)(
+        steps=sizes.rl_steps, prompts_per_step=sizes.prompts_per_step, generations=sizes.generations,
+        max_new_tokens=sizes.max_new_tokens, beta=0.05, save_every=10**6, eval_every=10**6, dtype="float32")
+    loaded = load_model("bundled", dtype="float32", device="cpu")
+    args = trl_config(section, out_dir=tmp / algo, on_gpu=False, dtype=torch.float32, seed=0)
+    args.disable_tqdm = True
+    per_step = sizes.prompts_per_step * sizes.generations
+    scorer = RewardScorer.from_folder(pm_folder, device="cpu", batch_size=per_step)
+    gen_s: list[float] = []
+    score_s: list[float] = []
+    loaded.model.generate = timed(loaded.model.generate, gen_s)  # the instance TRL calls on one CPU process
+    reward = pm_reward(scorer)
+    timed_reward = timed(reward, score_s)
+    timed_reward.__name__ = reward.__name__  # TRL names the reward's metrics after the function
+    trainer_class = trl.RLOOTrainer if algo == "rloo" else trl.GRPOTrainer
+    trainer = trainer_class(model=loaded.model, reward_funcs=timed_reward, args=args,
+                            train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                            processing_class=loaded.tokenizer)
+    clock = trainer_clock()
+    quiet(trainer, clock).train()
+    lengths = [e["completions/mean_length"] for e in trainer.state.log_history if "completions/mean_length" in e]
+    samples = trainer.state.global_step * per_step
+    rest = clock.seconds - sum(gen_s) - sum(score_s)
+    note = (f"{algo.upper()} (TRL) time split: generation {sum(gen_s):.1f} s, PM scoring {sum(score_s):.1f} s, "
+            f"log-probs + optimisation + TRL's bookkeeping {rest:.1f} s over {trainer.state.global_step} steps.")
+    return samples / clock.seconds, sum(lengths) / max(1, len(lengths)), note
+
+
+# -- Results ------------------------------------------------------------------------------------
+
+def commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def write_results(result: dict[str, Any], stem: str) -> None:
+    """``<stem>.json`` and its ``<stem>.md`` twin under bench/results."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# {result['benchmark']} ({result['commit']}, {result['date']})", "", result["workload"], "",
+             "| row | figure | unit | ratio | check | target | met |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ratio = ", ".join(f"{v}x {k}" for k, v in r["ratio_vs"].items())
+        met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        lines.append(f"| {r['row']} | {r['figure']} | {r['unit']} | {ratio} | {r['check']} | {r['target'] or ''} | {met} |")
+    lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items()), ""]
+    lines += [f"- {n}" for n in result["notes"]]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
-    from cai.train.pm import Pair, RewardScorer, train_preference_model
-    from cai.train.ppo import train_ppo
-    from cai.train.sft import train_sft
+    import transformers
+    import trl
+
+    from cai.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="bundled")
-    parser.add_argument("--examples", type=int, default=24)
+    parser.add_argument("--quick", action="store_true",
+                        help="a few steps of each, to check the bench runs; writes training.quick.*")
     args = parser.parse_args()
-
+    sizes = QUICK if args.quick else FULL
+    started = time.perf_counter()
     peak = matmul_peak()
-    params = sum(p.numel() for p in load_model(args.model).model.parameters())
-    results: dict = {"benchmark": "training", "model": args.model, "parameters": params,
-                     "matmul_peak_gflops": round(peak, 1), "torch_threads": torch.get_num_threads()}
+    counts = parameter_counts(load_model("bundled", dtype="float32", device="cpu").model)
+    rows = [row("fp32 matmul peak", peak / 1e9, "GFLOP/s", f"2048x2048 matmul, best of 8, {torch.get_num_threads()} threads")]
+    notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        # SFT -----------------------------------------------------------------------
-        metrics = train_sft(chats(args.examples), model_spec=args.model, out_dir=tmp / "sft",
-                            config=SFTConfig(epochs=1, batch_size=4, max_length=256), device="cpu", show_progress=False)
-        tps = metrics["tokens"] / metrics["seconds"]
-        results["sft"] = {"tokens": metrics["tokens"], "seconds": metrics["seconds"], "tokens_per_s": round(tps, 1),
-                          "mfu": round(6 * params * tps / (peak * 1e9), 3)}
-        # Preference model ------------------------------------------------------------
-        base = chats(args.examples)
-        pairs = [Pair(c[:-1], c[-1]["content"], "No.", 1.0, str(i)) for i, c in enumerate(base)]
-        start = time.perf_counter()
-        train_preference_model(pairs, [], base=args.model, out_dir=tmp / "pm",
-                               config=PMConfig(epochs=1, batch_size=4, max_length=256), show_progress=False)
-        pm_s = time.perf_counter() - start
-        scorer = RewardScorer.from_folder(tmp / "pm")
-        pm_tokens = sum(len(r) for r in scorer.encode([p.prompt for p in pairs] * 2,
-                                                      [p.response_a for p in pairs] + [p.response_b for p in pairs]))
-        results["preference_model"] = {"tokens": pm_tokens, "seconds": round(pm_s, 2),
-                                       "tokens_per_s": round(pm_tokens / pm_s, 1),
-                                       "mfu": round(6 * params * pm_tokens / pm_s / (peak * 1e9), 3),
-                                       "note": "seconds include the held-out evaluation passes and saving"}
-        # One PPO iteration -------------------------------------------------------------
-        prompts, _ = load_prompts("red-team", limit=8)
-        config = PPOConfig(steps=1, rollout_batch=8, epochs=1, minibatch=4, eval_every=1000, save_every=1000,
-                          sampling=SamplingConfig(max_new_tokens=48, temperature=1.0))
-        train_ppo(prompts, [], [], policy_spec=args.model, pm_folder=tmp / "pm", out_dir=tmp / "ppo", config=config,
-                  device="cpu", show_progress=False)
-        step = [r for r in read_jsonl(tmp / "ppo" / "train_log.jsonl") if "kl" in r][0]
-        tokens = step["response_length"] * config.rollout_batch
-        results["ppo_iteration"] = {"rollout_batch": config.rollout_batch, "response_tokens": tokens,
-                                    "generation_s": step["gen_s"], "scoring_s": step["score_s"],
-                                    "optimisation_s": step["opt_s"],
-                                    "generated_tokens_per_s": round(tokens / step["gen_s"], 1)}
-    results["date"] = time.strftime("%Y-%m-%d")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "training.json").write_text(json.dumps(results, indent=2) + "\n")
-    s, pm, ppo = results["sft"], results["preference_model"], results["ppo_iteration"]
-    (RESULTS / "training.md").write_text(
-        f"matmul peak {results['matmul_peak_gflops']} GFLOP/s (fp32, {results['torch_threads']} threads), "
-        f"{params / 1e6:.0f}M parameters\n\n"
-        "| stage | tokens/s | MFU | time split |\n|---|---|---|---|\n"
-        f"| SFT | {s['tokens_per_s']} | {s['mfu']:.0%} | |\n"
-        f"| preference model | {pm['tokens_per_s']} | {pm['mfu']:.0%} | includes eval passes |\n"
-        f"| PPO iteration ({ppo['rollout_batch']} rollouts) | {ppo['generated_tokens_per_s']} generated | | "
-        f"generation {ppo['generation_s']} s / scoring {ppo['scoring_s']} s / optimisation {ppo['optimisation_s']} s |\n"
-    )
-    print(json.dumps(results, indent=2))
+        sft_rows, sft_notes = bench_sft(sizes, tmp, peak, counts)
+        pm_rows, pm_folder = bench_pm(sizes, tmp)
+        dpo_row = bench_dpo(sizes, tmp)
+        rl_rows, rl_notes = bench_rl(sizes, tmp, pm_folder)
+    rows += sft_rows + pm_rows + [dpo_row] + rl_rows
+    notes += sft_notes + rl_notes + [
+        "DPO: cai's dpo stage builds TRL's DPOTrainer itself (fp32, no activation checkpointing on CPU, "
+        "save_strategy no), so there is no second implementation to compare; the row is its throughput.",
+        "The RL reward model is the PM the 'pm cai' row trained; PPO draws its rollout prompts with replacement "
+        "from the same 16 red-team prompts RLOO/GRPO take in groups of "
+        f"{sizes.generations}. Answers are sampled (temperature 1), so lengths differ: see the check column.",
+        "TRL's optimizer is its default adamw_torch_fused; cai's is torch.optim.AdamW (foreach).",
+        f"Whole bench took {time.perf_counter() - started:.0f} s" + (" (--quick: not final figures)" if args.quick else ""),
+    ]
+    result = {
+        "benchmark": "training" + (" (quick)" if args.quick else ""), "commit": commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "workload": (f"bundled SmolLM2-135M-Instruct, fp32 CPU; SFT {sizes.sft_examples} chats batch {sizes.sft_batch}; "
+                     f"PM {sizes.pm_pairs} pairs batch {sizes.pm_batch}; DPO {sizes.dpo_pairs} pairs; RL "
+                     f"{sizes.rl_steps} steps x {sizes.prompts_per_step} prompts x {sizes.generations} generations "
+                     f"<= {sizes.max_new_tokens} tokens; max_length {sizes.max_length}"),
+        "rows": rows, "notes": notes,
+    }
+    write_results(result, "training.quick" if args.quick else "training")
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
