@@ -148,10 +148,24 @@ PPO_DRIVER = textwrap.dedent('''
     from cai.train.ppo import train_ppo
 
     model_dir, pm_dir, out_dir, results = sys.argv[1:5]
+    steps, save_every, crash_at = (int(a) for a in (sys.argv[5:8] or (2, 100, 0)))
+    if crash_at:  # every rank dies at once as step `crash_at` begins, as a preempted job would
+        import os
+
+        import cai.train.ppo as ppo_module
+
+        rollout = ppo_module.sample_rollout
+
+        def rollout_or_die(*args, **kwargs):
+            if args[6] == crash_at:  # (models, prompts, helpful, sampling, config, seed, step, ranks)
+                os._exit(3)
+            return rollout(*args, **kwargs)
+
+        ppo_module.sample_rollout = rollout_or_die
     prompts = [PromptRow(f"p{i}", [{"role": "user", "content": f"Tell me about topic {i}."}]) for i in range(8)]
     held_out = [PromptRow(f"e{i}", [{"role": "user", "content": f"Explain idea {i}."}]) for i in range(3)]
-    config = PPOConfig(steps=2, rollout_batch=4, minibatch=4, epochs=2, learning_rate=1e-3, helpfulness_ratio=0.0,
-                       eval_every=1, save_every=100, dtype="float32",
+    config = PPOConfig(steps=steps, rollout_batch=4, minibatch=4, epochs=2, learning_rate=1e-3, helpfulness_ratio=0.0,
+                       eval_every=1, save_every=save_every, dtype="float32",
                        sampling={"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0})
     metrics = train_ppo(prompts, [], held_out, policy_spec=model_dir, pm_folder=pm_dir, out_dir=out_dir,
                         config=config, seed=3, device="cpu", show_progress=False)
@@ -177,7 +191,8 @@ def tiny_pm(model_dir, folder):
     return folder
 
 
-def launch(command, env, cwd, log_path, timeout=240):
+def launch(command, env, cwd, log_path, timeout=240, succeed=True):
+    """Run a launcher to its end; it must exit 0 (or, with ``succeed=False``, must not)."""
     with log_path.open("w") as log_file:
         process = subprocess.Popen(command, env=env, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT)
         try:
@@ -186,7 +201,20 @@ def launch(command, env, cwd, log_path, timeout=240):
             kill_tree(process.pid)
             pytest.fail(f"did not finish in {timeout} s (a rank waiting in a collective the other never joined?)\n"
                         f"{log_path.read_text()[-3000:]}")
-    assert process.returncode == 0, log_path.read_text()[-3000:]
+    assert (process.returncode == 0) == succeed, log_path.read_text()[-3000:]
+
+
+def two_cpu_ranks(*script: str, config_file: str | None = None) -> list[str]:
+    """``accelerate launch`` of a script on two CPU processes (see the module docstring for --multi_gpu);
+    with ``config_file``, an accelerate config (FSDP, say) sets the distributed type instead."""
+    kind = ["--config_file", config_file] if config_file else ["--multi_gpu"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *kind, "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), *script]
+
+
+CPU_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def test_ppo_on_two_cpu_processes_matches_one_process_on_the_same_global_batch(tmp_path, tiny_model_dir):
@@ -198,19 +226,13 @@ def test_ppo_on_two_cpu_processes_matches_one_process_on_the_same_global_batch(t
     driver = tmp_path / "ppo_driver.py"
     driver.write_text(PPO_DRIVER)
     pm = tiny_pm(tiny_model_dir, tmp_path / "pm")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, **CPU_ENV, "HF_HOME": str(tmp_path / "hf")}
     runs = {}
     for world in (1, 2):
         out, results = tmp_path / f"ppo{world}", tmp_path / f"ranks{world}"
         results.mkdir()
         script = [str(driver), str(tiny_model_dir), str(pm), str(out), str(results)]
-        if world == 1:
-            command = [sys.executable, *script]
-        else:
-            command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                       "--main_process_port", str(free_port()), *script]
+        command = [sys.executable, *script] if world == 1 else two_cpu_ranks(*script)
         launch(command, env, tmp_path, tmp_path / f"launch{world}.log")
         log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         ranks = [json.loads((results / f"rank{i}.json").read_text()) for i in range(world)]
@@ -285,3 +307,44 @@ def test_ppo_refuses_a_batch_the_processes_do_not_divide(monkeypatch):
     with pytest.raises(CaiError, match="multiples of the 2 processes"):
         ppo.ppo_accelerator(PPOConfig(rollout_batch=3, minibatch=3), "cpu")
     ppo.ppo_accelerator(PPOConfig(rollout_batch=4, minibatch=2), "cpu")
+
+
+def test_ppo_on_two_processes_resumes_a_killed_run_as_if_never_stopped(tmp_path, tiny_model_dir):
+    """Both ranks killed as step 4 begins (a checkpoint from step 2, step 3 already logged), then rerun:
+    the log holds every step once and the run ends where an uninterrupted two-process run ends."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    driver = tmp_path / "ppo_driver.py"
+    driver.write_text(PPO_DRIVER)
+    pm = tiny_pm(tiny_model_dir, tmp_path / "pm")
+    env = {**os.environ, **CPU_ENV, "HF_HOME": str(tmp_path / "hf")}
+
+    def run(name: str, crash_at: int = 0, succeed: bool = True) -> None:
+        results = tmp_path / f"ranks-{name}"
+        results.mkdir(exist_ok=True)
+        script = [str(driver), str(tiny_model_dir), str(pm), str(tmp_path / name), str(results), "4", "2", str(crash_at)]
+        launch(two_cpu_ranks(*script), env, tmp_path, tmp_path / f"launch-{name}-{crash_at}.log", succeed=succeed)
+
+    def log(name: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+
+    run("straight")
+    run("resumed", crash_at=4, succeed=False)
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert [row["step"] for row in log("resumed")] == [0, 1, 2, 3]  # step 3 ran past the checkpoint
+    run("resumed")
+
+    straight, resumed = log("straight"), log("resumed")
+    assert [row["step"] for row in resumed] == [0, 1, 2, 3, 4]  # step 3 redone, and logged once
+    timings = {"gen_s", "score_s", "opt_s"}
+    for a, b in zip(straight, resumed):
+        assert a.keys() == b.keys()
+        for key in a.keys() - timings:  # same weights, optimizer, KL and reward statistics, seeds: same figures
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a["step"])
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "straight").state_dict()
+    two = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed").state_dict()
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-6
+    heads = [load_file(str(tmp_path / name / "value_head.safetensors")) for name in ("straight", "resumed")]
+    assert all(float((heads[0][k] - heads[1][k]).abs().max()) < 1e-6 for k in heads[0])
+    assert not (tmp_path / "resumed" / "checkpoint").exists()

@@ -29,6 +29,7 @@ rollouts here need whole on every rank, so they are refused with a sentence.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import time
 from pathlib import Path
@@ -92,6 +93,8 @@ def train_ppo(
     done, evals = resume_ppo(checkpoint, models, optimizer, kl_ctl, moments)
     wrapped, optimizer = accelerator.prepare(trainable, optimizer)
     trackers = make_trackers(config.report_to, out_dir, "cai-ppo", config.model_dump(mode="json")) if ranks.is_main else []
+    if ranks.is_main:
+        keep_log_until(out_dir / "train_log.jsonl", done)
     log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False) if ranks.is_main else None
     sampling = config.sampling.params()
     if not evals:
@@ -188,6 +191,20 @@ def resume_ppo(checkpoint: Path, models: PPOModels, optimizer: torch.optim.Optim
         kl_ctl.load_state_dict(state["kl_ctl"])
         moments.load_state_dict(state["moments"])
     return state["step"], list(state.get("evals", []))
+
+
+def keep_log_until(path: Path, done: int) -> None:
+    """Cut ``train_log.jsonl`` back to the steps the checkpoint holds, so a resumed run logs each step once.
+
+    A run stopped between checkpoints has logged steps that the resumed run redoes; a fresh start
+    (``done`` 0) logs its step-0 evaluation again, so nothing is kept.
+    """
+    from cai.io import read_jsonl, write_text_atomic
+
+    rows = read_jsonl(path, repair=True)
+    kept = [row for row in rows if done and row["step"] <= done]
+    if len(kept) < len(rows):
+        write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
 
 
 def save_ppo_checkpoint(checkpoint: Path, models: PPOModels, optimizer: torch.optim.Optimizer, step: int,
