@@ -22,8 +22,11 @@ prompt of the global ``rollout_batch`` (with that row's seed, so the samples are
 would draw), scores its own rows, and trains on them; reward statistics, advantage whitening, the KL
 that steers the coefficient and the logged figures are taken over all ranks, and each rank's loss is
 weighted by its share of the batch's tokens, so the reduced gradient is the one-process gradient.
-The main process writes the log, checkpoints and the model. FSDP and ZeRO-3 shard the weights, which
-rollouts here need whole on every rank, so they are refused with a sentence.
+The main process writes the log, checkpoints and the model; a resumed run (every rank reads the
+checkpoint) ends where an uninterrupted one would. FSDP and ZeRO-3 are refused with a sentence: each
+process would hold a shard of the weights, while rollouts, the reference and checkpoints here use them
+whole, and no path that gathers them has been built, because neither can run on CPU processes to test
+it (accelerate 1.16 gives CPU processes DDP even under an FSDP config; DeepSpeed needs its package).
 """
 
 from __future__ import annotations
@@ -147,8 +150,8 @@ def ppo_accelerator(config: PPOConfig, device: str) -> Any:
     """The run's ``Accelerator``, after checking that PPO can split its batches over its processes.
 
     Raises:
-        CaiError: FSDP or ZeRO-3 (weights sharded, rollouts need them whole), or a rollout batch or
-            minibatch that the number of processes does not divide.
+        CaiError: FSDP or ZeRO-3 (weights sharded; rollouts, reference and checkpoints use them whole),
+            or a rollout batch or minibatch that the number of processes does not divide.
     """
     from accelerate import Accelerator, DistributedType
 
@@ -156,8 +159,10 @@ def ppo_accelerator(config: PPOConfig, device: str) -> Any:
     n = accelerator.num_processes
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3):
-        raise CaiError("PPO runs under DDP or DeepSpeed ZeRO-2 (configs/accelerate/ddp.yaml, deepspeed-zero2.yaml): "
-                       "FSDP and ZeRO-3 shard the weights, and PPO's rollouts need them whole on every process")
+        raise CaiError("PPO runs under DDP or DeepSpeed ZeRO-2 (configs/accelerate/ddp.yaml, deepspeed-zero2.yaml), "
+                       "not FSDP or ZeRO-3: those keep a shard of the weights on each process, and PPO's rollouts, "
+                       "reference and checkpoints use them whole; for a model whose optimizer state does not fit "
+                       "one GPU, train a LoRA adapter under DDP (rl.ppo.lora.enabled=true)")
     if n > 1 and (config.rollout_batch % n or config.minibatch % n):
         raise CaiError(f"rl.ppo.rollout_batch ({config.rollout_batch}) and rl.ppo.minibatch ({config.minibatch}) "
                        f"must be multiples of the {n} processes, so every process trains on as many rows")
