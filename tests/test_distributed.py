@@ -400,3 +400,22 @@ def test_ppo_on_two_processes_resumes_a_killed_run_as_if_never_stopped(tmp_path,
     heads = [load_file(str(tmp_path / name / "value_head.safetensors")) for name in ("straight", "resumed")]
     assert all(float((heads[0][k] - heads[1][k]).abs().max()) < 1e-6 for k in heads[0])
     assert not (tmp_path / "resumed" / "checkpoint").exists()
+
+
+def test_ppo_refuses_to_resume_when_the_processes_read_different_checkpoints(tmp_path):
+    """Each rank reads the checkpoint itself; a node that can't see it (no shared filesystem) must stop
+    the run with a sentence, not train from other weights than its peers."""
+    from cai.train.ppo import require_one_resume_step
+
+    class Seen:
+        count = 2
+
+        def __init__(self, steps):
+            self.steps = steps
+
+        def gather_objects(self, items):
+            return self.steps
+
+    require_one_resume_step(2, Seen([2, 2]), tmp_path / "checkpoint")
+    with pytest.raises(CaiError, match=r"different PPO checkpoints .*\(steps \[2, 0\]\).*filesystem they all share"):
+        require_one_resume_step(2, Seen([2, 0]), tmp_path / "checkpoint")

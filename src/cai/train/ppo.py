@@ -94,6 +94,7 @@ def train_ppo(
     moments = RunningMoments()  # of the PM scores, for reward normalisation
     checkpoint = out_dir / "checkpoint"
     done, evals = resume_ppo(checkpoint, models, optimizer, kl_ctl, moments)
+    require_one_resume_step(done, ranks, checkpoint)
     wrapped, optimizer = accelerator.prepare(trainable, optimizer)
     trackers = make_trackers(config.report_to, out_dir, "cai-ppo", config.model_dump(mode="json")) if ranks.is_main else []
     if ranks.is_main:
@@ -210,6 +211,19 @@ def keep_log_until(path: Path, done: int) -> None:
     kept = [row for row in rows if done and row["step"] <= done]
     if len(kept) < len(rows):
         write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
+
+
+def require_one_resume_step(done: int, ranks: Ranks, checkpoint: Path) -> None:
+    """Every process read the checkpoint of the same step (each reads it for itself).
+
+    Raises:
+        CaiError: they did not (on several machines, ``checkpoint`` is not on a filesystem they share),
+            rather than train ranks that disagree on the weights.
+    """
+    steps = ranks.gather_objects([done])
+    if len(set(steps)) > 1:
+        raise CaiError(f"the {ranks.count} processes found different PPO checkpoints in {checkpoint} (steps {steps}); "
+                       "on several machines the run folder must be on a filesystem they all share")
 
 
 def save_ppo_checkpoint(checkpoint: Path, models: PPOModels, optimizer: torch.optim.Optimizer, step: int,
