@@ -308,3 +308,24 @@ def test_hf_backend_close_frees_the_model(tiny_model_dir):
     assert model() is None  # nothing else held the weights
     with pytest.raises(CaiError, match="closed"):
         backend.generate(["hello"], SamplingParams(max_new_tokens=2))
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="per-stage peaks need Linux's clear_refs")
+def test_each_stage_records_its_own_peak_memory_not_an_earlier_stages(tmp_path):
+    """Two stages in one process: the first touches 400 MB and frees it; the second records a lower peak."""
+    import numpy as np
+
+    from cai.runs import StageRun, read_manifest
+
+    cfg = RunConfig(runs_dir=str(tmp_path), name="r")
+    first = StageRun(cfg, "critique")
+    first.start(model="m")
+    buffer = np.ones(50_000_000)  # 400 MB, resident because written
+    first.done()
+    del buffer
+    second = StageRun(cfg, "sft")
+    second.start(model="m")
+    second.done()
+    peak_first = read_manifest(first.dir)["peak_rss_gb"]
+    peak_second = read_manifest(second.dir)["peak_rss_gb"]
+    assert peak_first - peak_second > 0.3, (peak_first, peak_second)

@@ -189,9 +189,57 @@ def library_versions() -> dict[str, str]:
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident memory so far, in GB (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident memory, in GB, since the last ``reset_peak_rss`` (or since it began).
+
+    On Linux this is the kernel's high-water mark (VmHWM), which ``reset_peak_rss`` sets back to the
+    current size, so a stage run after another in one process reports its own peak, not the earlier
+    stage's. Elsewhere it is ``ru_maxrss`` (the whole process's peak; macOS reports bytes). The
+    reset also lowers the maximum RSS that ``/usr/bin/time`` reports for the process, so a run's
+    peak is the largest of its stages' peaks (``cai status``), not that figure.
+    """
+    hwm = _read_vm_hwm_kib()
+    if hwm is not None:
+        return round(hwm * 1024 / 1e9, 2)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1e9 if sys.platform == "darwin" else 1e6), 2)
+    return round(peak * (1 if sys.platform == "darwin" else 1024) / 1e9, 2)
+
+
+def release_memory() -> None:
+    """Hand memory freed by earlier work back to the system before a stage starts.
+
+    A stage drops its models when it ends, but the C allocator keeps the freed pages of its heap
+    for reuse, so the next stage in the same process (``cai run``) would start from the earlier
+    stage's high-water mark; ``malloc_trim`` returns them (glibc only; elsewhere a no-op).
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-memory window for this process (Linux); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak RSS to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _read_vm_hwm_kib() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
@@ -237,6 +285,7 @@ class StageRun:
         self.config_hash = stage_config_hash(cfg, name)
         self.manifest: dict[str, Any] = {}
         self._started = 0.0
+        self._peak_before = 0.0
         refuse_legacy_run(cfg.run_dir)
         self._refuse_changed_config()
 
@@ -280,6 +329,9 @@ class StageRun:
         ensure_dir(self.dir)
         previous = read_manifest(self.dir) or {}
         self._started = time.time()
+        release_memory()  # what earlier stages in this process freed is not this stage's memory
+        reset_peak_rss()  # this stage's own peak, not an earlier stage's in the same process
+        self._peak_before = float(previous.get("peak_rss_gb") or 0.0)  # an earlier attempt's
         self.manifest = {
             "stage": self.name,
             "status": "running",
@@ -309,7 +361,7 @@ class StageRun:
 
     def _save(self) -> None:
         self.manifest["elapsed_s"] = round(self._elapsed_before + time.time() - self._started, 2)
-        self.manifest["peak_rss_gb"] = peak_rss_gb()
+        self.manifest["peak_rss_gb"] = max(self._peak_before, peak_rss_gb())
         if _is_main_process():  # under `accelerate launch` every rank runs the stage; one records it
             write_json_atomic(self.dir / "manifest.json", self.manifest)
 
