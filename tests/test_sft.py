@@ -201,3 +201,41 @@ def test_kill_9_during_critique_then_rerun(tiny_model_dir, small_constitution, t
     assert len(ids) == 12 and len(set(ids)) == 12
     manifest = json.loads((data.parent / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["attempts"] == 2
+
+
+def test_split_by_tokens_keeps_every_row_once_within_the_budget():
+    from cai.train.common import split_by_tokens
+
+    lengths = [10, 50, 30, 30, 5, 70]
+    chunks = split_by_tokens(lengths, 100)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    assert all(len(c) * max(lengths[i] for i in c) <= 100 for c in chunks)
+    assert chunks[0] == [5]  # longest first; 2 x 70 > 100, so it goes alone
+    assert split_by_tokens(lengths, 40)[0] == [5]  # a row longer than the budget still trains, alone
+    assert split_by_tokens(lengths, None) == [[5, 1, 2, 3, 0, 4]]
+    assert split_by_tokens([], 100) == []
+
+
+def _trained_weights(tiny_model_dir, tmp_path, name, **update):
+    from cai.config import SFTConfig
+    from cai.train.sft import train_sft
+
+    chats = [[{"role": "user", "content": f"question number {i} " * (1 + i % 4)},
+              {"role": "assistant", "content": f"an answer of some length {i} " * (1 + (i * 3) % 5)}] for i in range(8)]
+    cfg = SFTConfig(batch_size=8, learning_rate=1e-2, warmup_ratio=0.0, max_length=128, **update)
+    train_sft(chats, model_spec=str(tiny_model_dir), out_dir=tmp_path / name, config=cfg, show_progress=False)
+    from safetensors.torch import load_file
+
+    return load_file(str(tmp_path / name / "model.safetensors")), read_jsonl(tmp_path / name / "train_log.jsonl")
+
+
+def test_sft_micro_batches_give_the_whole_batch_update(tiny_model_dir, tmp_path):
+    """A batch split into small forward passes trains to the same weights and loss as one pass."""
+    whole, log_whole = _trained_weights(tiny_model_dir, tmp_path, "whole", micro_batch_tokens=100_000)
+    split, log_split = _trained_weights(tiny_model_dir, tmp_path, "split", micro_batch_tokens=60)
+    assert log_whole[0]["loss"] == pytest.approx(log_split[0]["loss"], rel=1e-5)
+    assert max((whole[k] - split[k]).abs().max().item() for k in whole) < 1e-5
+    from safetensors.torch import load_file  # and the update did move the weights
+
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert max((whole[k] - before[k]).abs().max().item() for k in whole if k in before) > 1e-3

@@ -157,8 +157,13 @@ class SFTConfig(Strict):
     extra_data: str | None = Field(None, description="A user's own SFT data (chat 'messages' rows) to mix in as helpfulness data.")
     epochs: StrictInt = Field(1, ge=1, description="Passes over the training mix.")
     max_steps: StrictInt | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: StrictInt = Field(4, ge=1, description="Examples per forward pass (per process).")
+    batch_size: StrictInt = Field(4, ge=1, description="Examples per batch (per process); see micro_batch_tokens.")
     gradient_accumulation: StrictInt = Field(1, ge=1, description="Forward passes per optimizer step.")
+    micro_batch_tokens: StrictInt | None = Field(
+        None, ge=1, description=("Most padded tokens in one forward pass: a larger batch is split into micro-batches whose "
+                                 "gradients add up to the same update, bounding activation memory (about 1.8 MB per token "
+                                 "for a 135M model in fp32). null = 512 on a CPU, no limit on a GPU.")
+    )
     learning_rate: float = Field(2e-5, gt=0, description="Peak AdamW learning rate (linear warmup, then linear decay).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
@@ -223,6 +228,11 @@ class PMConfig(Strict):
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="Share of prompts held out for accuracy and calibration.")
     epochs: StrictInt = Field(2, ge=1, description="Passes over the comparisons.")
     batch_size: StrictInt = Field(8, ge=1, description="Comparisons per optimizer step (per process).")
+    micro_batch_tokens: StrictInt | None = Field(
+        None, ge=1, description=("Most padded tokens in one forward pass: a larger batch is split into micro-batches whose "
+                                 "gradients add up to the same update, bounding activation memory (about 1.8 MB per token "
+                                 "for a 135M model in fp32). null = 512 on a CPU, no limit on a GPU.")
+    )
     learning_rate: float = Field(3e-5, gt=0, description="Peak AdamW learning rate (linear warmup, then linear decay).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")

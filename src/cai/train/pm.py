@@ -29,10 +29,12 @@ from cai.train.common import (
     apply_lora,
     batches_for_rank,
     count_parameters,
-    make_trackers,
     make_optimizer_and_schedule,
+    make_trackers,
+    micro_batch_tokens,
     optimizer_step,
     save_model_folder,
+    split_by_tokens,
     total_steps,
 )
 from cai.types import Chat
@@ -206,6 +208,7 @@ def train_preference_model(
         warmup_ratio=config.warmup_ratio, steps=steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     scorer = RewardScorer(model, loaded.tokenizer, batch_size=config.batch_size, max_length=config.max_length)
+    budget = micro_batch_tokens(config.micro_batch_tokens, loaded.device)
     before = evaluate_pm(scorer, held_out)
     log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False)
     trackers = (make_trackers(config.report_to, out_dir, "cai-pm", config.model_dump(mode="json"))
@@ -218,18 +221,25 @@ def train_preference_model(
             random.Random(f"{seed}:pm-epoch:{epoch}").shuffle(order)
             for indices in batches_for_rank(order, config.batch_size, accelerator.num_processes, accelerator.process_index):
                 batch = [train[i] for i in indices]
-                rows = scorer.encode([p.prompt for p in batch] * 2,
-                                     [p.response_a for p in batch] + [p.response_b for p in batch])
-                scores = scorer.forward(rows)
-                r_a, r_b = scores[: len(batch)], scores[len(batch):]
-                loss = soft_bradley_terry_loss(r_a, r_b, torch.tensor([p.p_a for p in batch], device=scores.device))
-                accelerator.backward(loss)
+                rows_a = scorer.encode([p.prompt for p in batch], [p.response_a for p in batch])
+                rows_b = scorer.encode([p.prompt for p in batch], [p.response_b for p in batch])
+                # A pair is two rows of one forward pass: the budget is halved, the longer row counts.
+                longest = [max(len(a), len(b)) for a, b in zip(rows_a, rows_b)]
+                loss_value = 0.0
+                for piece in split_by_tokens(longest, budget // 2 if budget else None):
+                    scores = scorer.forward([rows_a[i] for i in piece] + [rows_b[i] for i in piece])
+                    r_a, r_b = scores[: len(piece)], scores[len(piece):]
+                    p_a = torch.tensor([batch[i].p_a for i in piece], device=scores.device)
+                    # The batch's loss is the mean over its pairs; each piece adds its share of it.
+                    loss = soft_bradley_terry_loss(r_a, r_b, p_a) * len(piece) / len(batch)
+                    accelerator.backward(loss)
+                    loss_value += loss.item()
                 optimizer_step(optimizer, params, max_grad_norm=config.max_grad_norm, lr=schedule.lr(step),
                                accelerator=accelerator)
                 step += 1
-                losses.append(loss.item())
+                losses.append(loss_value)
                 if accelerator.is_main_process:
-                    record = {"step": step, "epoch": epoch, "loss": round(loss.item(), 5),
+                    record = {"step": step, "epoch": epoch, "loss": round(loss_value, 5),
                               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 2)}
                     log.write(record)
                     for tracker in trackers:

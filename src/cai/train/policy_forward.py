@@ -52,15 +52,27 @@ def forward_response(model: Any, value_head: ValueHead | None, batch: dict[str, 
                      entropy: bool = True) -> dict[str, torch.Tensor]:
     """Log-probs [B,T], entropy [B,T] (when asked) and values [B,T] of a packed batch's response tokens."""
     p = batch["prompt_len"]
+    t = batch["input_ids"].shape[1] - p
+    # Only the positions that predict response tokens go through the LM head: the [B, P+T, V] logits
+    # and their softmax copies were most of PPO's activation memory, and the head ~20% of its FLOPs.
+    keep = {"logits_to_keep": t + 1} if accepts_logits_to_keep(model) else {}
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], output_hidden_states=value_head is not None)
-    logits = out.logits[:, p - 1:-1]
+                position_ids=batch["position_ids"], output_hidden_states=value_head is not None, **keep)
+    logits = out.logits[:, -(t + 1):-1]
     result = {"logprobs": logprobs_from_logits(logits, batch["input_ids"][:, p:])}
     if entropy:
         result["entropy"] = entropy_from_logits(logits)
     if value_head is not None:
         result["values"] = value_head(out.hidden_states[-1][:, p - 1:-1])
     return result
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the causal LM under ``model`` (a peft wrapper or not) can compute logits at its last positions only."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 class PolicyWithValue(torch.nn.Module):

@@ -46,7 +46,7 @@ from cai.errors import CaiError
 from cai.io import JsonlWriter
 from cai.losses.ppo import AdaptiveKLController, FixedKLController, RunningMoments
 from cai.progress import progress_bar
-from cai.train.common import Ranks, apply_lora, load_checkpoint, make_trackers, save_checkpoint, save_model_folder
+from cai.train.common import Ranks, adamw, apply_lora, load_checkpoint, make_trackers, save_checkpoint, save_model_folder
 from cai.train.policy_forward import PolicyWithValue, ValueHead
 from cai.train.ppo_steps import (
     PPOModels,
@@ -88,7 +88,7 @@ def train_ppo(
     models = load_ppo_models(policy_spec, pm_folder, config, device if ranks.count == 1 else str(accelerator.device))
     trainable = PolicyWithValue(models.policy, models.value_head)
     params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    optimizer = adamw(params, learning_rate=config.learning_rate)
     kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.adaptive_kl
               else FixedKLController(config.kl_coef))
     moments = RunningMoments()  # of the PM scores, for reward normalisation

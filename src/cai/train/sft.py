@@ -23,16 +23,19 @@ from cai.errors import CaiError
 from cai.io import JsonlWriter
 from cai.progress import progress_bar
 from cai.train.common import (
+    answer_tokens,
     apply_lora,
     batches_for_rank,
     count_parameters,
-    make_trackers,
     load_checkpoint,
     make_optimizer_and_schedule,
+    make_trackers,
+    micro_batch_tokens,
     optimizer_step,
     pad_batch,
     save_checkpoint,
     save_model_folder,
+    split_by_tokens,
     tokenize_for_answer_loss,
     total_steps,
 )
@@ -131,6 +134,7 @@ def train_sft(
     step, tokens_seen, seconds_before = state["step"], state["tokens"], state["seconds"]
     started = time.perf_counter()
     accum = config.gradient_accumulation
+    budget = micro_batch_tokens(config.micro_batch_tokens, loaded.device)
     losses: list[float] = []
     log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False)
     trackers = (make_trackers(config.report_to, out_dir, "cai-sft", config.model_dump(mode="json"))
@@ -151,11 +155,17 @@ def train_sft(
                 micro_losses = []
                 group = batches[index:index + accum]
                 for micro in group:
-                    batch = {k: v.to(accelerator.device) for k, v in pad_batch([data[i] for i in micro], tokenizer.pad_token_id).items()}
-                    loss = model(**batch).loss / len(group)
-                    accelerator.backward(loss)
-                    micro_losses.append(loss.item())
-                    tokens_seen += int(batch["attention_mask"].sum())
+                    rows = [data[i] for i in micro]
+                    # The batch's loss is the mean over its answer tokens; each piece adds its share of it.
+                    answer = [answer_tokens(labels) for _, labels in rows]
+                    for piece in split_by_tokens([len(ids) for ids, _ in rows], budget):
+                        batch = {k: v.to(accelerator.device)
+                                 for k, v in pad_batch([rows[i] for i in piece], tokenizer.pad_token_id).items()}
+                        share = sum(answer[i] for i in piece) / max(1, sum(answer))
+                        loss = model(**batch).loss * share / len(group)
+                        accelerator.backward(loss)
+                        micro_losses.append(loss.item())
+                        tokens_seen += int(batch["attention_mask"].sum())
                 optimizer_step(optimizer, params, max_grad_norm=config.max_grad_norm, lr=schedule.lr(step),
                                accelerator=accelerator)
                 step += 1
