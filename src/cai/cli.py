@@ -170,8 +170,11 @@ def _run_and_summarise(cfg, from_stage: str | None) -> None:
 
     started = time.time()
     report = run_all(cfg, from_stage=from_stage)
-    out.print(_status_table(f"run '{cfg.name}' finished in {time.time() - started:.0f} s",
-                            stage_status(cfg.run_dir, cfg.rl.algo)))
+    rows = stage_status(cfg.run_dir, cfg.rl.algo)
+    # Each stage records its own peak (the process's high-water mark is reset per stage): the run's is the largest.
+    peak = max((r for r in rows if r["peak_rss_gb"]), key=lambda r: r["peak_rss_gb"], default=None)
+    where = f", peak memory {peak['peak_rss_gb']} GB ({peak['stage']})" if peak else ""
+    out.print(_status_table(f"run '{cfg.name}' finished in {time.time() - started:.0f} s{where}", rows))
     out.print(f"report: {report}")
 
 
