@@ -1,36 +1,102 @@
-"""Benchmark: generation with the hf backend (batched, shared-prefix KV reuse) vs a naive loop.
+"""Benchmark: cai's generation loop against the ``model.generate`` calls a user would make instead.
 
-32 prompts share a ~1,500-token few-shot prefix and each asks for 64 new tokens, greedy. The
-naive loop is what a first script does: one plain ``model.generate`` per prompt, no reuse.
-Both run in this one process on the bundled model; figures go to bench/results/generation.{json,md}.
+The workload is the one cai's stages give their model: prompts that share a long few-shot prefix
+(~1,500 tokens of worked examples, then a red-team request), greedy, a fixed number of new tokens.
+Every row runs in this one process, on the same model, token ids, batch size, ``max_new_tokens``
+and EOS ids, and every baseline's texts are compared with cai's:
 
-    python bench/generation.py            # ~5 minutes on 2 CPU cores
-    python bench/generation.py --prompts 8 --model path/to/model
+- **batched generate** (the baseline the target is about): ``model.generate`` over batches of
+  ``--batch-size`` rows, left-padded with an attention mask, greedy, transformers' default cache,
+  rows sorted by length as cai sorts them. This is what a careful user writes.
+- **per-prompt generate**: one ``model.generate`` per prompt, no padding; what a first script does.
+- **cai HFBackend.generate**: the real path; the shared prefix is prefilled once (cold cache, so
+  that prefill is timed) and its KV cache reused by every row, a preallocated cache, finished rows
+  dropped from the batch.
+- **cai without prefix reuse** (ablation): the same backend built with ``reuse_prefix=False``, so
+  every row prefills its whole prompt; the gap to the row above is what the prefix reuse buys.
+
+**% of decode compute limit**: the matmul FLOPs each generated token needs, times tokens/s, over
+the fp32 matmul peak measured in this run (``common.matmul_peak``, same threads). Per token, at
+context length ``c`` (prompt tokens + tokens generated before it)::
+
+    FLOPs(c) = 2 * N_body + 2 * V * d + 4 * n_layers * c * d
+
+``N_body`` is the parameters without the embedding matrix; ``2 V d`` is the LM head, a real matmul
+every step even though this model ties it to the (free) embedding lookup; ``4 n_layers c d`` is
+attention's ``q k^T`` and ``p v`` (2 c d each per layer, d = heads x head_dim; GQA shares K/V
+but not this work). The figure is averaged over every token each side really generated. Its
+seconds include the prompts' prefill, so it is a lower bound on the decode loop's own efficiency.
+Figures go to bench/results/generation.{json,md}.
+
+    HF_HUB_OFFLINE=1 python bench/generation.py           # 32 prompts x 64 tokens, ~12-15 minutes on 2 CPU cores
+    HF_HUB_OFFLINE=1 python bench/generation.py --quick   # writes generation.quick.{json,md}
+    HF_HUB_OFFLINE=1 python bench/generation.py --prompts 8 --new-tokens 32 --batch-size 8 --model path/to/model
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
+import common
 import torch
 
-from cai.backends.hf import HFBackend
-from cai.data import load_prompts
-from cai.types import SamplingParams
-
-RESULTS = Path(__file__).parent / "results"
+FULL = {"prompts": 32, "new_tokens": 64, "batch_size": 16, "prefix_tokens": 1500}
+QUICK = {"prompts": 2, "new_tokens": 8, "batch_size": 2, "prefix_tokens": 200}
 
 
-def few_shot_prefix(tokenizer, target_tokens: int) -> str:
+@dataclass(frozen=True)
+class Shape:
+    """What the FLOPs count needs from the model config."""
+
+    body_params: int
+    vocab: int
+    hidden: int
+    layers: int
+
+    @classmethod
+    def of(cls, model: Any) -> Shape:
+        total = sum(p.numel() for p in model.parameters())  # a tied LM head is counted once
+        embedding = model.get_input_embeddings().weight
+        config = model.config
+        return cls(total - embedding.numel(), embedding.shape[0],
+                   config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads),
+                   config.num_hidden_layers)
+
+    def decode_flops(self, prompt_lengths: Sequence[int], generated: Sequence[int]) -> float:
+        """Matmul FLOPs of generating ``generated[i]`` tokens after a prompt of ``prompt_lengths[i]``."""
+        per_token = 2 * self.body_params + 2 * self.vocab * self.hidden
+        total = 0.0
+        for length, g in zip(prompt_lengths, generated):
+            context = g * length + g * (g - 1) / 2  # sum of the context lengths the g tokens see
+            total += g * per_token + 4 * self.layers * self.hidden * context
+        return total
+
+
+@dataclass
+class Side:
+    """One row's measurement: texts, real generated tokens per prompt, and seconds."""
+
+    texts: list[str]
+    tokens: list[int]
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.tokens) / self.seconds
+
+
+def few_shot_prefix(tokenizer: Any, target_tokens: int) -> str:
     """Worked examples (helpfulness prompts with short model-style answers) up to ~target tokens."""
+    from cai.data import load_prompts
+
     rows, _ = load_prompts("helpfulness", split="train")
     parts, length = [], 0
-    for row in rows:
-        example = f"Example request: {row.messages[-1]['content']}\nExample answer: A short, direct and careful reply.\n\n"
+    for r in rows:
+        example = f"Example request: {r.messages[-1]['content']}\nExample answer: A short, direct and careful reply.\n\n"
         length += len(tokenizer(example, add_special_tokens=False)["input_ids"])
         parts.append(example)
         if length >= target_tokens:
@@ -38,76 +104,111 @@ def few_shot_prefix(tokenizer, target_tokens: int) -> str:
     return "Here are examples of how a careful assistant answers.\n\n" + "".join(parts)
 
 
+def timed(fn: Callable[[], Side]) -> Side:
+    """``fn()``, with its wall time as the side's seconds."""
+    start = time.perf_counter()
+    side = fn()
+    side.seconds = time.perf_counter() - start
+    return side
+
+
+def run_hf(model: Any, tokenizer: Any, ids: list[list[int]], batch_size: int, new_tokens: int, eos: set[int],
+           pad: int) -> Side:
+    """``model.generate`` over ``ids`` in batches of ``batch_size`` (1 = one call per prompt)."""
+    out = common.batched_generate(model, ids, batch_size=batch_size, max_new_tokens=new_tokens, eos_ids=sorted(eos),
+                                  pad_id=pad)
+    return Side([tokenizer.decode(t, skip_special_tokens=True) for t in out], [len(t) for t in out], 0.0)
+
+
+def run_cai(backend: Any, chats: list, params: Any) -> Side:
+    """cai's ``HFBackend.generate_tokens`` from a cold prefix cache (so any prefix prefill is timed)."""
+    backend.prefix_cache.clear()
+    out = backend.generate_tokens(chats, params)
+    return Side([g.text for g in out], [len(g.token_ids) for g in out], 0.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bundled")
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--prefix-tokens", type=int, default=1500)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--prompts", type=int, help=f"prompts (default {FULL['prompts']}; --quick {QUICK['prompts']})")
+    parser.add_argument("--new-tokens", type=int, help=f"max new tokens per prompt (default {FULL['new_tokens']})")
+    parser.add_argument("--batch-size", type=int, help=f"rows per batch on both sides (default {FULL['batch_size']})")
+    parser.add_argument("--prefix-tokens", type=int, help=f"shared few-shot prefix, ~tokens (default {FULL['prefix_tokens']})")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the bench runs; writes generation.quick.*")
     args = parser.parse_args()
+    sizes = {k: getattr(args, k) or v for k, v in (QUICK if args.quick else FULL).items()}
+    common.set_threads(args.threads)
 
-    backend = HFBackend.from_spec(args.model, batch_size=args.batch_size)
+    from cai.backends.hf import HFBackend
+    from cai.data import load_prompts
+    from cai.types import SamplingParams
+
+    started = time.perf_counter()
+    peak = common.matmul_peak()
+    backend = HFBackend.from_spec(args.model, batch_size=sizes["batch_size"], dtype="float32", device="cpu")
     model, tok = backend.model, backend.tokenizer
-    prefix = few_shot_prefix(tok, args.prefix_tokens)
-    questions, _ = load_prompts("red-team", limit=args.prompts)
+    no_reuse = HFBackend(model, tok, batch_size=sizes["batch_size"], reuse_prefix=False)  # same weights, no prefix cache
+    prefix = few_shot_prefix(tok, sizes["prefix_tokens"])
+    questions, _ = load_prompts("red-team", limit=sizes["prompts"])
     chats = [[{"role": "user", "content": prefix + "Now the real request: " + q.messages[-1]["content"]}]
              for q in questions]
-    params = SamplingParams(max_new_tokens=args.new_tokens)
-    prompt_tokens = [len(r) for r in backend.encode([backend.render(c) for c in chats])]
+    ids = backend.encode([backend.render(c) for c in chats])  # the exact token ids cai feeds its loop
+    lengths = [len(r) for r in ids]
+    params = SamplingParams(max_new_tokens=sizes["new_tokens"])
+    eos, pad, batch, new = backend.eos_ids, backend.pad_id, sizes["batch_size"], sizes["new_tokens"]
 
-    # Naive: one model.generate per prompt, no batching, no reuse.
-    start = time.perf_counter()
-    naive_tokens, naive_texts = 0, []
-    for chat in chats:
-        ids = torch.tensor([backend.encode([backend.render(chat)])[0]])
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                                 do_sample=False, pad_token_id=backend.pad_id, eos_token_id=sorted(backend.eos_ids))
-        new = out[0, ids.shape[1]:]
-        new = new[~torch.isin(new, torch.tensor(sorted(backend.eos_ids)))]
-        naive_tokens += len(new)
-        naive_texts.append(tok.decode(new, skip_special_tokens=True))
-    naive_s = time.perf_counter() - start
+    # Warm both code paths on a short prompt, so neither side pays the first call's set-up.
+    backend.generate([[{"role": "user", "content": "Hi"}]] * 2, SamplingParams(max_new_tokens=2))
+    run_hf(model, tok, [ids[0][-16:]] * 2, 2, 2, eos, pad)
 
-    # cai: batched, length-sorted, shared prefix prefilled once (cold cache: the prefill is timed).
-    backend.prefix_cache.clear()
-    before = backend.stats["generated_tokens"]
-    start = time.perf_counter()
-    texts = backend.generate(chats, params)
-    cai_s = time.perf_counter() - start
-    cai_tokens = backend.stats["generated_tokens"] - before
+    sides = {"cai": timed(lambda: run_cai(backend, chats, params))}
+    shared = max((len(k) for k in backend.prefix_cache.entries), default=0)
+    sides["ablation"] = timed(lambda: run_cai(no_reuse, chats, params))
+    sides["batched"] = timed(lambda: run_hf(model, tok, ids, batch, new, eos, pad))
+    sides["single"] = timed(lambda: run_hf(model, tok, ids, 1, new, eos, pad))
+    cai, ablation, batched, single = (sides[k] for k in ("cai", "ablation", "batched", "single"))
 
-    same = sum(a == b for a, b in zip(texts, naive_texts))
-    result = {
-        "benchmark": "generation",
-        "model": args.model,
-        "prompts": len(chats),
-        "mean_prompt_tokens": sum(prompt_tokens) / len(prompt_tokens),
-        "shared_prefix_tokens": max((len(k) for k in backend.prefix_cache.entries), default=0),
-        "new_tokens_per_prompt": args.new_tokens,
-        "batch_size": args.batch_size,
-        "naive_seconds": round(naive_s, 2),
-        "naive_tokens_per_s": round(naive_tokens / naive_s, 2),
-        "cai_seconds": round(cai_s, 2),
-        "cai_tokens_per_s": round(cai_tokens / cai_s, 2),
-        "speedup": round((cai_tokens / cai_s) / (naive_tokens / naive_s), 2),
-        "identical_greedy_outputs": f"{same}/{len(chats)}",
-        "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "generation.json").write_text(json.dumps(result, indent=2) + "\n")
-    line = (
-        f"| generation | {result['prompts']} prompts, {result['mean_prompt_tokens']:.0f}-token prompts "
-        f"({result['shared_prefix_tokens']} shared), {args.new_tokens} new tokens | naive {result['naive_tokens_per_s']} tok/s "
-        f"| cai {result['cai_tokens_per_s']} tok/s | **{result['speedup']}x** | identical greedy: {result['identical_greedy_outputs']} |"
-    )
-    (RESULTS / "generation.md").write_text(
-        "| benchmark | workload | baseline | cai | ratio | check |\n|---|---|---|---|---|---|\n" + line + "\n"
-    )
-    print(json.dumps(result, indent=2))
+    shape = Shape.of(model)
+    pct = {k: 100 * shape.decode_flops(lengths, s.tokens) / s.seconds / peak for k, s in sides.items()}
+    names = {"batched": f"batched model.generate (batch {batch}) tokens/s",
+             "single": "per-prompt model.generate tokens/s",
+             "ablation": "cai without prefix reuse tokens/s"}
+
+    def measured(key: str) -> str:
+        return f"{sum(sides[key].tokens)} tokens in {sides[key].seconds:.1f} s; {pct[key]:.1f}% of decode compute limit"
+
+    ratio = cai.tokens_per_s / batched.tokens_per_s
+    rows = [
+        common.row("fp32 matmul peak", peak / 1e9, "GFLOP/s",
+                   f"2048x2048 matmul, best of 8, {torch.get_num_threads()} threads"),
+        common.row("cai HFBackend.generate tokens/s", cai.tokens_per_s, "tokens/s",
+                   f"{measured('cai')}; identical greedy text: {common.same_count(cai.texts, batched.texts)} batched, "
+                   f"{common.same_count(cai.texts, single.texts)} per-prompt, "
+                   f"{common.same_count(cai.texts, ablation.texts)} no-reuse",
+                   ratio_vs={names["batched"]: ratio, names["single"]: cai.tokens_per_s / single.tokens_per_s,
+                             names["ablation"]: cai.tokens_per_s / ablation.tokens_per_s},
+                   target=">= 6x batched model.generate", met=ratio >= 6),
+        common.row(names["batched"], batched.tokens_per_s, "tokens/s", measured("batched")),
+        common.row(names["single"], single.tokens_per_s, "tokens/s", measured("single")),
+        common.row(names["ablation"], ablation.tokens_per_s, "tokens/s",
+                   f"{measured('ablation')}; HFBackend(reuse_prefix=False) on the same model"),
+        common.row("cai % of decode compute limit", pct["cai"], "%",
+                   f"{shape.decode_flops(lengths, cai.tokens) / sum(cai.tokens) / 1e6:.0f} MFLOP per generated token "
+                   f"(mean over cai's tokens) x tokens/s / matmul peak", target=">= 40%", met=pct["cai"] >= 40),
+    ]
+    notes = [
+        f"Model shape for the FLOPs count: N_body {shape.body_params / 1e6:.1f}M (without the {shape.vocab}x"
+        f"{shape.hidden} embedding), {shape.layers} layers, attention width {shape.hidden}.",
+        "All four rows use the same token ids (cai's chat template render + encode), batch size, max_new_tokens and "
+        f"EOS ids {sorted(eos)}; the baselines are timed after cai, the model and threads already warm.",
+        f"Whole bench took {time.perf_counter() - started:.0f} s" + (" (--quick: not final figures)" if args.quick else ""),
+    ]
+    workload = (f"{args.model}, fp32 CPU: {len(chats)} prompts of {sum(lengths) / len(lengths):.0f} tokens on average "
+                f"sharing a {shared}-token prefix, <= {new} new tokens each, greedy, batch {batch}")
+    out = common.result("generation", args.quick, workload, rows, notes)
+    common.write_results(out, common.stem("generation", args.quick))
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ should give the same answers; the table says how many did, so the ratio measures
 Figures go to bench/results/serve.{json,md}.
 
     python bench/serve.py                       # bundled model, 32 requests, a few minutes on 2 CPU cores
+    python bench/serve.py --quick               # 2 requests from 2 clients; writes serve.quick.{json,md}
     python bench/serve.py --model path/to/model --requests 64 --new-tokens 64
     python bench/serve.py --threads 1           # on a machine shared with other work
 """
@@ -16,19 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
+import common
 import openai
-import torch
 
 from cai.backends.hf import HFBackend
 from cai.data import load_prompts
 from cai.serve.server import serve_app
 
-RESULTS = Path(__file__).parent / "results"
+FULL = {"requests": 32, "clients": 32, "new_tokens": 32}
+QUICK = {"requests": 2, "clients": 2, "new_tokens": 8}
 
 
 def ask(url: str, model: str, chats: list, new_tokens: int) -> list[tuple[str, int]]:
@@ -42,15 +42,17 @@ def ask(url: str, model: str, chats: list, new_tokens: int) -> list[tuple[str, i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bundled")
-    parser.add_argument("--requests", type=int, default=32, help="Requests per mode (the same ones in both).")
-    parser.add_argument("--clients", type=int, default=32, help="Concurrent clients in the second mode.")
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--requests", type=int, help=f"Requests per mode, the same ones in both (default {FULL['requests']}).")
+    parser.add_argument("--clients", type=int, help=f"Concurrent clients in the second mode (default {FULL['clients']}).")
+    parser.add_argument("--new-tokens", type=int, help=f"max_tokens per request (default {FULL['new_tokens']}).")
     parser.add_argument("--max-batch", type=int, default=16, help="The server's batch limit (cai serve's default).")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own); 1 is steadier on a machine shared with other work.")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the bench runs; writes serve.quick.*")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    for key, value in (QUICK if args.quick else FULL).items():
+        setattr(args, key, getattr(args, key) or value)
+    common.set_threads(args.threads)
 
     backend = HFBackend.from_spec(args.model)
     rows, _ = load_prompts("helpfulness", limit=args.requests)
@@ -76,45 +78,27 @@ def main() -> None:
         many[i:: args.clients] = part
 
     one_tokens, many_tokens = sum(n for _, n in one), sum(n for _, n in many)
-    same = sum(a[0] == b[0] for a, b in zip(one, many))
-    result = {
-        "benchmark": "serve",
-        "model": args.model,
-        "requests": len(chats),
-        "clients": args.clients,
-        "mean_prompt_tokens": round(sum(prompt_tokens) / len(prompt_tokens), 1),
-        "max_new_tokens": args.new_tokens,
-        "max_batch": args.max_batch,
-        "one_client_seconds": round(one_s, 2),
-        "one_client_requests_per_s": round(len(chats) / one_s, 3),
-        "one_client_tokens_per_s": round(one_tokens / one_s, 2),
-        "one_client_generate_calls": one_calls,
-        "concurrent_seconds": round(many_s, 2),
-        "concurrent_requests_per_s": round(len(chats) / many_s, 3),
-        "concurrent_tokens_per_s": round(many_tokens / many_s, 2),
-        "concurrent_generate_calls": many_calls,
-        "concurrent_mean_batch_size": round(many_requests / max(many_calls, 1), 2),
-        "speedup_tokens_per_s": round((many_tokens / many_s) / (one_tokens / one_s), 2),
-        "completion_tokens": {"one_client": one_tokens, "concurrent": many_tokens},
-        "identical_greedy_answers": f"{same}/{len(chats)}",
-        "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
-    line = (
-        f"| serve | {len(chats)} chat requests, {result['mean_prompt_tokens']:.0f}-token prompts, up to "
-        f"{args.new_tokens} new tokens, greedy | one client at a time: {result['one_client_requests_per_s']} req/s, "
-        f"{result['one_client_tokens_per_s']} tok/s | {args.clients} clients: "
-        f"{result['concurrent_requests_per_s']} req/s, "
-        f"{result['concurrent_tokens_per_s']} tok/s (mean batch {result['concurrent_mean_batch_size']}) "
-        f"| **{result['speedup_tokens_per_s']}x** | identical greedy: {result['identical_greedy_answers']} |"
-    )
-    (RESULTS / "serve.md").write_text(
-        "| benchmark | workload | baseline | cai | ratio | check |\n|---|---|---|---|---|---|\n" + line + "\n"
-    )
-    print(json.dumps(result, indent=2))
+    one_tps, many_tps = one_tokens / one_s, many_tokens / many_s
+    mean_batch = many_requests / max(many_calls, 1)
+    baseline = "one client at a time tokens/s"
+    result_rows = [
+        common.row(f"{args.clients} concurrent clients tokens/s", many_tps, "tokens/s",
+                   f"identical greedy answers {common.same_count([a for a, _ in many], [a for a, _ in one])}; "
+                   f"{len(chats) / many_s:.3f} requests/s, {many_tokens} tokens in {many_s:.1f} s, "
+                   f"{many_calls} generate calls (mean batch {mean_batch:.2f})",
+                   ratio_vs={baseline: many_tps / one_tps}),
+        common.row(baseline, one_tps, "tokens/s",
+                   f"{len(chats) / one_s:.3f} requests/s, {one_tokens} tokens in {one_s:.1f} s, {one_calls} generate calls"),
+    ]
+    notes = [
+        f"Prompts average {sum(prompt_tokens) / len(prompt_tokens):.0f} tokens; the server batches up to "
+        f"{args.max_batch} requests per generate call; requests go through the openai client over loopback HTTP.",
+    ]
+    workload = (f"{args.model} behind cai serve: {len(chats)} helpfulness chat requests, <= {args.new_tokens} new tokens, "
+                f"greedy; one client at a time, then {args.clients} clients at once")
+    out = common.result("serve", args.quick, workload, result_rows, notes, openai=openai.__version__)
+    common.write_results(out, common.stem("serve", args.quick))
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

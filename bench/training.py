@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -37,8 +35,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from common import matmul_peak, result, row, stem, write_results
 
-RESULTS = Path(__file__).parent / "results"
 SENTENCES = [
     "Here is a clear answer to the question.",
     "The main idea is simple once the terms are defined.",
@@ -74,18 +72,6 @@ QUICK = Sizes(sft_examples=8, sft_batch=4, pm_pairs=8, pm_batch=4, dpo_pairs=4, 
 
 
 # -- Measuring ----------------------------------------------------------------------------------
-
-def matmul_peak(size: int = 2048, repeats: int = 8) -> float:
-    """Best fp32 FLOP/s of a square matmul on this process's torch threads."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size**3 / (time.perf_counter() - start))
-    return best
-
 
 def parameter_counts(model: Any) -> tuple[int, int]:
     """(all parameters, parameters without the input embedding matrix), each weight counted once."""
@@ -146,13 +132,6 @@ def timed(fn: Callable, spent: list[float]) -> Callable:
             spent.append(time.perf_counter() - start)
 
     return wrapper
-
-
-def row(name: str, figure: float, unit: str, check: str, *, ratio_vs: dict[str, float] | None = None,
-        target: str | None = None, met: bool | None = None) -> dict[str, Any]:
-    return {"row": name, "figure": round(figure, 4 if figure < 10 else 1), "unit": unit,
-            "ratio_vs": {k: round(v, 3) for k, v in (ratio_vs or {}).items()}, "check": check,
-            "target": target, "met": met}
 
 
 # -- Data ---------------------------------------------------------------------------------------
@@ -435,33 +414,7 @@ def trl_online(algo: str, sizes: Sizes, tmp: Path, pm_folder: Path, prompts: lis
     return samples / clock.seconds, sum(lengths) / max(1, len(lengths)), note
 
 
-# -- Results ------------------------------------------------------------------------------------
-
-def commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-
-    sha = git("rev-parse", "--short", "HEAD") or "unknown"
-    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
-def write_results(result: dict[str, Any], stem: str) -> None:
-    """``<stem>.json`` and its ``<stem>.md`` twin under bench/results."""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# {result['benchmark']} ({result['commit']}, {result['date']})", "", result["workload"], "",
-             "| row | figure | unit | ratio | check | target | met |", "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        ratio = ", ".join(f"{v}x {k}" for k, v in r["ratio_vs"].items())
-        met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        lines.append(f"| {r['row']} | {r['figure']} | {r['unit']} | {ratio} | {r['check']} | {r['target'] or ''} | {met} |")
-    lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items()), ""]
-    lines += [f"- {n}" for n in result["notes"]]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-
-
 def main() -> None:
-    import transformers
     import trl
 
     from cai.models import load_model
@@ -492,19 +445,13 @@ def main() -> None:
         "TRL's optimizer is its default adamw_torch_fused; cai's is torch.optim.AdamW (foreach).",
         f"Whole bench took {time.perf_counter() - started:.0f} s" + (" (--quick: not final figures)" if args.quick else ""),
     ]
-    result = {
-        "benchmark": "training" + (" (quick)" if args.quick else ""), "commit": commit(),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
-        "workload": (f"bundled SmolLM2-135M-Instruct, fp32 CPU; SFT {sizes.sft_examples} chats batch {sizes.sft_batch}; "
-                     f"PM {sizes.pm_pairs} pairs batch {sizes.pm_batch}; DPO {sizes.dpo_pairs} pairs; RL "
-                     f"{sizes.rl_steps} steps x {sizes.prompts_per_step} prompts x {sizes.generations} generations "
-                     f"<= {sizes.max_new_tokens} tokens; max_length {sizes.max_length}"),
-        "rows": rows, "notes": notes,
-    }
-    write_results(result, "training.quick" if args.quick else "training")
-    print(json.dumps(result, indent=2))
+    workload = (f"bundled SmolLM2-135M-Instruct, fp32 CPU; SFT {sizes.sft_examples} chats batch {sizes.sft_batch}; "
+                f"PM {sizes.pm_pairs} pairs batch {sizes.pm_batch}; DPO {sizes.dpo_pairs} pairs; RL "
+                f"{sizes.rl_steps} steps x {sizes.prompts_per_step} prompts x {sizes.generations} generations "
+                f"<= {sizes.max_new_tokens} tokens; max_length {sizes.max_length}")
+    out = result("training", args.quick, workload, rows, notes, trl=trl.__version__)
+    write_results(out, stem("training", args.quick))
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
