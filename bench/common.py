@@ -28,12 +28,16 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def commit() -> str:
-    """The short commit of this checkout, with ``-dirty`` when tracked files have changes."""
+    """The short commit of this checkout, with ``-dirty`` when tracked files other than results have changes.
+
+    bench/results is left out: each bench rewrites its own files there, which changes nothing measured.
+    """
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
 
     sha = git("rev-parse", "--short", "HEAD") or "unknown"
-    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+    return sha + ("-dirty" if changed else "")
 
 
 def set_threads(threads: int | None) -> None:
