@@ -442,7 +442,7 @@ def main() -> None:
         "The RL reward model is the PM the 'pm cai' row trained; PPO draws its rollout prompts with replacement "
         "from the same 16 red-team prompts RLOO/GRPO take in groups of "
         f"{sizes.generations}. Answers are sampled (temperature 1), so lengths differ: see the check column.",
-        "TRL's optimizer is its default adamw_torch_fused; cai's is torch.optim.AdamW (foreach).",
+        "Both sides step with fused AdamW: TRL's default adamw_torch_fused, cai's cai.train.common.adamw.",
         f"Whole bench took {time.perf_counter() - started:.0f} s" + (" (--quick: not final figures)" if args.quick else ""),
     ]
     workload = (f"bundled SmolLM2-135M-Instruct, fp32 CPU; SFT {sizes.sft_examples} chats batch {sizes.sft_batch}; "

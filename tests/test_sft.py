@@ -239,3 +239,22 @@ def test_sft_micro_batches_give_the_whole_batch_update(tiny_model_dir, tmp_path)
 
     before = load_file(str(tiny_model_dir / "model.safetensors"))
     assert max((whole[k] - before[k]).abs().max().item() for k in whole if k in before) > 1e-3
+
+
+def test_answer_loss_equals_the_models_own_loss_from_answer_positions_only(tiny_model_dir):
+    """The LM head runs from the first answer-predicting position on, and the loss is the model's own."""
+    from cai.models import load_model
+    from cai.train.common import answer_loss, pad_batch
+
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    chats = [[{"role": "user", "content": "a long question " * 6}, {"role": "assistant", "content": "short"}],
+             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a longer answer here " * 3}]]
+    batch = pad_batch([tokenize_for_answer_loss(tok, c, 128) for c in chats], tok.pad_token_id)
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append(out.logits.shape[1]))
+    with torch.no_grad():
+        ours = answer_loss(model, batch)
+        theirs = model(**batch).loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    assert seen[0] < seen[1] == batch["input_ids"].shape[1]  # fewer logits than positions

@@ -70,6 +70,34 @@ def pad_batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> d
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the causal LM under ``model`` (a peft or DDP wrapper or not) can compute logits at its last positions only."""
+    import inspect
+
+    model = getattr(model, "module", model)  # DDP
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal-LM loss of a `pad_batch` batch: the mean cross-entropy over its answer tokens.
+
+    The same value as ``model(**batch).loss``, but the LM head runs only from the first position
+    that predicts an answer token onwards: a prompt's positions never need the [T, vocabulary]
+    logits (with a 49k vocabulary they and their softmax were the largest activations of a step).
+    """
+    labels = batch["labels"]
+    predicts = (labels[:, 1:] != IGNORE).any(0).nonzero()  # position t predicts labels[:, t + 1]
+    if not len(predicts) or not accepts_logits_to_keep(model):
+        return model(**batch).loss
+    first = int(predicts[0])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                logits_to_keep=labels.shape[1] - first)
+    logits = out.logits[:, :-1]  # positions first .. T-2, predicting labels first+1 .. T-1
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             labels[:, first + 1:].reshape(-1), ignore_index=IGNORE)
+
+
 def answer_tokens(labels: Sequence[int]) -> int:
     """How many tokens of a row the causal-LM loss averages over (labels shift by one: the first predicts nothing)."""
     return sum(1 for label in labels[1:] if label != IGNORE)

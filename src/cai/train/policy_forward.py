@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from cai.losses.ppo import entropy_from_logits, logprobs_from_logits
+from cai.train.common import accepts_logits_to_keep
 
 
 class ValueHead(torch.nn.Module):
@@ -65,14 +66,6 @@ def forward_response(model: Any, value_head: ValueHead | None, batch: dict[str, 
     if value_head is not None:
         result["values"] = value_head(out.hidden_states[-1][:, p - 1:-1])
     return result
-
-
-def accepts_logits_to_keep(model: Any) -> bool:
-    """Whether the causal LM under ``model`` (a peft wrapper or not) can compute logits at its last positions only."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 class PolicyWithValue(torch.nn.Module):

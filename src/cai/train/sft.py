@@ -23,6 +23,7 @@ from cai.errors import CaiError
 from cai.io import JsonlWriter
 from cai.progress import progress_bar
 from cai.train.common import (
+    answer_loss,
     answer_tokens,
     apply_lora,
     batches_for_rank,
@@ -162,7 +163,7 @@ def train_sft(
                         batch = {k: v.to(accelerator.device)
                                  for k, v in pad_batch([rows[i] for i in piece], tokenizer.pad_token_id).items()}
                         share = sum(answer[i] for i in piece) / max(1, sum(answer))
-                        loss = model(**batch).loss * share / len(group)
+                        loss = answer_loss(model, batch) * share / len(group)
                         accelerator.backward(loss)
                         micro_losses.append(loss.item())
                         tokens_seen += int(batch["attention_mask"].sum())
