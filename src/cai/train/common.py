@@ -91,11 +91,13 @@ def answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if not len(predicts) or not accepts_logits_to_keep(model):
         return model(**batch).loss
     first = int(predicts[0])
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                logits_to_keep=labels.shape[1] - first)
-    logits = out.logits[:, :-1]  # positions first .. T-2, predicting labels first+1 .. T-1
-    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                             labels[:, first + 1:].reshape(-1), ignore_index=IGNORE)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=labels.shape[1] - first).logits  # positions first .. T-1
+    # Shift the labels, not the logits (a slice of the logits would be copied): position t is scored
+    # on labels[t + 1], and the last position on nothing.
+    targets = torch.nn.functional.pad(labels[:, first + 1:], (0, 1), value=IGNORE)
+    return torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=IGNORE)
 
 
 def answer_tokens(labels: Sequence[int]) -> int:
