@@ -39,6 +39,26 @@ def test_gguf_converts_to_identical_model_and_is_cached(tiny_model_dir, tmp_path
     assert (cache / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_gguf_conversion_parses_the_file_once(tiny_model_dir, tmp_path, monkeypatch):
+    """Config, tokenizer and weights share one parsed reader; gguf's own names are put back after."""
+    import gguf
+
+    made = []
+    real = gguf.GGUFReader
+
+    def counting(*args, **kwargs):
+        made.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    name_map = gguf.get_tensor_name_map
+    gguf_path = write_tiny_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
+    made.clear()
+    models.convert_gguf(gguf_path)
+    assert len(made) == 1
+    assert gguf.GGUFReader is counting and gguf.get_tensor_name_map is name_map
+
+
 def test_crash_during_conversion_leaves_no_cache(tiny_model_dir, tmp_path, monkeypatch):
     gguf_path = write_tiny_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
     from transformers import PreTrainedTokenizerBase
