@@ -226,7 +226,7 @@ def train_preference_model(
                 # A pair is two rows of one forward pass: the budget is halved, the longer row counts.
                 longest = [max(len(a), len(b)) for a, b in zip(rows_a, rows_b)]
                 loss_value = 0.0
-                for piece in split_by_tokens(longest, budget // 2 if budget else None):
+                for piece in split_by_tokens(longest, max(1, budget // 2) if budget else None):
                     scores = scorer.forward([rows_a[i] for i in piece] + [rows_b[i] for i in piece])
                     r_a, r_b = scores[: len(piece)], scores[len(piece):]
                     p_a = torch.tensor([batch[i].p_a for i in piece], device=scores.device)
