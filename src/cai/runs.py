@@ -29,7 +29,7 @@ from typing import Any, Callable, get_args
 from rich.console import Console
 
 from cai import __version__
-from cai.config import RLAlgo, rl_algorithms
+from cai.config import RLAlgo, RunConfig, rl_algorithms
 from cai.config_loader import config_hash_of, config_to_yaml
 from cai.errors import CaiError
 from cai.io import ensure_dir, write_json_atomic, write_text_atomic
@@ -107,11 +107,11 @@ def get_stage(name: str) -> Stage:
     return STAGE[name]
 
 
-def stage_dir(cfg: Any, stage: str) -> Path:
+def stage_dir(cfg: RunConfig, stage: str) -> Path:
     return cfg.run_dir / get_stage(stage).folder
 
 
-def shard_dir(cfg: Any, stage: str, shard: str | None) -> Path:
+def shard_dir(cfg: RunConfig, stage: str, shard: str | None) -> Path:
     """Where a stage writes: its own folder, or ``<stage>/shards/i-of-N`` for one shard of it.
 
     A shard's manifest never marks the stage itself done; `merge_stage` does, once every shard is.
@@ -141,7 +141,7 @@ def stage_view(config: dict[str, Any], stage: str) -> dict[str, Any]:
     return view
 
 
-def stage_config_hash(cfg: Any, stage: str) -> str:
+def stage_config_hash(cfg: RunConfig, stage: str) -> str:
     return config_hash_of(stage_view(cfg.model_dump(mode="json"), stage))
 
 
@@ -277,7 +277,7 @@ class StageRun:
             named), or the run folder is from an older cai.
     """
 
-    def __init__(self, cfg: Any, name: str, shard: str | None = None) -> None:
+    def __init__(self, cfg: RunConfig, name: str, shard: str | None = None) -> None:
         self.cfg = cfg
         self.stage = get_stage(name)
         self.name = name

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
+from cai.config import RunConfig
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_text_atomic
 
@@ -104,7 +105,7 @@ def merge_shards(paths: list[Path], out: Path) -> int:
     return len(rows)
 
 
-def merge_stage(cfg: Any, stage: str, count: int) -> Path:
+def merge_stage(cfg: RunConfig, stage: str, count: int) -> Path:
     """Merge the N shard outputs of a generation stage (run on N machines) into the stage folder.
 
     Raises:

@@ -10,12 +10,13 @@ from typing import Any, Callable
 
 from rich.console import Console
 
+from cai.config import PromptSetConfig
 from cai.data.loaders import LoadReport, PromptRow, fit_to_context, load_prompts
 
 console = Console(stderr=True)
 
 
-def load_prompt_set(prompt_cfg: Any, what: str) -> list[PromptRow]:
+def load_prompt_set(prompt_cfg: PromptSetConfig, what: str) -> list[PromptRow]:
     """The rows a `PromptSetConfig` names (source, split, limit), with a one-line summary.
 
     Raises:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.backends.base import Backend
-from cai.config import LabelConfig
+from cai.config import LabelConfig, RunConfig
 from cai.constitution import Constitution, FeedbackPrinciple
 from cai.data import PromptRow
 from cai.eval.elo import Comparison, elo_table
@@ -191,7 +191,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def eval_models(cfg: Any) -> dict[str, str]:
+def eval_models(cfg: RunConfig) -> dict[str, str]:
     """The models to compare: ``eval.models``, else the run's models that exist, in pipeline order.
 
     Each trained model is named after the stage that made it (``sft``, then the RL stages: ``ppo``,
@@ -208,7 +208,7 @@ def eval_models(cfg: Any) -> dict[str, str]:
     return models
 
 
-def run_eval(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``eval``: answers, pairwise judgements, Elo, PM scores, evasiveness and the revision curve."""
     from rich.console import Console
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from cai import prompts as P
 from cai.backends.base import Backend, stable_seed
-from cai.config import CritiqueConfig, SamplingConfig
+from cai.config import CritiqueConfig, RunConfig, SamplingConfig
 from cai.constitution import Constitution, CritiquePrinciple, sample_critique_principles
 from cai.data import PromptRow
 from cai.io import JsonlWriter, iter_batches, read_jsonl
@@ -295,7 +295,7 @@ def revision_problem(revision: str, *, previous: str, critique: str, constitutio
     return None
 
 
-def run_critique(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+def run_critique(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``critique``: critique/revision traces (+ helpfulness answers) into ``runs/<name>/critique/``.
 
     Args:

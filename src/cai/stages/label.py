@@ -26,7 +26,7 @@ from typing import Any
 
 from cai import prompts as P
 from cai.backends.base import Backend, stable_seed
-from cai.config import LabelConfig
+from cai.config import LabelConfig, RunConfig
 from cai.constitution import Constitution, FeedbackPrinciple, sample_feedback_principles
 from cai.io import JsonlWriter, iter_batches, read_jsonl
 from cai.progress import progress_bar
@@ -201,7 +201,7 @@ def position_bias(rows: list[dict[str, Any]]) -> float | None:
     return round(sum(values) / len(values) - 0.5, 6) if values else None
 
 
-def run_label(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+def run_label(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``label``: soft AI preference labels for the sampled pairs, into ``label/``."""
     from cai.backends import load_backend
     from cai.constitution_yaml import load_constitution
@@ -241,7 +241,7 @@ def run_label(cfg: Any, *, shard: str | None = None, show_progress: bool = True)
     return st.dir
 
 
-def _gold_check(cfg: Any, constitution: Constitution, backend: Backend, folder: Path,
+def _gold_check(cfg: RunConfig, constitution: Constitution, backend: Backend, folder: Path,
                 show_progress: bool) -> dict[str, Any]:
     """Score the feedback model on gold dev pairs by this stage's own procedure, before labelling.
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cai.backends.base import Backend, stable_seed
+from cai.config import RunConfig
 from cai.data import PromptRow
 from cai.io import JsonlWriter, iter_batches, read_jsonl
 from cai.progress import progress_bar
@@ -53,7 +54,7 @@ def sample_responses(
     return read_jsonl(out_path)
 
 
-def policy_spec(cfg: Any) -> str:
+def policy_spec(cfg: RunConfig) -> str:
     """The policy RL-CAI starts from: ``sample.policy``, else this run's SL-CAI model (``sft/``)."""
     from cai.errors import CaiError
     from cai.runs import is_done, stage_dir
@@ -67,7 +68,7 @@ def policy_spec(cfg: Any) -> str:
     return str(sl)
 
 
-def run_sample(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+def run_sample(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``sample``: K answers per red-team (and helpfulness) prompt from the policy, into ``sample/``."""
     from cai.backends import load_backend
     from cai.data.prompt_sets import fit_prompt_set, load_prompt_set

@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cai.config import DPOConfig
+from cai.config import DPOConfig, RunConfig
 from cai.errors import CaiError
 from cai.io import JsonlWriter
-from cai.train.common import peft_lora_config, save_model_folder
+from cai.train.lora import peft_lora_config
+from cai.train.model_folder import save_model_folder, write_model_card
 
 
 def dpo_rows(labelled: list[dict[str, Any]], config: DPOConfig) -> tuple[list[dict[str, Any]], float]:
@@ -87,13 +88,12 @@ def train_dpo(
             "last_loss": losses[-1] if losses else None, "last_reward_margin": margins[-1] if margins else None}
 
 
-def run_dpo(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+def run_dpo(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``dpo``: DPO of the SL-CAI policy on the AI-labelled pairs, into ``dpo/``."""
     from cai.config_loader import config_to_yaml
     from cai.io import read_jsonl
     from cai.runs import StageRun
     from cai.stages.sample import policy_spec
-    from cai.train.common import write_model_card
 
     st = StageRun(cfg, "dpo", shard)
     source = st.require("label")

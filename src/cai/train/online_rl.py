@@ -29,11 +29,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from cai.config import GRPOConfig, OnlineRLConfig, RLOOConfig
+from cai.config import GRPOConfig, OnlineRLConfig, RLOOConfig, RunConfig
 from cai.data import PromptRow
 from cai.errors import CaiError
 from cai.io import JsonlWriter
 from cai.progress import progress_bar
+from cai.train.lora import peft_lora_config
+from cai.train.model_folder import save_model_folder, write_model_card
 from cai.train.pm import RewardScorer
 from cai.types import Chat, SamplingParams
 
@@ -198,7 +200,6 @@ def train_online_rl(
 
     from cai.backends.hf import HFBackend
     from cai.models import load_model
-    from cai.train.common import peft_lora_config, save_model_folder
 
     if not prompts:
         raise CaiError(f"{algo} has no rollout prompts; check rl.{algo}.prompts")
@@ -238,7 +239,7 @@ def train_online_rl(
             "eval_reward_end": evals[-1]["eval_reward"] if evals else None, "evals": evals, "log": rows}
 
 
-def run_online_rl(cfg: Any, algo: Algo, *, shard: str | None = None, show_progress: bool = True) -> Path:
+def run_online_rl(cfg: RunConfig, algo: Algo, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``rloo`` or ``grpo``: the SL-CAI policy against the run's preference model, into ``<algo>/``."""
     from rich.console import Console
 
@@ -247,7 +248,6 @@ def run_online_rl(cfg: Any, algo: Algo, *, shard: str | None = None, show_progre
     from cai.models import TokenCounter
     from cai.runs import StageRun
     from cai.stages.sample import policy_spec
-    from cai.train.common import write_model_card
 
     st = StageRun(cfg, algo, shard)
     config: RLOOConfig | GRPOConfig = getattr(cfg.rl, algo)
@@ -284,11 +284,11 @@ def run_online_rl(cfg: Any, algo: Algo, *, shard: str | None = None, show_progre
     return st.dir
 
 
-def run_rloo(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+def run_rloo(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``rloo``: RLOO of the SL-CAI policy against the preference model, into ``rloo/``."""
     return run_online_rl(cfg, "rloo", shard=shard, show_progress=show_progress)
 
 
-def run_grpo(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+def run_grpo(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``grpo``: GRPO of the SL-CAI policy against the preference model, into ``grpo/``."""
     return run_online_rl(cfg, "grpo", shard=shard, show_progress=show_progress)

@@ -20,23 +20,16 @@ from typing import Any, Sequence
 
 import torch
 
-from cai.config import PMConfig
+from cai.config import PMConfig, RunConfig
 from cai.errors import CaiError
 from cai.io import JsonlWriter, write_json_atomic
 from cai.losses.bradley_terry import expected_calibration_error, preference_accuracy, soft_bradley_terry_loss
 from cai.progress import progress_bar
-from cai.train.common import (
-    apply_lora,
-    batches_for_rank,
-    count_parameters,
-    make_optimizer_and_schedule,
-    make_trackers,
-    micro_batch_tokens,
-    optimizer_step,
-    save_model_folder,
-    split_by_tokens,
-    total_steps,
-)
+from cai.train.batching import batches_for_rank, micro_batch_tokens, split_by_tokens, total_steps
+from cai.train.lora import apply_lora
+from cai.train.model_folder import count_parameters, save_model_folder, write_model_card
+from cai.train.optim import make_optimizer_and_schedule, optimizer_step
+from cai.train.trackers import make_trackers
 from cai.types import Chat
 
 
@@ -266,14 +259,13 @@ def train_preference_model(
     return metrics
 
 
-def run_pm(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+def run_pm(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``pm``: the preference model on the AI labels (+ helpfulness comparisons), into ``pm/``."""
     from rich.console import Console
 
     from cai.config_loader import config_to_yaml
     from cai.io import read_jsonl
     from cai.runs import StageRun
-    from cai.train.common import write_model_card
 
     st = StageRun(cfg, "pm", shard)
     human = pairs_from_human_comparisons(cfg.pm.human_data) if cfg.pm.human_data else []

@@ -40,13 +40,16 @@ from typing import Any, Callable
 
 import torch
 
-from cai.config import PPOConfig
+from cai.config import PPOConfig, RunConfig
 from cai.data import PromptRow
 from cai.errors import CaiError
 from cai.io import JsonlWriter
 from cai.losses.ppo import AdaptiveKLController, FixedKLController, RunningMoments
 from cai.progress import progress_bar
-from cai.train.common import Ranks, adamw, apply_lora, load_checkpoint, make_trackers, save_checkpoint, save_model_folder
+from cai.train.checkpoints import load_checkpoint, save_checkpoint
+from cai.train.lora import apply_lora
+from cai.train.model_folder import save_model_folder, write_model_card
+from cai.train.optim import adamw
 from cai.train.policy_forward import PolicyWithValue, ValueHead
 from cai.train.ppo_steps import (
     PPOModels,
@@ -57,6 +60,8 @@ from cai.train.ppo_steps import (
     step_record,
 )
 from cai.train.pm import RewardScorer
+from cai.train.ranks import Ranks
+from cai.train.trackers import make_trackers
 from cai.types import SamplingParams
 
 
@@ -273,7 +278,7 @@ def eval_reward(backend: Any, scorer: RewardScorer, prompts: list[PromptRow], pa
 
 
 
-def run_ppo(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+def run_ppo(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``ppo``: PPO of the SL-CAI policy against the run's preference model, into ``ppo/``."""
     from rich.console import Console
 
@@ -283,7 +288,6 @@ def run_ppo(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -
     from cai.models import TokenCounter
     from cai.runs import StageRun
     from cai.stages.sample import policy_spec
-    from cai.train.common import write_model_card
 
     console = Console(stderr=True)
     st = StageRun(cfg, "ppo", shard)

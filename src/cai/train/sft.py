@@ -18,28 +18,17 @@ from typing import Any
 
 import torch
 
-from cai.config import SFTConfig
+from cai.config import RunConfig, SFTConfig
 from cai.errors import CaiError
 from cai.io import JsonlWriter
 from cai.progress import progress_bar
-from cai.train.common import (
-    answer_loss,
-    answer_tokens,
-    apply_lora,
-    batches_for_rank,
-    count_parameters,
-    load_checkpoint,
-    make_optimizer_and_schedule,
-    make_trackers,
-    micro_batch_tokens,
-    optimizer_step,
-    pad_batch,
-    save_checkpoint,
-    save_model_folder,
-    split_by_tokens,
-    tokenize_for_answer_loss,
-    total_steps,
-)
+from cai.train.answer_loss import answer_loss, answer_tokens, pad_batch, tokenize_for_answer_loss
+from cai.train.batching import batches_for_rank, micro_batch_tokens, split_by_tokens, total_steps
+from cai.train.checkpoints import load_checkpoint, save_checkpoint
+from cai.train.lora import apply_lora
+from cai.train.model_folder import count_parameters, save_model_folder, write_model_card
+from cai.train.optim import make_optimizer_and_schedule, optimizer_step
+from cai.train.trackers import make_trackers
 from cai.types import Chat
 
 
@@ -211,14 +200,13 @@ def train_sft(
     }
 
 
-def run_sft(cfg: Any, *, shard: str | None = None, show_progress: bool = True) -> Path:
+def run_sft(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``sft``: fine-tune the starting model on its revisions (+ helpfulness answers), into ``sft/``."""
     import json
 
     from cai.config_loader import config_to_yaml
     from cai.io import read_jsonl, write_text_atomic
     from cai.runs import StageRun
-    from cai.train.common import write_model_card
 
     st = StageRun(cfg, "sft", shard)
     extra = read_sft_file(cfg.sft.extra_data) if cfg.sft.extra_data else []
