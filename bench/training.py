@@ -214,7 +214,8 @@ def sft_step_profile(chats: list, sizes: Sizes, peak: float, body: int) -> str:
     Run before the comparisons, it also warms the process (allocator, thread pool) for both sides.
     """
     from cai.models import load_model
-    from cai.train.common import make_optimizer_and_schedule, optimizer_step, pad_batch, tokenize_for_answer_loss
+    from cai.train.answer_loss import pad_batch, tokenize_for_answer_loss
+    from cai.train.optim import make_optimizer_and_schedule, optimizer_step
 
     loaded = load_model("bundled", dtype="float32", device="cpu")
     model = loaded.model.train()
@@ -442,7 +443,7 @@ def main() -> None:
         "The RL reward model is the PM the 'pm cai' row trained; PPO draws its rollout prompts with replacement "
         "from the same 16 red-team prompts RLOO/GRPO take in groups of "
         f"{sizes.generations}. Answers are sampled (temperature 1), so lengths differ: see the check column.",
-        "Both sides step with fused AdamW: TRL's default adamw_torch_fused, cai's cai.train.common.adamw.",
+        "Both sides step with fused AdamW: TRL's default adamw_torch_fused, cai's cai.train.optim.adamw.",
         f"Whole bench took {time.perf_counter() - started:.0f} s" + (" (--quick: not final figures)" if args.quick else ""),
     ]
     workload = (f"bundled SmolLM2-135M-Instruct, fp32 CPU; SFT {sizes.sft_examples} chats batch {sizes.sft_batch}; "

@@ -94,7 +94,7 @@ def free_port() -> int:
 def test_sft_on_two_cpu_processes_trains_one_model_and_saves_it_once(tmp_path, tiny_model_dir, examples):
     from transformers import AutoModelForCausalLM
 
-    from cai.train.common import warmup_linear_decay
+    from cai.train.optim import warmup_linear_decay
 
     driver, data, out, results = tmp_path / "driver.py", tmp_path / "chats.json", tmp_path / "sft", tmp_path / "ranks"
     driver.write_text(DRIVER)

@@ -227,7 +227,7 @@ def test_response_forward_reads_only_the_response_positions_and_matches_the_full
 
     from cai.losses.ppo import entropy_from_logits, logprobs_from_logits
     from cai.models import load_model
-    from cai.train.common import accepts_logits_to_keep
+    from cai.train.answer_loss import accepts_logits_to_keep
     from cai.train.policy_forward import ValueHead, forward_response, pack
 
     model = load_model(str(tiny_model_dir), device="cpu").model.eval()

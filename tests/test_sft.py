@@ -17,7 +17,9 @@ from cai.config import RunConfig
 from cai.config_loader import load_config
 from cai.errors import CaiError
 from cai.io import read_jsonl
-from cai.train.common import IGNORE, load_checkpoint, save_checkpoint, tokenize_for_answer_loss, warmup_linear_decay
+from cai.train.answer_loss import IGNORE, tokenize_for_answer_loss
+from cai.train.checkpoints import load_checkpoint, save_checkpoint
+from cai.train.optim import warmup_linear_decay
 from cai.train.sft import build_sft_examples
 
 
@@ -204,7 +206,7 @@ def test_kill_9_during_critique_then_rerun(tiny_model_dir, small_constitution, t
 
 
 def test_split_by_tokens_keeps_every_row_once_within_the_budget():
-    from cai.train.common import split_by_tokens
+    from cai.train.batching import split_by_tokens
 
     lengths = [10, 50, 30, 30, 5, 70]
     chunks = split_by_tokens(lengths, 100)
@@ -244,7 +246,7 @@ def test_sft_micro_batches_give_the_whole_batch_update(tiny_model_dir, tmp_path)
 def test_answer_loss_equals_the_models_own_loss_from_answer_positions_only(tiny_model_dir):
     """The LM head runs from the first answer-predicting position on, and the loss is the model's own."""
     from cai.models import load_model
-    from cai.train.common import answer_loss, pad_batch
+    from cai.train.answer_loss import answer_loss, pad_batch
 
     loaded = load_model(str(tiny_model_dir), device="cpu")
     model, tok = loaded.model.eval(), loaded.tokenizer

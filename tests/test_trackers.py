@@ -70,7 +70,7 @@ def test_ppo_logs_its_curves_to_tensorboard(tiny_run, tmp_path):
 def test_a_missing_tracker_package_is_one_sentence(monkeypatch, tmp_path):
     import importlib.util
 
-    from cai.train.common import make_trackers
+    from cai.train.trackers import make_trackers
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from cai.losses.ppo import entropy_from_logits, logprobs_from_logits
-from cai.train.common import accepts_logits_to_keep
+from cai.train.answer_loss import accepts_logits_to_keep
 
 
 class ValueHead(torch.nn.Module):

@@ -2,7 +2,7 @@
 advantages, optimise (and the iteration's log line). `cai.train.ppo` is the recipe that runs them.
 
 Under several processes each step works on this rank's rows and takes its statistics over all
-ranks through `cai.train.common.Ranks`; with one process those are the identity.
+ranks through `cai.train.ranks.Ranks`; with one process those are the identity.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from cai.losses.ppo import (
     value_loss,
     whiten,
 )
-from cai.train.common import Ranks, optimizer_step
+from cai.train.optim import optimizer_step
 from cai.train.policy_forward import ValueHead, batch_to, forward_no_grad, pack
+from cai.train.ranks import Ranks
 from cai.train.pm import RewardScorer
 from cai.types import SamplingParams
 
