@@ -8,9 +8,10 @@ from collections import Counter
 import pytest
 import torch
 
-from cai.data.gold import KINDS, load_gold_pairs
+from cai.data.gold import KINDS, load_gold_pairs, stratified
 from cai.errors import CaiError
 from cai.eval import gold as G
+from cai.eval.judge_check import judge_agreement, judge_pairs_from_gold
 
 
 def test_shipped_gold_file_covers_every_red_team_category_and_kind():
@@ -52,7 +53,7 @@ def test_a_bad_gold_row_is_named_by_line(tmp_path, row, needle):
 
 def test_stratified_limit_spreads_over_kinds():
     pairs = load_gold_pairs("gold", split="test")
-    picked = G.stratified(pairs, 8)
+    picked = stratified(pairs, 8)
     assert len(picked) == 8 and set(Counter(p.kind for p in picked).values()) == {2}
 
 
@@ -84,7 +85,7 @@ def test_training_on_the_better_answers_moves_the_measure_beyond_noise(tiny_mode
 
     loaded = load_model(str(tiny_model_dir))
     model, tok = loaded.model, loaded.tokenizer
-    pairs = G.stratified(load_gold_pairs("gold", split="dev"), 12)
+    pairs = stratified(load_gold_pairs("gold", split="dev"), 12)
     before = G.score_model(model, tok, pairs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
@@ -141,23 +142,22 @@ class _OracleBackend:
 def test_judge_check_measures_agreement_and_calls_chance_chance(tmp_path, small_constitution):
     from cai.config import LabelConfig
     from cai.constitution_yaml import load_constitution
-    from cai.stages.label import label_pairs
+    from cai.stages.label import check_judge
 
-    pairs = G.stratified(load_gold_pairs("gold", split="test"), 40)
-    rows = G.judge_pairs_from_gold(pairs)
+    pairs = stratified(load_gold_pairs("gold", split="test"), 40)
+    rows = judge_pairs_from_gold(pairs)
     assert 0 < sum(r["better"] == "a" for r in rows) < len(rows)  # the better answer is not always in slot A
     constitution = load_constitution(small_constitution)
     config = LabelConfig(principles_per_label=1, prompt_format="text", gold_check=0)
     better = {p.better for p in pairs}
     for name, judge, expected in (("right", _OracleBackend(better), 1.0), ("wrong", _OracleBackend(better, correct=False), 0.0)):
-        labelled = label_pairs(rows, constitution=constitution, backend=judge, config=config,
-                               out_path=tmp_path / f"{name}.jsonl", show_progress=False)
-        check = G.judge_agreement(labelled)
+        check = check_judge(pairs, constitution=constitution, backend=judge, config=config,
+                            out_path=tmp_path / f"{name}.jsonl", show_progress=False)
         assert check["all"]["agreement"] == expected and check["all"]["pairs"] == 40
         assert check["trusted"] is (expected == 1.0)
     # A coin-flip judge: agreement near 50% with an interval that holds 50% is not trusted.
     coin = [{"p_a": 0.5, "better": r["better"], "kind": r["kind"], "per_principle": []} for r in rows]
-    check = G.judge_agreement(coin)
+    check = judge_agreement(coin)
     assert check["all"]["agreement"] == 0.5 and not check["trusted"]
 
 

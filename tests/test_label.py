@@ -11,7 +11,8 @@ from cai.backends.fake import FakeBackend
 from cai.config import LabelConfig
 from cai.constitution import sample_feedback_principles
 from cai.constitution_yaml import load_constitution
-from cai.stages.label import combine_orders, label_pairs, make_pairs, position_bias, sigmoid
+from cai.eval.judge_check import position_bias
+from cai.stages.label import combine_orders, label_pairs, make_pairs, sigmoid
 
 
 def sample_rows():

@@ -9,7 +9,8 @@ import pytest
 from cai.backends.fake import FakeBackend
 from cai.constitution_yaml import load_constitution
 from cai.errors import CaiError
-from cai.eval.mc import calibration_table, load_mc_file, mc_eval, wilson_interval
+from cai.eval.mc import calibration_table, load_mc_file, mc_eval
+from cai.stats import wilson_interval
 
 
 def write(tmp_path, rows, name="mc.jsonl"):

@@ -379,11 +379,11 @@ def gold(
     """Judge-free: each model's own preference for the better answer on human-labelled gold pairs."""
     import tempfile
 
-    from cai.data.gold import load_gold_pairs
+    from cai.data.gold import load_gold_pairs, stratified
     from cai.eval import gold as G
 
     specs = dict(m.split("=", 1) if "=" in m else (m, m) for m in models)
-    chosen = G.stratified(load_gold_pairs(pairs, None if split == "all" else split), limit)
+    chosen = stratified(load_gold_pairs(pairs, None if split == "all" else split), limit)
     path = output or Path(tempfile.mkdtemp()) / "gold_scores.jsonl"
     for table in G.gold_tables(G.score_models(specs, chosen, path)):
         out.print(table)

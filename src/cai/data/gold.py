@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from cai.errors import CaiError
 from cai.io import read_jsonl
@@ -31,6 +31,8 @@ KINDS = ("harmful", "evasive", "unhelpful", "helpfulness")
 SPLITS = ("dev", "test")
 BUILTIN = "gold"
 """Name of the shipped file, accepted wherever a gold-pairs file is."""
+GROUPS = ("all", *KINDS)
+"""Rows of a summary over gold pairs: every pair, then each kind of worse answer."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,21 @@ class GoldPair:
     def axis(self) -> str:
         """``helpfulness`` for helpfulness pairs, else ``harmlessness``."""
         return "helpfulness" if self.kind == "helpfulness" else "harmlessness"
+
+
+def stratified(pairs: Sequence[GoldPair], limit: int | None) -> list[GoldPair]:
+    """At most ``limit`` pairs, taken round-robin over kinds so a small limit still covers each."""
+    if limit is None or limit >= len(pairs):
+        return list(pairs)
+    by_kind: dict[str, list[GoldPair]] = {}
+    for p in pairs:
+        by_kind.setdefault(p.kind, []).append(p)
+    picked: list[GoldPair] = []
+    while len(picked) < limit:
+        for rows in by_kind.values():
+            if rows and len(picked) < limit:
+                picked.append(rows.pop(0))
+    return picked
 
 
 def builtin_gold_path() -> Path:

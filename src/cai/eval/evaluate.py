@@ -27,7 +27,7 @@ from cai.eval.elo import Comparison, elo_table
 from cai.eval.evasiveness import judge_evasiveness
 from cai.io import JsonlWriter, read_jsonl
 from cai.stages.critique import clean_output
-from cai.stages.label import label_pairs
+from cai.stages.label import check_judge, label_pairs
 
 
 def generate_answers(models: dict[str, Any], sets: dict[str, list[PromptRow]], out_path: Path, params: Any,
@@ -214,7 +214,7 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
 
     from cai.backends import load_backend
     from cai.constitution_yaml import load_constitution
-    from cai.data.gold import load_gold_pairs
+    from cai.data.gold import load_gold_pairs, stratified
     from cai.data.prompt_sets import load_prompt_set
     from cai.errors import CaiError
     from cai.eval import gold as G
@@ -248,15 +248,14 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
     # Before the judge loads, so two engines never hold memory at once.
     transcripts = _transcripts(traces[: ecfg.transcripts], models, load, ecfg.sampling.params())
     # The judge-free measure: each policy's own preference on the human-labelled pairs.
-    gold_scores = G.score_models(models, G.stratified(gold, ecfg.gold_limit), out / "gold_scores.jsonl",
+    gold_scores = G.score_models(models, stratified(gold, ecfg.gold_limit), out / "gold_scores.jsonl",
                                  device=cfg.model.device, show_progress=show_progress)
     judge = load_backend(ecfg.judge or cfg.label.feedback_model or cfg.model)
     plain = plain_judging(cfg.label)
     # The judge is checked on the gold pairs first, by exactly the procedure it then judges with.
-    checked = label_pairs(G.judge_pairs_from_gold(G.stratified(gold, ecfg.judge_gold_limit)), constitution=constitution,
-                          backend=judge, config=plain, out_path=out / "judge_gold.jsonl", seed=cfg.seed,
-                          helpfulness_principle=FeedbackPrinciple("helpfulness", plain.helpfulness_question),
-                          show_progress=show_progress)
+    judge_check = check_judge(stratified(gold, ecfg.judge_gold_limit), constitution=constitution, backend=judge,
+                              config=plain, out_path=out / "judge_gold.jsonl", seed=cfg.seed,
+                              show_progress=show_progress)
     curve_traces = traces[: ecfg.revision_curve_traces]
     judged_curve = judged_revision_curve(curve_traces, constitution=constitution, judge=judge, label_config=plain,
                                          out_path=out / "revision_judgements.jsonl", seed=cfg.seed,
@@ -266,7 +265,7 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
     results: dict[str, Any] = {"models": list(models), "model_specs": models,
                                "judge": f"the judge ({(ecfg.judge or cfg.label.feedback_model or cfg.model).name})",
                                "gold": gold_results(gold_scores, ecfg.bootstrap * 5, cfg.seed),
-                               "judge_check": G.judge_agreement(checked),
+                               "judge_check": judge_check,
                                "elo": elo_by_axis(judgements, "base", ecfg.bootstrap, cfg.seed)}
     pm_folder = stage_dir(cfg, "pm")
     scorer = None

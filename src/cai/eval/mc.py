@@ -14,7 +14,6 @@ judgements (confidence = probability given to the option the model prefers).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from cai.backends.base import Backend
 from cai.constitution import Constitution, FeedbackPrinciple
 from cai.errors import CaiError
 from cai.stages.label import combine_orders, first_option_probability, sigmoid
+from cai.stats import wilson_interval
 from cai.types import SamplingParams
 
 DEFAULT_QUESTION = "Which response is more helpful, honest and harmless?"
@@ -83,17 +83,6 @@ def load_mc_file(path: str | Path) -> list[MCRow]:
     if not rows:
         raise CaiError(f"{path} has no rows")
     return rows
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for k successes in n trials."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def calibration_table(p_correct: list[float], n_bins: int = 5) -> list[dict[str, Any]]:

@@ -22,12 +22,14 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from cai import prompts as P
 from cai.backends.base import Backend, stable_seed
 from cai.config import LabelConfig, RunConfig
 from cai.constitution import Constitution, FeedbackPrinciple, sample_feedback_principles
+from cai.data.gold import GoldPair, load_gold_pairs, stratified
+from cai.eval.judge_check import judge_agreement, judge_pairs_from_gold, position_bias
 from cai.io import JsonlWriter, iter_batches, read_jsonl
 from cai.progress import progress_bar
 from cai.stages.critique import clean_output, use_chat_format
@@ -194,11 +196,30 @@ def _label_row(pair, jobs, probs, reasoning, k, config: LabelConfig) -> dict[str
     }
 
 
-def position_bias(rows: list[dict[str, Any]]) -> float | None:
-    """Mean P(first option) - 0.5 over labels asked in both orders (0 = no bias; >0 favours first)."""
-    values = [(e["p_first"]["ab"] + e["p_first"]["ba"]) / 2 for r in rows for e in r["per_principle"]
-              if "ab" in e["p_first"] and "ba" in e["p_first"]]
-    return round(sum(values) / len(values) - 0.5, 6) if values else None
+def check_judge(
+    gold: Sequence[GoldPair],
+    *,
+    constitution: Constitution,
+    backend: Backend,
+    config: LabelConfig,
+    out_path: str | Path,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """A judge's agreement with gold pairs, labelled by exactly this stage's procedure (`label_pairs`).
+
+    The label stage runs it on dev pairs before labelling and ``cai eval`` before judging, so
+    both report how far the labels they then make can be trusted. Rows resume from ``out_path``.
+
+    Returns:
+        `cai.eval.judge_check.judge_agreement` of the labelled pairs: per kind, agreement with a
+        Wilson interval; ``trusted``, ``position_bias`` and ``mean_confidence``.
+    """
+    labelled = label_pairs(judge_pairs_from_gold(gold), constitution=constitution, backend=backend, config=config,
+                           out_path=out_path, seed=seed,
+                           helpfulness_principle=FeedbackPrinciple("helpfulness", config.helpfulness_question),
+                           show_progress=show_progress)
+    return judge_agreement(labelled)
 
 
 def run_label(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
@@ -252,15 +273,9 @@ def _gold_check(cfg: RunConfig, constitution: Constitution, backend: Backend, fo
         return {}
     from rich.console import Console
 
-    from cai.data.gold import load_gold_pairs
-    from cai.eval.gold import judge_agreement, judge_pairs_from_gold, stratified
-
-    pairs = judge_pairs_from_gold(stratified(load_gold_pairs("gold", "dev"), cfg.label.gold_check))
-    checked = label_pairs(pairs, constitution=constitution, backend=backend, config=cfg.label,
-                          out_path=folder / "gold_check.jsonl", seed=cfg.seed,
-                          helpfulness_principle=FeedbackPrinciple("helpfulness", cfg.label.helpfulness_question),
-                          show_progress=show_progress)
-    result = judge_agreement(checked)["all"]
+    result = check_judge(stratified(load_gold_pairs("gold", "dev"), cfg.label.gold_check), constitution=constitution,
+                         backend=backend, config=cfg.label, out_path=folder / "gold_check.jsonl", seed=cfg.seed,
+                         show_progress=show_progress)["all"]
     low, high = result["ci"]
     Console(stderr=True).print(
         f"label: the feedback model agrees with the human gold labels on {result['agreement']:.0%} "
