@@ -229,6 +229,21 @@ def test_every_config_field_is_described():
     assert missing == []
 
 
+def test_shared_sections_keep_each_stage_own_default_and_the_shared_checks():
+    """SFT and PM share one definition of their training fields (PPO, RLOO and GRPO one of their rollout
+    prompts): the keys stay under each stage, a stage keeps its own default, and the checks hold for both."""
+    from cai.config import PMConfig, PPOConfig, RLOOConfig, RolloutPromptsConfig, RunConfig, SupervisedTrainingConfig
+
+    config = RunConfig()
+    assert (config.sft.learning_rate, config.pm.learning_rate) == (2e-5, 3e-5)
+    assert PMConfig.model_fields["learning_rate"].description == SupervisedTrainingConfig.model_fields["learning_rate"].description
+    for key in ("sft.learning_rate=0", "pm.learning_rate=0", "pm.warmup_ratio=1"):
+        with pytest.raises(CaiError, match=f"override '{key}'"):
+            load_config(RunConfig, None, [key])
+    assert set(RolloutPromptsConfig.model_fields) <= set(PPOConfig.model_fields) & set(RLOOConfig.model_fields)
+    assert load_config(RunConfig, None, ["rl.rloo.helpfulness_ratio=0.5"]).rl.rloo.helpfulness_ratio == 0.5
+
+
 def test_config_show_lists_a_section_with_types_and_defaults(monkeypatch, capsys):
     from cai.cli import main
 

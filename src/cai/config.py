@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from cai.types import SamplingParams
 
@@ -145,7 +146,35 @@ class LoraConfig(Strict):
     target_modules: list[str] | str = Field("all-linear", description="Module names, or 'all-linear'.")
 
 
-class SFTConfig(Strict):
+def _default(base: type[Strict], name: str, default: Any) -> Any:
+    """``base``'s field ``name``, its checks and description kept, with another default."""
+    return FieldInfo.merge_field_infos(base.model_fields[name], default=default)
+
+
+class SupervisedTrainingConfig(Strict):
+    """What SFT and the preference model share: AdamW with a linear warmup and decay, gradient
+    clipping, micro-batches, adapters, dtype and trackers (our own training loop, `cai.train`).
+
+    Each field is documented here once; the two stages differ only in some defaults.
+    """
+
+    learning_rate: float = Field(2e-5, gt=0, description="Peak AdamW learning rate (linear warmup, then linear decay).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
+    micro_batch_tokens: StrictInt | None = Field(
+        None, ge=1, description=("Most padded tokens in one forward pass: a larger batch is split into micro-batches whose "
+                                 "gradients add up to the same update, bounding activation memory (about 1.8 MB per token "
+                                 "for a 135M model in fp32). null = 512 on a CPU, no limit on a GPU.")
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Also log to these trackers (through accelerate)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Train low-rank adapters instead of every weight.")
+    dtype: DType = Field("auto", description=_DTYPE)
+
+
+class SFTConfig(SupervisedTrainingConfig):
     """``cai sft``: supervised fine-tuning on the revisions (SL-CAI)."""
 
     revisions: Literal["final", "all"] = Field(
@@ -159,23 +188,9 @@ class SFTConfig(Strict):
     max_steps: StrictInt | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     batch_size: StrictInt = Field(4, ge=1, description="Examples per batch (per process); see micro_batch_tokens.")
     gradient_accumulation: StrictInt = Field(1, ge=1, description="Forward passes per optimizer step.")
-    micro_batch_tokens: StrictInt | None = Field(
-        None, ge=1, description=("Most padded tokens in one forward pass: a larger batch is split into micro-batches whose "
-                                 "gradients add up to the same update, bounding activation memory (about 1.8 MB per token "
-                                 "for a 135M model in fp32). null = 512 on a CPU, no limit on a GPU.")
-    )
-    learning_rate: float = Field(2e-5, gt=0, description="Peak AdamW learning rate (linear warmup, then linear decay).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
     max_length: StrictInt = Field(512, ge=16, description="Tokens per example; longer ones are cut from the left of the prompt.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(
-        default_factory=list, description="Also log to these trackers (through accelerate)."
-    )
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="Train low-rank adapters instead of every weight.")
     save_every: StrictInt = Field(50, ge=1, description="Optimizer steps between resumable checkpoints.")
     activation_checkpointing: bool = Field(False, description="Trade compute for memory; only when memory asks for it.")
-    dtype: DType = Field("auto", description=_DTYPE)
 
 
 class SampleConfig(Strict):
@@ -216,7 +231,7 @@ class LabelConfig(Strict):
     )
 
 
-class PMConfig(Strict):
+class PMConfig(SupervisedTrainingConfig):
     """``cai pm``: a scalar-head preference model trained on the soft AI labels."""
 
     base: str | None = Field(None, description="Model the PM starts from; null = the run's starting model.")
@@ -228,35 +243,28 @@ class PMConfig(Strict):
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="Share of prompts held out for accuracy and calibration.")
     epochs: StrictInt = Field(2, ge=1, description="Passes over the comparisons.")
     batch_size: StrictInt = Field(8, ge=1, description="Comparisons per optimizer step (per process).")
-    micro_batch_tokens: StrictInt | None = Field(
-        None, ge=1, description=("Most padded tokens in one forward pass: a larger batch is split into micro-batches whose "
-                                 "gradients add up to the same update, bounding activation memory (about 1.8 MB per token "
-                                 "for a 135M model in fp32). null = 512 on a CPU, no limit on a GPU.")
-    )
-    learning_rate: float = Field(3e-5, gt=0, description="Peak AdamW learning rate (linear warmup, then linear decay).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
+    learning_rate: float = _default(SupervisedTrainingConfig, "learning_rate", 3e-5)
     max_length: StrictInt = Field(512, ge=16, description="Tokens per prompt + answer; longer ones are cut from the left.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(
-        default_factory=list, description="Also log to these trackers (through accelerate)."
-    )
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="Train low-rank adapters instead of every weight.")
-    dtype: DType = Field("auto", description=_DTYPE)
 
 
-class PPOConfig(Strict):
-    """``cai ppo``: PPO of the SL-CAI policy against the preference model, with a KL penalty to SL-CAI."""
+class RolloutPromptsConfig(Strict):
+    """What PPO, RLOO and GRPO share: the prompts the policy answers in rollouts, and the held-out
+    prompts whose mean reward from the preference model shows whether training helps."""
 
     prompts: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(limit=None),
                                      description="Red-team prompts the policy answers in rollouts.")
     helpfulness: PromptSetConfig | None = Field(default_factory=lambda: PromptSetConfig(source="helpfulness", limit=None),
                                                 description="Helpfulness prompts mixed into rollouts; null to skip.")
-    helpfulness_ratio: float = Field(0.25, ge=0, lt=1, description="Share of helpfulness prompts in each rollout batch.")
+    helpfulness_ratio: float = Field(0.25, ge=0, lt=1, description="Share of helpfulness prompts among the rollout prompts.")
     eval_prompts: PromptSetConfig = Field(
         default_factory=lambda: PromptSetConfig(split="test", limit=16),
-        description="Held-out prompts whose mean PM reward is measured before, during and after PPO.",
+        description="Held-out prompts whose mean PM reward (greedy answers) is measured before, during and after training.",
     )
+
+
+class PPOConfig(RolloutPromptsConfig):
+    """``cai ppo``: PPO of the SL-CAI policy against the preference model, with a KL penalty to SL-CAI."""
+
     steps: StrictInt = Field(20, ge=1, description="PPO iterations (rollout batch + optimisation).")
     rollout_batch: StrictInt = Field(8, ge=1, description="Prompts per PPO iteration.")
     epochs: StrictInt = Field(2, ge=1, description="Optimisation passes over each rollout batch.")
@@ -329,19 +337,10 @@ class VLLMRolloutConfig(Strict):
         return {"use_vllm": self.enabled, **kwargs}
 
 
-class OnlineRLConfig(Strict):
+class OnlineRLConfig(RolloutPromptsConfig):
     """What RLOO and GRPO share: sample several answers per prompt, score them with the preference model,
     and push the policy toward the better ones, with a KL penalty to the SL-CAI model."""
 
-    prompts: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(limit=None),
-                                     description="Red-team prompts the policy answers in rollouts.")
-    helpfulness: PromptSetConfig | None = Field(default_factory=lambda: PromptSetConfig(source="helpfulness", limit=None),
-                                                description="Helpfulness prompts mixed into rollouts; null to skip.")
-    helpfulness_ratio: float = Field(0.25, ge=0, lt=1, description="Share of helpfulness prompts in the rollout prompts (capped by what exists).")
-    eval_prompts: PromptSetConfig = Field(
-        default_factory=lambda: PromptSetConfig(split="test", limit=16),
-        description="Held-out prompts whose mean PM reward (greedy answers) is measured before, during and after training.",
-    )
     steps: StrictInt = Field(20, ge=1, description="Optimizer steps; a fresh batch of rollouts every `iterations` steps.")
     prompts_per_step: StrictInt = Field(4, ge=1, description="Prompts per optimizer step, per process; each is answered `generations` times.")
     generations: StrictInt = Field(4, ge=2, description="Answers sampled per prompt: the group whose rewards are compared.")
