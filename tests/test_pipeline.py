@@ -177,7 +177,7 @@ def test_sharded_critique_merges_to_the_unsharded_rows(tiny_model_dir, small_con
     """Two machines each run half the prompts (`--shard i/2`); `cai merge` gives the same rows as one machine."""
     from conftest import tiny_run_overrides
 
-    from cai.sharding import merge_stage
+    from cai.runs import merge_stage
     from cai.stages.critique import run_critique
 
     overrides = tiny_run_overrides(tiny_model_dir, tmp_path / "runs", small_constitution) + ["critique.helpfulness.limit=2"]

@@ -261,7 +261,7 @@ def merge(
     set_: SetOpt = None,
 ) -> None:
     """Merge a generation stage run as N shards (on N machines) into its stage folder."""
-    from cai.sharding import merge_stage
+    from cai.runs import merge_stage
 
     if shards < 1:
         raise CaiError(f"--shards must be at least 1, got {shards}")

@@ -33,6 +33,7 @@ from cai.config import RLAlgo, RunConfig, rl_algorithms
 from cai.config_loader import config_hash_of, config_to_yaml
 from cai.errors import CaiError
 from cai.io import ensure_dir, write_json_atomic, write_text_atomic
+from cai.sharding import merge_shards, parse_shard
 
 console = Console(stderr=True)
 
@@ -118,8 +119,6 @@ def shard_dir(cfg: RunConfig, stage: str, shard: str | None) -> Path:
     """
     if shard is None:
         return stage_dir(cfg, stage)
-    from cai.sharding import parse_shard
-
     if not get_stage(stage).shardable:
         raise CaiError(f"only {', '.join(s.name for s in STAGES if s.shardable)} can be sharded, not '{stage}'")
     index, count = parse_shard(shard)
@@ -371,6 +370,33 @@ def _is_main_process() -> bool:
     import os
 
     return os.environ.get("RANK", "0") == "0"
+
+
+def merge_stage(cfg: RunConfig, stage: str, count: int) -> Path:
+    """Merge the N shard outputs of a generation stage (run on N machines) into the stage folder.
+
+    Raises:
+        CaiError: the stage isn't shardable, or a shard hasn't finished.
+    """
+    spec = get_stage(stage)
+    if not spec.shardable:
+        raise CaiError(f"only shardable stages can be merged, not '{stage}'")
+    st = StageRun(cfg, stage)
+    shards = [st.dir / "shards" / f"{i}-of-{count}" for i in range(count)]
+    unfinished = [str(s) for s in shards if (read_manifest(s) or {}).get("status") != "done"]
+    if unfinished:
+        raise CaiError(f"cannot merge {stage}: shard(s) not finished: {', '.join(unfinished)}")
+    other = [str(s) for s in shards if (read_manifest(s) or {}).get("config_hash") != st.config_hash]
+    if other:
+        raise CaiError(f"cannot merge {stage}: shard(s) made with a different {stage} config: {', '.join(other)}")
+    st.start(model=(read_manifest(shards[0]) or {}).get("model", ""))
+    counts = {}
+    for name in spec.data_files:
+        paths = [s / name for s in shards if (s / name).is_file()]
+        if paths:
+            counts[name.removesuffix(".jsonl").replace("-", "_") + "_rows"] = merge_shards(paths, st.dir / name)
+    st.done(merged_shards=count, **counts)
+    return st.dir
 
 
 def stage_status(run_dir: Path, rl_algo: str | list[str] | None = None) -> list[dict[str, Any]]:

@@ -4,7 +4,8 @@ Every machine runs the same stage with the same config and its own ``--shard i/N
 the rows whose id hashes to ``i`` (mod N), so the machines agree without talking to each other,
 no row runs twice and none is left out. Seeds are derived from row ids (`stable_seed`), so a row
 gives the same output whichever shard ran it. Afterwards `merge_shards` joins the shards' JSONL
-files into the one file the next stage reads.
+files into the one file the next stage reads (``cai merge``, `cai.runs.merge_stage`, does this for
+every data file of a stage and marks the stage done).
 
     cai critique -c run.yaml --shard 0/2      # machine A
     cai critique -c run.yaml --shard 1/2      # machine B
@@ -18,7 +19,6 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
-from cai.config import RunConfig
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_text_atomic
 
@@ -103,32 +103,3 @@ def merge_shards(paths: list[Path], out: Path) -> int:
                 rows.append(row)
     write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return len(rows)
-
-
-def merge_stage(cfg: RunConfig, stage: str, count: int) -> Path:
-    """Merge the N shard outputs of a generation stage (run on N machines) into the stage folder.
-
-    Raises:
-        CaiError: the stage isn't shardable, or a shard hasn't finished.
-    """
-    from cai.runs import StageRun, get_stage, read_manifest
-
-    spec = get_stage(stage)
-    if not spec.shardable:
-        raise CaiError(f"only shardable stages can be merged, not '{stage}'")
-    st = StageRun(cfg, stage)
-    shards = [st.dir / "shards" / f"{i}-of-{count}" for i in range(count)]
-    unfinished = [str(s) for s in shards if (read_manifest(s) or {}).get("status") != "done"]
-    if unfinished:
-        raise CaiError(f"cannot merge {stage}: shard(s) not finished: {', '.join(unfinished)}")
-    other = [str(s) for s in shards if (read_manifest(s) or {}).get("config_hash") != st.config_hash]
-    if other:
-        raise CaiError(f"cannot merge {stage}: shard(s) made with a different {stage} config: {', '.join(other)}")
-    st.start(model=(read_manifest(shards[0]) or {}).get("model", ""))
-    counts = {}
-    for name in spec.data_files:
-        paths = [s / name for s in shards if (s / name).is_file()]
-        if paths:
-            counts[name.removesuffix(".jsonl").replace("-", "_") + "_rows"] = merge_shards(paths, st.dir / name)
-    st.done(merged_shards=count, **counts)
-    return st.dir
