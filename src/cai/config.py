@@ -196,7 +196,7 @@ class SFTConfig(SupervisedTrainingConfig):
 class SampleConfig(Strict):
     """``cai sample``: K responses per prompt from the policy, to be labelled by AI feedback."""
 
-    policy: str | None = Field(None, description="Model to sample from; null = this run's SL-CAI model (sl_cai/).")
+    policy: str | None = Field(None, description="Model to sample from; null = this run's SL-CAI model (sft/).")
     prompts: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(limit=256), description="Red-team prompts to sample answers for.")
     helpfulness: PromptSetConfig | None = Field(
         default_factory=lambda: PromptSetConfig(source="helpfulness", limit=64),

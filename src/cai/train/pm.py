@@ -112,7 +112,7 @@ class RewardScorer:
 
 
 def pairs_from_labels(rows: list[dict[str, Any]]) -> list[Pair]:
-    """Pairs from ``feedback/data.jsonl`` rows (AI labels)."""
+    """Pairs from the label stage's ``data.jsonl`` rows (AI labels)."""
     return [Pair(r["prompt"], r["response_a"], r["response_b"], float(r["p_a"]), r.get("source_id", r["id"]),
                  "helpfulness" if r.get("set") == "helpfulness" else "harmlessness") for r in rows]
 

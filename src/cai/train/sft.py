@@ -3,8 +3,8 @@
 Why our own loop and not TRL's SFTTrainer: on CPUs the trainer's defaults (bf16, activation
 checkpointing) ran ~12x slower, and even tuned it was 1.43x slower than a plain loop here; the
 loop below is short, resumable, and runs under ``accelerate launch`` unchanged (DDP/FSDP/
-DeepSpeed through accelerate). The data it writes is also TRL-ready (``messages`` rows), so a
-user who prefers SFTTrainer can point it at ``critique_revision/data.jsonl`` directly.
+DeepSpeed through accelerate). The critique stage's rows are also TRL-ready (``messages``), so a
+user who prefers SFTTrainer can point it at ``runs/<name>/critique/data.jsonl`` directly.
 
     cai sft -c configs/demo.yaml          # after `cai critique -c configs/demo.yaml`
 """
@@ -43,7 +43,7 @@ def build_sft_examples(
     """The SL-CAI training mix: prompt + revision chats, plus helpfulness chats at a ratio.
 
     Args:
-        critique_rows: rows of ``critique_revision/data.jsonl``.
+        critique_rows: rows of the critique stage's ``data.jsonl``.
         helpful_chats: prompt + answer chats (the model's own answers to helpfulness prompts, or
             the user's SFT data).
         revisions: ``final`` (one example per prompt) or ``all`` (every round's distinct revision,
