@@ -12,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from cai.backends.base import Backend
-from cai.backends.openai_http import OpenAIHTTPBackend, backoff_delay, from_config, parse_retry_after
+from cai.backends.http_transport import backoff_delay, parse_retry_after
+from cai.backends.openai_http import OpenAIHTTPBackend, from_config
 from cai.errors import CaiError
 from cai.prompts import CHOICE_OPTIONS
 from cai.types import SamplingParams
@@ -148,7 +149,7 @@ def test_server_errors_are_retried_with_backoff():
     with Scripted(lambda *a: next(replies)) as srv:
         backend = http_backend(srv.url, max_retries=3)
         slept: list[float] = []
-        backend._sleep = slept.append
+        backend.http.sleep = slept.append
         assert backend.generate(["x"], SamplingParams()) == ["done"]
     assert len(srv.requests) == 3 and len(slept) == 2
 
@@ -158,7 +159,7 @@ def test_retry_after_is_respected():
     with Scripted(lambda *a: next(replies)) as srv:
         backend = http_backend(srv.url)
         slept: list[float] = []
-        backend._sleep = slept.append
+        backend.http.sleep = slept.append
         assert backend.generate(["x"], SamplingParams()) == ["done"]
     assert slept == [3.0]
 

@@ -1,10 +1,9 @@
 """The HTTP backend: any OpenAI-compatible server (vLLM serve, llama.cpp server, TGI, Ollama, hosted APIs).
 
-One request per prompt, several in flight at once (a thread pool of ``concurrency`` workers sharing
-one ``httpx`` connection pool), spread round-robin over one or more servers. Rate limits (429),
-server errors (5xx), dropped connections and timeouts are retried with exponential backoff and
-jitter (or the server's ``Retry-After``); any other 4xx means the request itself is wrong, so it
-fails at once with the server's message.
+This module speaks the OpenAI protocol (request bodies, ``/completions``, ``/chat/completions``,
+reading choices and log-probs). One request per prompt goes through `HTTPTransport`
+(`cai.backends.http_transport`): several in flight at once, round-robin over one or more servers,
+retries with backoff.
 
 Chats and plain strings take different routes:
 
@@ -26,74 +25,19 @@ a single token: its log-prob is read from the top-20 candidates for the next tok
 
 from __future__ import annotations
 
-import email.utils
-import itertools
 import math
 import os
-import random
-import threading
-import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, cut_at_stop, encode_rendered, render_with_template, row_seed
+from cai.backends.http_transport import HTTPRequestError, HTTPTransport
 from cai.errors import CaiError
 from cai.types import SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-RETRY_STATUSES = frozenset({429}) | frozenset(range(500, 600))
-MAX_RETRY_AFTER_S = 120.0
-"""A ``Retry-After`` longer than this is cut to it, so a misconfigured server can't stall a run for hours."""
 TOP_LOGPROBS_FALLBACK = 20
-
-
-class HTTPRequestError(CaiError):
-    """The server rejected a request (a 4xx other than 429): retrying would not help."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def backoff_delay(
-    attempt: int, retry_after: float | None, base_s: float, max_s: float, rng: Callable[[], float] = random.random
-) -> float:
-    """Seconds to wait before retry number ``attempt + 1``.
-
-    The server's ``Retry-After`` wins when given (capped at `MAX_RETRY_AFTER_S`); otherwise
-    ``base_s * 2**attempt``, capped at ``max_s``, scaled by a random factor in [0.5, 1) so that many
-    clients that failed together don't retry together.
-    """
-    if retry_after is not None:
-        return min(max(retry_after, 0.0), MAX_RETRY_AFTER_S)
-    return min(max_s, base_s * 2**attempt) * (0.5 + 0.5 * rng())
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """A ``Retry-After`` header (seconds, or an HTTP date) as seconds from now; None if absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _normalize_url(url: str) -> str:
-    """Strip a trailing slash; a bare ``http://host:port`` gets the usual ``/v1`` prefix."""
-    url = url.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in {"http", "https"} or not parts.netloc:
-        raise CaiError(f"base URL {url!r} is not an http(s) URL such as http://127.0.0.1:8000/v1")
-    return url if parts.path else url + "/v1"
 
 
 def _load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
@@ -131,6 +75,9 @@ class OpenAIHTTPBackend:
             send token ids.
         context_length: the served model's context, when known (None: unknown).
 
+    The connection arguments (``base_urls``, ``api_key_env``, ``concurrency``, ``timeout_s`` and the
+    retry ones) go to `HTTPTransport` as they are.
+
     Raises:
         CaiError: ``httpx`` is missing, or an argument is out of range.
     """
@@ -150,43 +97,22 @@ class OpenAIHTTPBackend:
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         context_length: int | None = None,
     ) -> None:
-        try:
-            import httpx
-        except ImportError as err:
-            raise CaiError("the HTTP backend needs httpx: pip install 'cai[http]'") from err
         if isinstance(base_urls, str):
             base_urls = [base_urls]
-        if not base_urls:
-            raise CaiError("the HTTP backend needs at least one base URL")
         if mode not in ("chat", "completion"):
             raise CaiError(f"mode must be 'chat' or 'completion', got {mode!r}")
-        if concurrency < 1:
-            raise CaiError(f"concurrency must be at least 1, got {concurrency}")
-        if timeout_s <= 0:
-            raise CaiError(f"timeout_s must be positive, got {timeout_s}")
-        if max_retries < 0:
-            raise CaiError(f"max_retries must be 0 or more, got {max_retries}")
-        self.base_urls = [_normalize_url(u) for u in base_urls]
+        self.http = HTTPTransport(base_urls, api_key_env=api_key_env, concurrency=concurrency, timeout_s=timeout_s,
+                                  max_retries=max_retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
+        self.base_urls = self.http.base_urls
         self.model = model
         self.api_key_env = api_key_env
         self.mode = mode
         self.concurrency = concurrency
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
         self.tokenizer = _load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.context_length = context_length
         template = self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None) is not None
         self.has_chat_template = mode == "chat" or template
-        self._httpx = httpx
-        self._client = httpx.Client(
-            timeout=timeout_s, limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        )
-        self._turn = itertools.count()
-        self._turn_lock = threading.Lock()
         self._echo_ok: bool | None = None  # learnt on the first choice_logprobs call
-        self._sleep = time.sleep
 
     def __repr__(self) -> str:
         return (
@@ -196,7 +122,7 @@ class OpenAIHTTPBackend:
 
     def close(self) -> None:
         """Close the pooled connections."""
-        self._client.close()
+        self.http.close()
 
     def __enter__(self) -> OpenAIHTTPBackend:
         return self
@@ -235,72 +161,6 @@ class OpenAIHTTPBackend:
         """Token ids as `HFBackend.encode` makes them (a BOS the tokenizer adds to raw text, no other specials)."""
         return encode_rendered(self.tokenizer, [text])[0]
 
-    # ------------------------------------------------------------------------------ HTTP
-
-    def _headers(self) -> dict[str, str]:
-        key = os.environ.get(self.api_key_env, "")
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-    def _next_url(self) -> str:
-        with self._turn_lock:
-            return self.base_urls[next(self._turn) % len(self.base_urls)]
-
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST ``body`` to ``path`` on the next server, retrying what a retry can fix.
-
-        Raises:
-            HTTPRequestError: a 4xx other than 429 (no retry).
-            CaiError: every attempt failed; names the last URL and error.
-        """
-        last_error, url = "", ""
-        for attempt in range(self.max_retries + 1):
-            url = self._next_url() + path
-            retry_after = None
-            try:
-                response = self._client.post(url, json=body, headers=self._headers())
-            except self._httpx.TransportError as err:  # refused, reset, DNS, timeouts
-                last_error = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-            else:
-                if response.status_code < 300:
-                    try:
-                        return response.json()
-                    except ValueError as err:
-                        raise CaiError(f"{url} answered 200 with a body that is not JSON: {response.text[:200]!r}") from err
-                message = _error_message(response)
-                if response.status_code in (401, 403):
-                    message += f"; check the API key in the environment variable {self.api_key_env} (model.api_key_env)"
-                if response.status_code not in RETRY_STATUSES:
-                    raise HTTPRequestError(
-                        f"{url} rejected the request with HTTP {response.status_code}: {message}", response.status_code
-                    )
-                last_error = f"HTTP {response.status_code}: {message}"
-                retry_after = parse_retry_after(response.headers.get("retry-after"))
-            if attempt < self.max_retries:
-                self._sleep(backoff_delay(attempt, retry_after, self.backoff_s, self.max_backoff_s))
-        raise CaiError(f"request to {url} failed after {self.max_retries + 1} attempts; the last error was {last_error}")
-
-    def _run_all(self, jobs: Sequence[Callable[[], Any]], on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
-        """Run the jobs ``concurrency`` at a time; results in input order. The first failure cancels the rest."""
-        if len(jobs) == 1:
-            result = jobs[0]()
-            if on_done is not None:
-                on_done(0, result)
-            return [result]
-        results: list[Any] = [None] * len(jobs)
-        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(jobs)), thread_name_prefix="cai-http")
-        try:
-            pending = {pool.submit(job): i for i, job in enumerate(jobs)}
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    i = pending.pop(future)
-                    results[i] = future.result()  # raises the job's error
-                    if on_done is not None:
-                        on_done(i, results[i])
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-        return results
-
     # --------------------------------------------------------------------------- generate
 
     def _sampling_body(self, params: SamplingParams, seed: int) -> dict[str, Any]:
@@ -325,11 +185,11 @@ class OpenAIHTTPBackend:
             if prompt[-1]["role"] == "assistant":
                 body["continue_final_message"] = True
                 body["add_generation_prompt"] = False
-            answer = self._post("/chat/completions", body)
+            answer = self.http.post("/chat/completions", body)
             text = _first_choice(answer).get("message", {}).get("content") or ""
         else:
             body["prompt"] = self.render(prompt)
-            answer = self._post("/completions", body)
+            answer = self.http.post("/completions", body)
             text = _first_choice(answer).get("text") or ""
         text = cut_at_stop(text, params.stop)[0]
         used = (answer.get("usage") or {}).get("completion_tokens")
@@ -356,7 +216,7 @@ class OpenAIHTTPBackend:
         row_seeds = list(seeds) if seeds is not None else [row_seed(params.seed, i) for i in range(len(prompts))]
         jobs = [lambda p=p, s=s: self._generate_one(p, params, s) for p, s in zip(prompts, row_seeds)]
         report = None if progress is None else (lambda _i, result: progress(1, result[1]))
-        return [text for text, _ in self._run_all(jobs, report)]
+        return [text for text, _ in self.http.run_all(jobs, report)]
 
     # ---------------------------------------------------------------------- choice scoring
 
@@ -382,7 +242,7 @@ class OpenAIHTTPBackend:
                 self._echo_ok = False
             else:
                 pairs = [(i, j) for i in range(len(prompts)) for j in range(len(options))][1:]
-                scores = self._run_all([lambda i=i, j=j: self._echo_score(prompts[i], options[j], i, j) for i, j in pairs])
+                scores = self.http.run_all([lambda i=i, j=j: self._echo_score(prompts[i], options[j], i, j) for i, j in pairs])
                 result = [[0.0] * len(options) for _ in prompts]
                 result[0][0] = first
                 for (i, j), score in zip(pairs, scores):
@@ -402,7 +262,7 @@ class OpenAIHTTPBackend:
         else:
             body["prompt"] = prompt + option
         try:
-            answer = self._post("/completions", body)
+            answer = self.http.post("/completions", body)
         except HTTPRequestError as err:
             if 400 <= err.status < 500 and err.status not in (401, 403, 404):
                 raise _EchoRefused(str(err)) from err
@@ -445,7 +305,7 @@ class OpenAIHTTPBackend:
                     "logprobs": TOP_LOGPROBS_FALLBACK}
             if self.tokenizer is not None:
                 body["prompt"] = self._encode(prompt)
-            logprobs = _first_choice(self._post("/completions", body)).get("logprobs") or {}
+            logprobs = _first_choice(self.http.post("/completions", body)).get("logprobs") or {}
             top = (logprobs.get("top_logprobs") or [None])[0] or {}
             missing = [o for o in options if o not in top]
             if missing:
@@ -456,7 +316,7 @@ class OpenAIHTTPBackend:
                 )
             return [float(top[o]) for o in options]
 
-        return self._run_all([lambda p=p: score(p) for p in prompts])
+        return self.http.run_all([lambda p=p: score(p) for p in prompts])
 
 
 class _EchoRefused(CaiError):
@@ -468,23 +328,6 @@ def _first_choice(answer: dict[str, Any]) -> dict[str, Any]:
     if not choices or not isinstance(choices[0], dict):
         raise CaiError(f"the server's answer has no choices: {str(answer)[:200]}")
     return choices[0]
-
-
-def _error_message(response: Any) -> str:
-    """The server's own error message (OpenAI-style JSON, or the start of the body)."""
-    try:
-        data = response.json()
-    except ValueError:
-        return response.text.strip()[:300] or response.reason_phrase
-    if isinstance(data, dict):
-        error = data.get("error", data)
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        if isinstance(error, str):
-            return error
-        if isinstance(data.get("detail"), str):
-            return data["detail"]
-    return str(data)[:300]
 
 
 def from_config(base_urls: str | Sequence[str], model: str, **kwargs: Any) -> OpenAIHTTPBackend:
