@@ -14,6 +14,7 @@ from cai.config import RunConfig
 from cai.config_loader import config_to_yaml, read_yaml
 from cai.errors import CaiError
 from cai.io import write_text_atomic
+from cai.locks import acquire_folder, release_all, release_folder
 from cai.runs import RL_STAGES, STAGES, changed_keys, first_stage_reading, get_stage, refuse_legacy_run
 
 console = Console(stderr=True)
@@ -101,7 +102,9 @@ def prepare_run(cfg: RunConfig, *, from_stage: str | None = None) -> None:
         for name in order[order.index(from_stage):]:
             target = cfg.run_dir / (get_stage(name).folder if name != REPORT else "report.html")
             if target.is_dir():
+                acquire_folder(target, name)  # never delete a folder another process is writing
                 shutil.rmtree(target)
+                release_folder(target)
             elif target.exists():
                 target.unlink()
     write_text_atomic(saved, config_to_yaml(cfg))
@@ -109,7 +112,10 @@ def prepare_run(cfg: RunConfig, *, from_stage: str | None = None) -> None:
 
 def run_stage(cfg: RunConfig, name: str, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Run one stage by its name in `STAGES` (what each ``cai <stage>`` command does)."""
-    return get_stage(name).runner()(cfg, shard=shard, show_progress=show_progress)
+    try:
+        return get_stage(name).runner()(cfg, shard=shard, show_progress=show_progress)
+    finally:  # a stage that failed still holds its folder's lock; the next stage, or a rerun, must not wait
+        release_all()
 
 
 def run_all(cfg: RunConfig, *, from_stage: str | None = None, show_progress: bool = True) -> Path:

@@ -31,6 +31,7 @@ from cai.config import RLAlgo, RunConfig, rl_algorithms
 from cai.config_loader import config_hash_of, config_to_yaml
 from cai.errors import CaiError
 from cai.io import ensure_dir, write_json_atomic, write_text_atomic
+from cai.locks import acquire_folder, release_folder
 from cai.memory import peak_rss_gb, release_memory, reset_peak_rss
 from cai.sharding import merge_shards, parse_shard
 
@@ -122,6 +123,17 @@ def shard_dir(cfg: RunConfig, stage: str, shard: str | None) -> Path:
         raise CaiError(f"only {', '.join(s.name for s in STAGES if s.shardable)} can be sharded, not '{stage}'")
     index, count = parse_shard(shard)
     return stage_dir(cfg, stage) / "shards" / f"{index}-of-{count}"
+
+
+def policy_spec(cfg: RunConfig) -> str:
+    """The policy RL-CAI starts from: ``sample.policy``, else this run's SL-CAI model (``sft/``)."""
+    if cfg.sample.policy:
+        return cfg.sample.policy
+    sl = stage_dir(cfg, "sft")
+    if not is_done(sl):
+        raise CaiError(f"RL-CAI needs a policy: run `cai sft` first (expected a model in {sl}) "
+                       "or set sample.policy=MODEL")
+    return str(sl)
 
 
 def stage_view(config: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -231,7 +243,19 @@ class StageRun:
         self._started = 0.0
         self._peak_before = 0.0
         refuse_legacy_run(cfg.run_dir)
-        self._refuse_changed_config()
+        # One writer per folder: taken before the folder is read, held until done() (or skip(), or
+        # the process ends); under `accelerate launch` rank 0 holds it for every rank.
+        if _is_main_process():
+            acquire_folder(self.dir, self.name)
+        try:
+            self._refuse_changed_config()
+        except CaiError:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give back this stage's folder lock (done(), skip() and a failed require() do it for you)."""
+        release_folder(self.dir)
 
     def _refuse_changed_config(self) -> None:
         previous = read_manifest(self.dir)
@@ -257,6 +281,7 @@ class StageRun:
         """True (and says so) when this stage already finished with this same config."""
         if self.finished:
             console.print(f"{self.name}: already done in {self.dir} with this config (delete the folder to redo it)")
+            self.release()
             return True
         return False
 
@@ -264,6 +289,7 @@ class StageRun:
         """The folder of an earlier stage this one reads; a clear error when it isn't finished."""
         source = stage_dir(self.cfg, name)
         if not is_done(source):
+            self.release()
             raise CaiError(f"{self.name} needs the {name} stage's output in {source}; run `cai {name}` with this "
                            "config first")
         return source
@@ -302,6 +328,7 @@ class StageRun:
         self.manifest["status"] = "done"
         self.manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self._save()
+        self.release()
 
     def _save(self) -> None:
         self.manifest["elapsed_s"] = round(self._elapsed_before + time.time() - self._started, 2)
