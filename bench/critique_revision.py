@@ -58,19 +58,19 @@ def hf_critique_revision(backend: Any, rows: list, constitution: Any, config: An
     from cai import prompts as P
     from cai.backends.base import cut_at_stop
     from cai.constitution import sample_critique_principles
-    from cai.stages.critique import CHAT_STOP_STRINGS, clean_output, revision_problem, use_chat_format
+    from cai.stages.critique import revision_problem
 
     model, tok = backend.model, backend.tokenizer
-    stop = list(CHAT_STOP_STRINGS)
+    stop = list(P.CHAT_STOP_STRINGS)
 
     def generate(prompts: list, max_new_tokens: int) -> list[str]:
         ids = backend.encode([backend.render(p) for p in prompts])
         out = common.batched_generate(model, ids, batch_size=backend.batch_size, max_new_tokens=max_new_tokens,
                                       eos_ids=sorted(backend.eos_ids), pad_id=backend.pad_id,
                                       stop_strings=stop, tokenizer=tok)
-        return [clean_output(cut_at_stop(tok.decode(t, skip_special_tokens=True), stop)[0]) for t in out]
+        return [P.clean_output(cut_at_stop(tok.decode(t, skip_special_tokens=True), stop)[0]) for t in out]
 
-    chat = use_chat_format(config, backend)
+    chat = P.use_chat_format(config.prompt_format, backend)
     critique_prompt = P.critique_chat if chat else P.critique_text
     revision_prompt = P.revision_chat if chat else P.revision_text
     principles = [sample_critique_principles(constitution, config.rounds, seed, r.id) for r in rows]
@@ -122,7 +122,6 @@ def main() -> None:
     from cai.config import CritiqueConfig, SamplingConfig
     from cai.constitution_yaml import load_constitution
     from cai.data import load_prompts
-    from cai.stages.critique import CHAT_STOP_STRINGS
     from cai.types import SamplingParams
 
     started = time.perf_counter()
@@ -139,7 +138,7 @@ def main() -> None:
     backend.generate([hi], SamplingParams(max_new_tokens=2))
     common.batched_generate(backend.model, backend.encode([backend.render(hi)]), batch_size=1, max_new_tokens=2,
                             eos_ids=sorted(backend.eos_ids), pad_id=backend.pad_id,
-                            stop_strings=list(CHAT_STOP_STRINGS), tokenizer=backend.tokenizer)
+                            stop_strings=list(P.CHAT_STOP_STRINGS), tokenizer=backend.tokenizer)
 
     timings = {}
     start = time.perf_counter()

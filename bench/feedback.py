@@ -74,10 +74,9 @@ def plain_labels(backend: Any, pairs: list[dict[str, Any]], constitution: Any, c
     """P(A better) per pair by the baseline loop: one forward per pair, principle and order."""
     from cai import prompts as P
     from cai.constitution import sample_feedback_principles
-    from cai.stages.critique import use_chat_format
     from cai.stages.label import combine_orders
 
-    build = P.choice_chat if use_chat_format(config, backend) else P.choice_text
+    build = P.choice_chat if P.use_chat_format(config.prompt_format, backend) else P.choice_text
     labels = []
     for pair in pairs:
         values = []

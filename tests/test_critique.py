@@ -12,7 +12,8 @@ from cai.constitution import sample_critique_principles
 from cai.constitution_yaml import load_constitution
 from cai.data import PromptRow
 from cai.io import read_jsonl
-from cai.stages.critique import clean_output, is_degenerate, run_critique_revision
+from cai.prompts import clean_output
+from cai.stages.critique import is_degenerate, run_critique_revision
 
 
 def rows(n: int = 5) -> list[PromptRow]:

@@ -8,6 +8,9 @@ Every builder comes in two forms:
   completes (``Critique:``, ``Revision:``, ``The answer is:``, ...). Cut the model's output at
   the first of `COMPLETION_STOP_STRINGS`.
 
+`use_chat_format` picks the form for a backend, and `clean_output` cuts what a model wrote at
+the first marker of either form (`CHAT_STOP_STRINGS`).
+
 The constitution's few-shot examples always come first and are rendered from the constitution
 alone, so every row of a run shares a byte-identical prefix: the backends prefill it once and
 reuse its KV cache. Nothing row-specific may ever be placed before or inside that prefix.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from cai.backends.base import Backend
 from cai.constitution import Constitution, CritiquePrinciple, FeedbackPrinciple
 from cai.types import Chat, Message, Role
 
@@ -41,6 +45,31 @@ COMPLETION_STOP_STRINGS = (
     "\n-----",
 )
 """Where a completion model has finished one field and started inventing the next."""
+# Markers of the prompt format (or of a chat template) that mean the model went on to write the
+# next turn itself; everything from the first one on is dropped.
+CHAT_STOP_STRINGS = (*COMPLETION_STOP_STRINGS, "<|im_start|>", "<|im_end|>", "Human:", "CritiqueRequest:",
+                     "RevisionRequest:", "Draft reply:", '"""', "Guideline:")
+_LEADING_LABEL = re.compile(r"^\s*(?:critique|revision|assistant|answer|response)\s*:\s*", re.IGNORECASE)
+
+
+def use_chat_format(prompt_format: str, backend: Backend) -> bool:
+    """Whether to build the ``*_chat`` forms: ``chat``, or ``auto`` with a backend that has a chat template.
+
+    Args:
+        prompt_format: a stage config's ``prompt_format`` (``auto``, ``chat`` or ``text``).
+    """
+    if prompt_format == "auto":
+        return bool(getattr(backend, "has_chat_template", True))
+    return prompt_format == "chat"
+
+
+def clean_output(text: str, stop: tuple[str, ...] = CHAT_STOP_STRINGS) -> str:
+    """Cut at the first role/format marker the model wrote itself, drop a leading label, strip."""
+    for marker in stop:
+        at = text.find(marker)
+        if at != -1:
+            text = text[:at]
+    return _LEADING_LABEL.sub("", text.strip(), count=1).strip()
 
 
 def _msg(role: Role, content: str) -> Message:

@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from cai import prompts as P
 from cai.backends.base import Backend
 from cai.config import LabelConfig, RunConfig
 from cai.constitution import Constitution, FeedbackPrinciple
@@ -26,7 +27,6 @@ from cai.data import PromptRow
 from cai.eval.elo import Comparison, elo_table
 from cai.eval.evasiveness import judge_evasiveness
 from cai.io import JsonlWriter, read_jsonl
-from cai.stages.critique import clean_output
 from cai.stages.label import check_judge, label_pairs
 
 
@@ -49,7 +49,7 @@ def generate_answers(models: dict[str, Any], sets: dict[str, list[PromptRow]], o
                         texts = backend.generate([row.messages for _, row in chunk], params, progress=advance)
                         for (s, row), text in zip(chunk, texts):
                             writer.write({"model": name, "set": s, "id": row.id, "prompt": row.messages,
-                                          "response": clean_output(text)})
+                                          "response": P.clean_output(text)})
             finally:
                 backend.close()  # one model in memory at a time
     return read_jsonl(out_path)

@@ -30,13 +30,6 @@ from cai.io import JsonlWriter, iter_batches, read_jsonl
 from cai.progress import progress_bar
 from cai.types import SamplingParams
 
-_LEADING_LABEL = re.compile(r"^\s*(?:critique|revision|assistant|answer|response)\s*:\s*", re.IGNORECASE)
-# Markers of the prompt format (or of a chat template) that mean the model went on to write the
-# next turn itself; everything from the first one on is dropped.
-CHAT_STOP_STRINGS = (*P.COMPLETION_STOP_STRINGS, "<|im_start|>", "<|im_end|>", "Human:", "CritiqueRequest:",
-                     "RevisionRequest:", "Draft reply:", '"""', "Guideline:")
-
-
 @dataclass
 class Trace:
     """One prompt's full critique/revision trace as it is built (becomes one output row)."""
@@ -67,15 +60,6 @@ class Trace:
             # Ready for TRL's SFTTrainer (conversational "messages" format).
             "messages": [*self.row.messages, {"role": "assistant", "content": final}],
         }
-
-
-def clean_output(text: str, stop: tuple[str, ...] = CHAT_STOP_STRINGS) -> str:
-    """Cut at the first role/format marker the model wrote itself, drop a leading label, strip."""
-    for marker in stop:
-        at = text.find(marker)
-        if at != -1:
-            text = text[:at]
-    return _LEADING_LABEL.sub("", text.strip(), count=1).strip()
 
 
 def is_degenerate(text: str) -> bool:
@@ -125,12 +109,6 @@ def _params(sampling: SamplingConfig, extra_stop: tuple[str, ...]) -> SamplingPa
     )
 
 
-def use_chat_format(config: CritiqueConfig, backend: Backend) -> bool:
-    if config.prompt_format == "auto":
-        return bool(getattr(backend, "has_chat_template", True))
-    return config.prompt_format == "chat"
-
-
 def run_critique_revision(
     rows: list[PromptRow],
     *,
@@ -156,12 +134,12 @@ def run_critique_revision(
         on_chunk: called with the number of rows written after each chunk (for manifests).
     """
     critic = critic or backend
-    chat = use_chat_format(config, critic)
+    chat = P.use_chat_format(config.prompt_format, critic)
     done = {r["id"] for r in read_jsonl(out_path, repair=True)}
     todo = [r for r in rows if r.id not in done]
-    response_params = _params(config.response, CHAT_STOP_STRINGS)
-    critique_params = _params(config.critique_sampling, CHAT_STOP_STRINGS)
-    revision_params = _params(config.revision_sampling, CHAT_STOP_STRINGS)
+    response_params = _params(config.response, P.CHAT_STOP_STRINGS)
+    critique_params = _params(config.critique_sampling, P.CHAT_STOP_STRINGS)
+    revision_params = _params(config.revision_sampling, P.CHAT_STOP_STRINGS)
     with JsonlWriter(out_path) as writer, progress_bar("critique/revision", len(todo), enabled=show_progress) as advance:
         tokens = lambda _rows, n: advance(0, n)  # noqa: E731  (tokens/s while a chunk is in flight)
         for chunk in iter_batches(todo, config.chunk_size):
@@ -191,7 +169,7 @@ def _initial_responses(traces: list[Trace], backend: Backend, params: SamplingPa
         progress,
     )
     for t, text in zip(traces, texts):
-        t.initial = clean_output(text)
+        t.initial = P.clean_output(text)
         t.timings["initial_s"] += per_row
         if not t.initial:
             t.flags.append("empty_initial_response")
@@ -212,7 +190,7 @@ def _one_round(
             critic, critique_prompts, critique_params,
             [stable_seed(seed, t.row.id, "critique", r) for t in traces], progress,
         )
-        critiques = [clean_output(x) for x in texts]
+        critiques = [P.clean_output(x) for x in texts]
         next_step = P.revision_chat if chat else P.revision_text
         revision_prompts = [next_step(p, c, t.principles[r]) for p, c, t in zip(critique_prompts, critiques, traces)]
         for t, c in zip(traces, critiques):
@@ -231,7 +209,7 @@ def _one_round(
     texts, per_row = _timed_generate(critic, [p for p in revision_prompts for _ in range(n)], revision_params, seeds,
                                      progress)
     for i, (t, critique) in enumerate(zip(traces, critiques)):
-        candidates = [clean_output(x) for x in texts[i * n:(i + 1) * n]]
+        candidates = [P.clean_output(x) for x in texts[i * n:(i + 1) * n]]
         if config.mode == "rewrite" and config.rewrite_lead:  # the prefilled lead-in is part of the reply
             candidates = [f"{config.rewrite_lead.strip()} {c}".strip() if c else "" for c in candidates]
         problems = [revision_problem(c, previous=t.current, critique=critique, constitution=constitution)
@@ -350,7 +328,8 @@ def run_critique(cfg: RunConfig, *, shard: str | None = None, show_progress: boo
                                           "helpfulness prompts")
             helpful = sample_responses(helpful_rows, backend=backend, params=ccfg.response.params(),
                                        out_path=st.dir / "helpfulness.jsonl", seed=cfg.seed, chunk_size=ccfg.chunk_size,
-                                       clean=clean_output, show_progress=show_progress, description="helpfulness answers")
+                                       clean=P.clean_output, show_progress=show_progress,
+                                       description="helpfulness answers")
     finally:  # done with the models: the next stage's must not load beside them
         backend.close()
         if critic is not backend:

@@ -32,7 +32,6 @@ from cai.data.gold import GoldPair, load_gold_pairs, stratified
 from cai.eval.judge_check import judge_agreement, judge_pairs_from_gold, position_bias
 from cai.io import JsonlWriter, iter_batches, read_jsonl
 from cai.progress import progress_bar
-from cai.stages.critique import clean_output, use_chat_format
 
 ORDERS = ("ab", "ba")
 
@@ -112,7 +111,7 @@ def label_pairs(
     Pairs whose ``set`` is ``helpfulness`` are judged under ``helpfulness_principle`` (when given)
     instead of the constitution's harmlessness principles.
     """
-    chat = use_chat_format(config, backend)
+    chat = P.use_chat_format(config.prompt_format, backend)
     done = {r["id"] for r in read_jsonl(out_path, repair=True)}
     todo = [p for p in pairs if p["id"] not in done]
     orders = ORDERS if config.swap else ORDERS[:1]
@@ -151,7 +150,7 @@ def _score_jobs(chunk, jobs, constitution, backend, config, chat, seed, progress
         cot_prompts = [build(constitution, chunk[k]["prompt"], *_options(chunk[k], o), pr) for k, _, pr, o in jobs]
         seeds = [stable_seed(seed, chunk[k]["id"], "cot", m, o) for k, m, _, o in jobs]
         texts = backend.generate(cot_prompts, config.cot_sampling.params(), seeds=seeds, progress=progress)
-        reasoning = [clean_output(t) for t in texts]
+        reasoning = [P.clean_output(t) for t in texts]
         follow = P.cot_answer_chat if chat else P.cot_answer_text
         prompts = [follow(p, r) for p, r in zip(cot_prompts, reasoning)]
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from cai import prompts as P
 from cai.backends.base import Backend, stable_seed
 from cai.config import RunConfig
 from cai.data import PromptRow
@@ -54,27 +55,12 @@ def sample_responses(
     return read_jsonl(out_path)
 
 
-def policy_spec(cfg: RunConfig) -> str:
-    """The policy RL-CAI starts from: ``sample.policy``, else this run's SL-CAI model (``sft/``)."""
-    from cai.errors import CaiError
-    from cai.runs import is_done, stage_dir
-
-    if cfg.sample.policy:
-        return cfg.sample.policy
-    sl = stage_dir(cfg, "sft")
-    if not is_done(sl):
-        raise CaiError(f"RL-CAI needs a policy: run `cai sft` first (expected a model in {sl}) "
-                       "or set sample.policy=MODEL")
-    return str(sl)
-
-
 def run_sample(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``sample``: K answers per red-team (and helpfulness) prompt from the policy, into ``sample/``."""
     from cai.backends import load_backend
     from cai.data.prompt_sets import fit_prompt_set, load_prompt_set
-    from cai.runs import StageRun
+    from cai.runs import StageRun, policy_spec
     from cai.sharding import shard_rows
-    from cai.stages.critique import clean_output
 
     st = StageRun(cfg, "sample", shard)
     scfg = cfg.sample
@@ -94,7 +80,7 @@ def run_sample(cfg: RunConfig, *, shard: str | None = None, show_progress: bool 
                                   name)
             data = sample_responses(rows, backend=backend, params=scfg.sampling.params(),
                                     out_path=st.dir / f"{name}.jsonl", k=scfg.k, seed=cfg.seed,
-                                    chunk_size=scfg.chunk_size, clean=clean_output, show_progress=show_progress,
+                                    chunk_size=scfg.chunk_size, clean=P.clean_output, show_progress=show_progress,
                                     description=f"sampling {name}", set_name=name)
             counts[f"{name}_prompts"] = len(data)
             st.update(**counts)

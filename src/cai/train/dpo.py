@@ -92,8 +92,7 @@ def run_dpo(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = T
     """Stage ``dpo``: DPO of the SL-CAI policy on the AI-labelled pairs, into ``dpo/``."""
     from cai.config_loader import config_to_yaml
     from cai.io import read_jsonl
-    from cai.runs import StageRun
-    from cai.stages.sample import policy_spec
+    from cai.runs import StageRun, policy_spec
 
     st = StageRun(cfg, "dpo", shard)
     source = st.require("label")

@@ -246,8 +246,7 @@ def run_online_rl(cfg: RunConfig, algo: Algo, *, shard: str | None = None, show_
     from cai.config_loader import config_to_yaml
     from cai.data.prompt_sets import fit_prompt_set, load_prompt_set
     from cai.models import TokenCounter
-    from cai.runs import StageRun
-    from cai.stages.sample import policy_spec
+    from cai.runs import StageRun, policy_spec
 
     st = StageRun(cfg, algo, shard)
     config: RLOOConfig | GRPOConfig = getattr(cfg.rl, algo)

@@ -286,8 +286,7 @@ def run_ppo(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = T
     from cai.data.prompt_sets import fit_prompt_set, load_prompt_set
     from cai.io import read_jsonl
     from cai.models import TokenCounter
-    from cai.runs import StageRun
-    from cai.stages.sample import policy_spec
+    from cai.runs import StageRun, policy_spec
 
     console = Console(stderr=True)
     st = StageRun(cfg, "ppo", shard)
