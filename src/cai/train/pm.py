@@ -12,6 +12,7 @@ responses, and the revision curve (STYLE: one scorer serves evaluation and rewar
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ import torch
 
 from cai.config import PMConfig, RunConfig
 from cai.errors import CaiError
+from cai.eval.verdict import describe_pm
 from cai.io import JsonlWriter, write_json_atomic
 from cai.losses.bradley_terry import expected_calibration_error, preference_accuracy, soft_bradley_terry_loss
 from cai.progress import progress_bar
+from cai.stats import wilson_interval
 from cai.train.batching import batches_for_rank, micro_batch_tokens, split_by_tokens, total_steps
 from cai.train.lora import apply_lora
 from cai.train.model_folder import count_parameters, save_model_folder, write_model_card
@@ -164,16 +167,28 @@ def mix_and_split(ai_pairs: list[Pair], human_pairs: list[Pair], config: PMConfi
     return train, held_out, counts
 
 
-def evaluate_pm(scorer: RewardScorer, pairs: list[Pair]) -> dict[str, Any]:
-    """Held-out accuracy (vs the label's side), ECE and a calibration table."""
+def evaluate_pm(scorer: RewardScorer, pairs: list[Pair], n_bootstrap: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Held-out accuracy (vs the label's side) and ECE, each with its n and 95% interval, and a calibration table.
+
+    The accuracy's n is the pairs with a preferred side (labels of exactly 0.5 have none); its
+    interval is Wilson's. The ECE's interval is a seeded percentile bootstrap over the pairs.
+    """
     if not pairs:
-        return {"accuracy": None, "ece": None, "calibration": []}
+        return {"accuracy": None, "accuracy_ci": None, "accuracy_n": 0, "ece": None, "ece_ci": None,
+                "calibration": [], "pairs": 0}
     a = torch.tensor(scorer.score([p.prompt for p in pairs], [p.response_a for p in pairs]))
     b = torch.tensor(scorer.score([p.prompt for p in pairs], [p.response_b for p in pairs]))
     target = torch.tensor([p.p_a for p in pairs])
-    ece, table = expected_calibration_error(torch.sigmoid(a - b), target)
-    return {"accuracy": preference_accuracy(a, b, target), "ece": ece, "calibration": table, "pairs": len(pairs),
-            "mean_margin": float((a - b).abs().mean())}
+    pred = torch.sigmoid(a - b)
+    ece, table = expected_calibration_error(pred, target)
+    accuracy, n = preference_accuracy(a, b, target), int((target != 0.5).sum())
+    generator = torch.Generator().manual_seed(seed)
+    resampled = sorted(expected_calibration_error(pred[i], target[i])[0]
+                       for i in torch.randint(len(pairs), (n_bootstrap, len(pairs)), generator=generator))
+    return {"accuracy": None if math.isnan(accuracy) else accuracy,
+            "accuracy_ci": list(wilson_interval(accuracy * n, n)) if n else None, "accuracy_n": n,
+            "ece": ece, "ece_ci": [resampled[int(0.025 * (n_bootstrap - 1))], resampled[int(0.975 * (n_bootstrap - 1))]],
+            "calibration": table, "pairs": len(pairs), "mean_margin": float((a - b).abs().mean())}
 
 
 def train_preference_model(
@@ -237,7 +252,7 @@ def train_preference_model(
                     log.write(record)
                     for tracker in trackers:
                         tracker.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                advance(1, 0)
+                advance(1, sum(len(a) + len(b) for a, b in zip(rows_a, rows_b)))  # real tokens, no padding
     log.close()
     after = evaluate_pm(scorer, held_out)
     for tracker in trackers:
@@ -246,13 +261,15 @@ def train_preference_model(
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     model.eval()
+    total, trainable = count_parameters(model)  # before saving merges a LoRA adapter away
     if accelerator.is_main_process:
         save_model_folder(model, loaded.tokenizer, out_dir)
-    total, trainable = count_parameters(model)
     metrics = {"steps": step, "train_pairs": len(train), "eval_pairs": len(held_out),
                "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
-               "eval_accuracy_before": before["accuracy"], "eval_accuracy": after["accuracy"],
-               "eval_ece": after["ece"], "eval_mean_margin": after.get("mean_margin"),
+               "eval_accuracy_before": before["accuracy"], "eval_accuracy_before_ci": before["accuracy_ci"],
+               "eval_accuracy": after["accuracy"], "eval_accuracy_ci": after["accuracy_ci"],
+               "eval_accuracy_n": after["accuracy_n"], "eval_ece": after["ece"], "eval_ece_ci": after["ece_ci"],
+               "eval_mean_margin": after.get("mean_margin"),
                "seconds": round(time.perf_counter() - started, 2), "parameters": total, "trainable_parameters": trainable}
     if accelerator.is_main_process:
         write_json_atomic(out_dir / "metrics.json", {**metrics, "calibration": after["calibration"]})
@@ -281,7 +298,6 @@ def run_pm(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = Tr
                      summary=("Scalar-head preference model trained with a soft-label Bradley-Terry loss on AI "
                               f"feedback under the `{cfg.constitution}` constitution. Made by cai."),
                      facts={**counts, **metrics}, config_yaml=config_to_yaml(cfg))
-    Console(stderr=True).print(f"pm: held-out accuracy {metrics['eval_accuracy']} (before training "
-                               f"{metrics['eval_accuracy_before']}), ECE {metrics['eval_ece']}")
+    Console(stderr=True).print(f"pm: {describe_pm(metrics)}")
     st.done(**{**counts, **metrics})
     return st.dir

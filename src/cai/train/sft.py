@@ -12,9 +12,11 @@ user who prefers SFTTrainer can point it at ``runs/<name>/critique/data.jsonl`` 
 from __future__ import annotations
 
 import random
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -27,7 +29,7 @@ from cai.train.batching import batches_for_rank, micro_batch_tokens, split_by_to
 from cai.train.checkpoints import load_checkpoint, save_checkpoint
 from cai.train.lora import apply_lora
 from cai.train.model_folder import count_parameters, save_model_folder, write_model_card
-from cai.train.optim import make_optimizer_and_schedule, optimizer_step
+from cai.train.optim import LRSchedule, make_optimizer_and_schedule, optimizer_step
 from cai.train.trackers import make_trackers
 from cai.types import Chat
 
@@ -96,11 +98,72 @@ def train_sft(
     keeps a resumable checkpoint in ``out_dir/checkpoint`` every ``save_every`` steps, which a
     rerun picks up. Returns metrics (steps, losses, tokens/s).
     """
+    out_dir = Path(out_dir)
+    run = _setup(examples, model_spec, out_dir / "checkpoint", config, seed, device, trust_remote_code)
+    main = run.accelerator.is_main_process
+    started = time.perf_counter()
+    log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False)
+    trackers = make_trackers(config.report_to, out_dir, "cai-sft", config.model_dump(mode="json")) if main else []
+    with progress_bar("sft", run.total_steps, enabled=show_progress and main) as advance:
+        advance(run.step, 0)
+        for epoch in range(config.epochs):
+            for group in _untrained_groups(run, epoch):
+                step_loss = _train_step(run, group)
+                elapsed = run.seconds_before + time.perf_counter() - started
+                if main:
+                    record = {"step": run.step, "epoch": epoch, "loss": round(step_loss, 5),
+                              "lr": run.optimizer.param_groups[0]["lr"], "tokens": run.tokens, "seconds": round(elapsed, 2)}
+                    log.write(record)
+                    for tracker in trackers:
+                        tracker.log({k: v for k, v in record.items() if k != "step"}, step=run.step)
+                advance(1, 0)
+                if run.step % config.save_every == 0 and run.step < run.total_steps and main:
+                    save_checkpoint(run.checkpoint, run.accelerator.unwrap_model(run.model), run.optimizer,
+                                    {"step": run.step, "tokens": run.tokens, "seconds": elapsed})
+    log.close()
+    for tracker in trackers:
+        tracker.finish()
+    run.accelerator.wait_for_everyone()
+    elapsed = run.seconds_before + time.perf_counter() - started
+    metrics = _metrics(run, elapsed)  # before saving merges a LoRA adapter into the weights
+    if main:
+        _save(run, out_dir)
+    return metrics
+
+
+@dataclass
+class _SFTRun:
+    """What the SFT loop works on, made by `_setup`, and how far it has got (``step``, ``tokens``, ``losses``)."""
+
+    config: SFTConfig
+    seed: int
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    data: list[tuple[list[int], list[int]]]
+    """(token ids, labels) per example, labels -100 outside the answer."""
+    total_steps: int
+    """Optimizer steps this rank takes in all."""
+    budget: int | None
+    """Most padded tokens in one forward pass (`micro_batch_tokens`)."""
+    checkpoint: Path
+    step: int
+    tokens: int
+    seconds_before: float
+    """Training seconds spent before a resume."""
+    losses: list[float] = field(default_factory=list)
+
+
+def _setup(examples: list[Chat], model_spec: str, checkpoint: Path, config: SFTConfig, seed: int, device: str,
+           trust_remote_code: bool) -> _SFTRun:
+    """Load the model (with LoRA when asked), tokenize the examples, and make the optimizer, resumed from ``checkpoint``."""
     from accelerate import Accelerator
 
     from cai.models import load_model
 
-    out_dir = Path(out_dir)
     torch.manual_seed(seed)
     loaded = load_model(model_spec, dtype=config.dtype, device=device, trust_remote_code=trust_remote_code)
     tokenizer = loaded.tokenizer
@@ -118,83 +181,79 @@ def train_sft(
     params, optimizer, schedule = make_optimizer_and_schedule(
         model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
         warmup_ratio=config.warmup_ratio, steps=steps)
-    checkpoint = out_dir / "checkpoint"
     state = load_checkpoint(checkpoint, model, optimizer) or {"step": 0, "tokens": 0, "seconds": 0.0}
     model, optimizer = accelerator.prepare(model, optimizer)
-    step, tokens_seen, seconds_before = state["step"], state["tokens"], state["seconds"]
-    started = time.perf_counter()
-    accum = config.gradient_accumulation
-    budget = micro_batch_tokens(config.micro_batch_tokens, loaded.device)
-    losses: list[float] = []
-    log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False)
-    trackers = (make_trackers(config.report_to, out_dir, "cai-sft", config.model_dump(mode="json"))
-                if accelerator.is_main_process else [])
-    with progress_bar("sft", steps, enabled=show_progress and accelerator.is_main_process) as advance:
-        advance(step, 0)
-        for epoch in range(config.epochs):
-            order = list(range(len(data)))
-            random.Random(f"{seed}:sft-epoch:{epoch}").shuffle(order)
-            batches = batches_for_rank(order, config.batch_size, accelerator.num_processes, accelerator.process_index)
-            steps_per_epoch = -(-len(batches) // accum)  # the last group may be smaller; it still trains
-            for index in range(0, len(batches), accum):
-                global_step = epoch * steps_per_epoch + index // accum
-                if global_step < step:
-                    continue  # already trained before the resume
-                if step >= steps:
-                    break
-                micro_losses = []
-                group = batches[index:index + accum]
-                for micro in group:
-                    rows = [data[i] for i in micro]
-                    # The batch's loss is the mean over its answer tokens; each piece adds its share of it.
-                    answer = [answer_tokens(labels) for _, labels in rows]
-                    for piece in split_by_tokens([len(ids) for ids, _ in rows], budget):
-                        batch = {k: v.to(accelerator.device)
-                                 for k, v in pad_batch([rows[i] for i in piece], tokenizer.pad_token_id).items()}
-                        share = sum(answer[i] for i in piece) / max(1, sum(answer))
-                        loss = answer_loss(model, batch) * share / len(group)
-                        accelerator.backward(loss)
-                        micro_losses.append(loss.item())
-                        tokens_seen += int(batch["attention_mask"].sum())
-                optimizer_step(optimizer, params, max_grad_norm=config.max_grad_norm, lr=schedule.lr(step),
-                               accelerator=accelerator)
-                step += 1
-                step_loss = sum(micro_losses)
-                losses.append(step_loss)
-                elapsed = seconds_before + time.perf_counter() - started
-                if accelerator.is_main_process:
-                    record = {"step": step, "epoch": epoch, "loss": round(step_loss, 5),
-                              "lr": optimizer.param_groups[0]["lr"], "tokens": tokens_seen, "seconds": round(elapsed, 2)}
-                    log.write(record)
-                    for tracker in trackers:
-                        tracker.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                advance(1, 0)
-                if step % config.save_every == 0 and step < steps and accelerator.is_main_process:
-                    save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer,
-                                    {"step": step, "tokens": tokens_seen, "seconds": elapsed})
-    log.close()
-    for tracker in trackers:
-        tracker.finish()
-    accelerator.wait_for_everyone()
-    elapsed = seconds_before + time.perf_counter() - started
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.eval()
-        save_model_folder(unwrapped, tokenizer, out_dir)
-        import shutil
+    return _SFTRun(config=config, seed=seed, accelerator=accelerator, model=model, tokenizer=tokenizer, params=params,
+                   optimizer=optimizer, schedule=schedule, data=data, total_steps=steps,
+                   budget=micro_batch_tokens(config.micro_batch_tokens, loaded.device), checkpoint=checkpoint,
+                   step=state["step"], tokens=state["tokens"], seconds_before=state["seconds"])
 
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    total, trainable = count_parameters(accelerator.unwrap_model(model))
+
+def _untrained_groups(run: _SFTRun, epoch: int) -> Iterator[list[list[int]]]:
+    """This rank's batches of one epoch, ``gradient_accumulation`` to a group (one optimizer step each).
+
+    The epoch's order is shuffled from the seed, so a resumed run sees the same batches and skips
+    the steps trained before it stopped; it stops once ``run.step`` reaches the total.
+    """
+    accelerator, accum = run.accelerator, run.config.gradient_accumulation
+    order = list(range(len(run.data)))
+    random.Random(f"{run.seed}:sft-epoch:{epoch}").shuffle(order)
+    batches = batches_for_rank(order, run.config.batch_size, accelerator.num_processes, accelerator.process_index)
+    steps_per_epoch = -(-len(batches) // accum)  # the last group may be smaller; it still trains
+    for index in range(0, len(batches), accum):
+        if epoch * steps_per_epoch + index // accum < run.step:
+            continue  # already trained before the resume
+        if run.step >= run.total_steps:
+            return
+        yield batches[index:index + accum]
+
+
+def _train_step(run: _SFTRun, group: list[list[int]]) -> float:
+    """One optimizer step over a group of batches (gradients accumulated); returns the step's loss."""
+    micro_losses = []
+    for micro in group:
+        rows = [run.data[i] for i in micro]
+        # The batch's loss is the mean over its answer tokens; each piece adds its share of it.
+        answer = [answer_tokens(labels) for _, labels in rows]
+        for piece in split_by_tokens([len(ids) for ids, _ in rows], run.budget):
+            batch = {k: v.to(run.accelerator.device)
+                     for k, v in pad_batch([rows[i] for i in piece], run.tokenizer.pad_token_id).items()}
+            share = sum(answer[i] for i in piece) / max(1, sum(answer))
+            loss = answer_loss(run.model, batch) * share / len(group)
+            run.accelerator.backward(loss)
+            micro_losses.append(loss.item())
+            run.tokens += int(batch["attention_mask"].sum())
+    optimizer_step(run.optimizer, run.params, max_grad_norm=run.config.max_grad_norm, lr=run.schedule.lr(run.step),
+                   accelerator=run.accelerator)
+    run.step += 1
+    step_loss = sum(micro_losses)
+    run.losses.append(step_loss)
+    return step_loss
+
+
+def _save(run: _SFTRun, out_dir: Path) -> None:
+    """Save the trained model folder (main process) and drop the checkpoint it no longer needs."""
+    unwrapped = run.accelerator.unwrap_model(run.model)
+    unwrapped.eval()
+    save_model_folder(unwrapped, run.tokenizer, out_dir)
+    shutil.rmtree(run.checkpoint, ignore_errors=True)
+
+
+def _metrics(run: _SFTRun, elapsed: float) -> dict[str, Any]:
+    """Steps, losses (first, last, and the means of the first and last quarter), tokens/s and parameter counts."""
+    losses = run.losses
+    quarter = max(1, len(losses) // 4)
+    total, trainable = count_parameters(run.accelerator.unwrap_model(run.model))
     return {
-        "steps": step,
-        "examples": len(data),
+        "steps": run.step,
+        "examples": len(run.data),
         "first_loss": round(losses[0], 4) if losses else None,
         "last_loss": round(losses[-1], 4) if losses else None,
-        "mean_loss_first_quarter": round(sum(losses[: max(1, len(losses) // 4)]) / max(1, len(losses[: max(1, len(losses) // 4)])), 4) if losses else None,
-        "mean_loss_last_quarter": round(sum(losses[-max(1, len(losses) // 4):]) / max(1, len(losses[-max(1, len(losses) // 4):])), 4) if losses else None,
-        "tokens": tokens_seen,
+        "mean_loss_first_quarter": round(sum(losses[:quarter]) / len(losses[:quarter]), 4) if losses else None,
+        "mean_loss_last_quarter": round(sum(losses[-quarter:]) / len(losses[-quarter:]), 4) if losses else None,
+        "tokens": run.tokens,
         "seconds": round(elapsed, 2),
-        "tokens_per_s": round(tokens_seen / elapsed, 1) if elapsed else None,
+        "tokens_per_s": round(run.tokens / elapsed, 1) if elapsed else None,
         "parameters": total,
         "trainable_parameters": trainable,
     }
