@@ -105,12 +105,15 @@ def test_trl_config_runs_fp32_on_cpu_and_passes_vllm_options_through(tmp_path):
     assert vllm["use_vllm"] and vllm["vllm_mode"] == "server" and vllm["vllm_server_port"] == 8123
 
 
-def test_vllm_rollouts_without_a_gpu_or_vllm_are_refused_before_loading():
-    from cai.train.online_rl import check_vllm
+def test_vllm_rollouts_without_vllm_are_refused_naming_the_switch(monkeypatch):
+    import importlib.util
 
-    check_vllm(GRPOConfig(), "rl.grpo")  # off: nothing to check
-    with pytest.raises(CaiError, match=r"rl\.grpo\.vllm\.enabled needs (the vllm package|a CUDA GPU)"):
-        check_vllm(GRPOConfig(vllm={"enabled": True}), "rl.grpo")
+    from cai.backends.vllm import require_vllm
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(CaiError, match=r"rl\.grpo\.vllm\.enabled needs the vllm package.*"
+                                       r"set rl\.grpo\.vllm\.enabled=false"):
+        require_vllm("rl.grpo.vllm.enabled")
 
 
 def test_log_records_use_ppo_names_and_kl_per_answer():

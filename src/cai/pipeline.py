@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from cai.backends.vllm import require_vllm
 from cai.config import RunConfig
 from cai.config_loader import config_to_yaml, read_yaml
 from cai.errors import CaiError
@@ -54,10 +55,8 @@ def check_inputs(cfg: RunConfig) -> None:
         if model is not None and model.backend in ("hf", "vllm"):
             check_model_spec(model.name, f"{key}.name")
     for algo in ("rloo", "grpo"):
-        if algo in cfg.rl.algo:
-            from cai.train.online_rl import check_vllm
-
-            check_vllm(getattr(cfg.rl, algo), f"rl.{algo}")  # vLLM rollouts asked for where they can't run
+        if algo in cfg.rl.algo and getattr(cfg.rl, algo).vllm.enabled:
+            require_vllm(f"rl.{algo}.vllm.enabled")  # vLLM rollouts asked for where they can't run
     ensure_dir(cfg.run_dir)
 
 

@@ -11,6 +11,7 @@ Needs ``pip install 'cai[vllm]'`` and a CUDA GPU; tests carry the ``gpu`` marker
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Sequence
 
 from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, encode_rendered, render_with_template, row_seed
@@ -19,9 +20,32 @@ from cai.types import SamplingParams
 
 
 def vllm_available() -> bool:
-    import importlib.util
-
+    """Whether the vllm package is installed (without importing it: that takes seconds)."""
     return importlib.util.find_spec("vllm") is not None
+
+
+def require_vllm(switch: str | None = None) -> None:
+    """Stop with one sentence where vLLM can't run: it needs the vllm package and a CUDA GPU.
+
+    The one check for every use of vLLM (this backend, TRL's vLLM rollouts), made before any
+    model loads.
+
+    Args:
+        switch: the config key that turned vLLM on (``rl.grpo.vllm.enabled``), named in the sentence
+            with how to turn it off; None for the vllm backend itself.
+
+    Raises:
+        CaiError: vllm is not installed, or no CUDA GPU is visible.
+    """
+    what, instead = ((switch, f"set {switch}=false to generate with transformers") if switch
+                     else ("the vllm backend", "use backend: hf on this machine"))
+    if not vllm_available():
+        raise CaiError(f"{what} needs the vllm package; install it with: pip install 'cai[vllm]' (CUDA GPUs only), "
+                       f"or {instead}")
+    import torch  # lazy: torch takes seconds to import and this module is read by the pipeline's checks
+
+    if not torch.cuda.is_available():
+        raise CaiError(f"{what} needs a CUDA GPU and none is visible; {instead}")
 
 
 class VLLMBackend:
@@ -38,15 +62,11 @@ class VLLMBackend:
     def from_spec(cls, spec: str, *, dtype: str = "auto", tensor_parallel: int = 1, trust_remote_code: bool = False,
                   gpu_memory_utilization: float = 0.85, **kwargs: Any) -> VLLMBackend:
         """Load a model spec (resolved like every backend: bundled, .gguf, folder or hub id)."""
-        if not vllm_available():
-            raise CaiError("the vllm backend needs vLLM; install it with: pip install 'cai[vllm]' (CUDA GPUs only)")
-        import torch
+        require_vllm()
         from vllm import LLM
 
         from cai.models import resolve_model_path
 
-        if not torch.cuda.is_available():
-            raise CaiError("the vllm backend needs a CUDA GPU; use backend: hf on this machine")
         path, _ = resolve_model_path(spec)
         llm = LLM(model=path, dtype=dtype, tensor_parallel_size=tensor_parallel, enable_prefix_caching=True,
                   trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization, **kwargs)

@@ -29,7 +29,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from cai.config import GRPOConfig, OnlineRLConfig, RLOOConfig, RunConfig
+from cai.backends.vllm import require_vllm
+from cai.config import GRPOConfig, RLOOConfig, RunConfig
 from cai.data import PromptRow
 from cai.errors import CaiError
 from cai.io import JsonlWriter
@@ -61,25 +62,6 @@ def pm_reward(scorer: RewardScorer) -> Callable[..., list[float]]:
         return scorer.score(prompts, answers)
 
     return preference_model
-
-
-def check_vllm(config: OnlineRLConfig, key: str) -> None:
-    """vLLM rollouts need the vllm package and a CUDA GPU: say so before any model loads.
-
-    Raises:
-        CaiError: ``<key>.vllm.enabled`` is on but vllm is not installed or no GPU is visible.
-    """
-    if not config.vllm.enabled:
-        return
-    import importlib.util
-
-    import torch
-
-    if importlib.util.find_spec("vllm") is None:
-        raise CaiError(f"{key}.vllm.enabled needs the vllm package; install it with: pip install vllm "
-                       f"(or set {key}.vllm.enabled=false to generate with transformers)")
-    if not torch.cuda.is_available():
-        raise CaiError(f"{key}.vllm.enabled needs a CUDA GPU and none is visible; set {key}.vllm.enabled=false")
 
 
 def trl_config(config: RLOOConfig | GRPOConfig, *, out_dir: Path, on_gpu: bool, dtype: Any, seed: int) -> Any:
@@ -203,7 +185,8 @@ def train_online_rl(
 
     if not prompts:
         raise CaiError(f"{algo} has no rollout prompts; check rl.{algo}.prompts")
-    check_vllm(config, f"rl.{algo}")
+    if config.vllm.enabled:
+        require_vllm(f"rl.{algo}.vllm.enabled")
     out_dir = Path(out_dir)
     loaded = load_model(policy_spec, dtype=config.dtype, device=device)
     on_gpu = loaded.device.type == "cuda"
@@ -254,7 +237,8 @@ def run_online_rl(cfg: RunConfig, algo: Algo, *, shard: str | None = None, show_
     red = load_prompt_set(config.prompts, f"{name} red-team prompts")
     helpful = load_prompt_set(config.helpfulness, f"{name} helpfulness prompts") if config.helpfulness else []
     eval_prompts = load_prompt_set(config.eval_prompts, f"{name} held-out prompts")
-    check_vllm(config, f"rl.{algo}")
+    if config.vllm.enabled:
+        require_vllm(f"rl.{algo}.vllm.enabled")
     pm = st.require("pm")
     if st.skip():
         return st.dir
