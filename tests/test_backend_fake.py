@@ -1,7 +1,10 @@
 """The fake backend is deterministic and scriptable, so stage tests can assert exact outputs."""
 
-from cai.backends.base import Backend, cut_at_stop, row_seed
+import pytest
+
+from cai.backends.base import Backend, cut_at_stop, row_seed, seeds_per_row
 from cai.backends.fake import FakeBackend
+from cai.errors import CaiError
 from cai.types import SamplingParams
 
 
@@ -41,3 +44,12 @@ def test_helpers():
     assert cut_at_stop("abc", ["zz"]) == ("abc", False)
     assert row_seed(0, 1) != row_seed(0, 2) != row_seed(1, 1)
     assert row_seed(3, 4) == row_seed(3, 4)
+
+
+def test_seeds_per_row_takes_one_seed_per_prompt_or_derives_them():
+    assert seeds_per_row(None, 3, 2) == [row_seed(3, 0), row_seed(3, 1)]
+    assert seeds_per_row((5, 6), 0, 2) == [5, 6]
+    with pytest.raises(CaiError, match="got 1 seeds for 2 prompts"):
+        seeds_per_row([5], 0, 2)
+    with pytest.raises(CaiError, match="got 3 seeds for 2 prompts"):
+        FakeBackend().generate(["a", "b"], SamplingParams(temperature=1.0), seeds=[1, 2, 3])

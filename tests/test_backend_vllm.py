@@ -38,3 +38,17 @@ def test_missing_vllm_is_one_sentence(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(CaiError, match="pip install 'cai\\[vllm\\]'"):
         VLLMBackend.from_spec("bundled")
+
+
+def test_vllm_refuses_a_seed_list_of_the_wrong_length():
+    """The shared per-row seed rule checks the list before vLLM is touched (so no vLLM is needed here)."""
+    from types import SimpleNamespace
+
+    from cai.backends.vllm import VLLMBackend
+    from cai.errors import CaiError
+    from cai.types import SamplingParams
+
+    llm = SimpleNamespace(get_tokenizer=lambda: SimpleNamespace(chat_template=None),
+                          llm_engine=SimpleNamespace(model_config=SimpleNamespace(max_model_len=64)))
+    with pytest.raises(CaiError, match="got 1 seeds for 2 prompts"):
+        VLLMBackend(llm).generate(["a", "b"], SamplingParams(temperature=1.0), seeds=[7])

@@ -131,3 +131,21 @@ def row_seed(seed: int, index: int) -> int:
     x = (x * 0x94D049BB133111EB) & ((1 << 64) - 1)
     x ^= x >> 29
     return x & ((1 << 63) - 1)
+
+
+def seeds_per_row(seeds: Sequence[int] | None, seed: int, count: int) -> list[int]:
+    """The sampling seed of each of ``count`` prompts in one ``generate`` call, the same way in every backend.
+
+    Args:
+        seeds: the caller's seeds, one per prompt (stages derive them from row ids), or None.
+        seed: the call's ``params.seed``, from which row ``i`` gets `row_seed` ``(seed, i)`` when
+            ``seeds`` is None.
+
+    Raises:
+        CaiError: ``seeds`` is given and does not hold one seed per prompt.
+    """
+    if seeds is None:
+        return [row_seed(seed, i) for i in range(count)]
+    if len(seeds) != count:
+        raise CaiError(f"got {len(seeds)} seeds for {count} prompts")
+    return list(seeds)

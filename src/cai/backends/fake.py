@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Callable, Sequence
 
-from cai.backends.base import Prompt, ProgressFn, cut_at_stop, row_seed
+from cai.backends.base import Prompt, ProgressFn, cut_at_stop, seeds_per_row
 from cai.errors import CaiError
 from cai.types import SamplingParams
 
@@ -79,15 +79,13 @@ class FakeBackend:
         self._check_open()
         texts = [self.render(p) for p in prompts]
         self.calls.append(("generate", texts))
-        if seeds is not None and len(seeds) != len(texts):
-            raise CaiError(f"got {len(seeds)} seeds for {len(texts)} prompts")
+        row_seeds = seeds_per_row(seeds, params.seed, len(texts))
         out = []
         for i, text in enumerate(texts):
             if not text.strip():
                 raise CaiError(f"prompt {i} is empty")
-            seed = seeds[i] if seeds is not None else row_seed(params.seed, i)
             # Greedy output must not depend on the seed, as with a real model.
-            seed_part = 0 if params.greedy else seed
+            seed_part = 0 if params.greedy else row_seeds[i]
             if self.respond is not None:
                 reply = self.respond(text, seed_part)
             else:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, cut_at_stop, encode_rendered, render_with_template, row_seed
+from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, cut_at_stop, encode_rendered, render_with_template, seeds_per_row
 from cai.backends.kv_cache import KV, PrefixCache, common_prefix_length, preallocated_layer_class
 from cai.errors import CaiError
 from cai.types import SamplingParams
@@ -240,8 +240,7 @@ class HFBackend:
         self._check_open()
         if not prompts:
             return []
-        if seeds is not None and len(seeds) != len(prompts):
-            raise CaiError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        row_seeds = seeds_per_row(seeds, params.seed, len(prompts))
         texts = [self.render(p) for p in prompts]
         rows = self.encode(texts)
         for i, row in enumerate(rows):
@@ -253,7 +252,6 @@ class HFBackend:
                     f"the model's context of {self.max_context} tokens; shorten it or lower max_new_tokens"
                 )
         self.stats["prompt_tokens"] += sum(len(r) for r in rows)
-        row_seeds = list(seeds) if seeds is not None else [row_seed(params.seed, i) for i in range(len(rows))]
         prefix_len, prefix_kv = self._prefix_for(rows, allow_new=len(rows) > 1)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
         outputs: list[Generation | None] = [None] * len(rows)

@@ -29,7 +29,7 @@ import math
 import os
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, cut_at_stop, encode_rendered, render_with_template, row_seed
+from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, cut_at_stop, encode_rendered, render_with_template, seeds_per_row
 from cai.backends.http_transport import HTTPRequestError, HTTPTransport
 from cai.errors import CaiError
 from cai.types import SamplingParams
@@ -211,9 +211,7 @@ class OpenAIHTTPBackend:
         """
         if not prompts:
             return []
-        if seeds is not None and len(seeds) != len(prompts):
-            raise CaiError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-        row_seeds = list(seeds) if seeds is not None else [row_seed(params.seed, i) for i in range(len(prompts))]
+        row_seeds = seeds_per_row(seeds, params.seed, len(prompts))
         jobs = [lambda p=p, s=s: self._generate_one(p, params, s) for p, s in zip(prompts, row_seeds)]
         report = None if progress is None else (lambda _i, result: progress(1, result[1]))
         return [text for text, _ in self.http.run_all(jobs, report)]

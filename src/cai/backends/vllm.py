@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, Sequence
 
-from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, encode_rendered, render_with_template, row_seed
+from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, encode_rendered, render_with_template, seeds_per_row
 from cai.errors import CaiError
 from cai.types import SamplingParams
 
@@ -98,14 +98,14 @@ class VLLMBackend:
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams, *, seeds: Sequence[int] | None = None,
                  progress: ProgressFn | None = None) -> list[str]:
+        row_seeds = seeds_per_row(seeds, params.seed, len(prompts))
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
         rows = [TokensPrompt(prompt_token_ids=ids) for ids in encode_rendered(self.tokenizer, [self.render(p) for p in prompts])]
-        seeds = list(seeds) if seeds is not None else [row_seed(params.seed, i) for i in range(len(rows))]
         sampling = [VSamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                                     top_p=params.top_p, top_k=params.top_k or -1, stop=list(params.stop) or None,
-                                    seed=None if params.greedy else s % (2**31)) for s in seeds]
+                                    seed=None if params.greedy else s % (2**31)) for s in row_seeds]
         outputs = self.llm.generate(rows, sampling, use_tqdm=False)
         texts = [o.outputs[0].text for o in outputs]
         if progress is not None:
