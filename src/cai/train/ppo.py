@@ -35,6 +35,7 @@ import copy
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,6 +88,70 @@ def train_ppo(
         ``steps``, the held-out PM reward at the start and the end, and every evaluation.
     """
     out_dir = Path(out_dir)
+    run = _setup(policy_spec, pm_folder, out_dir / "checkpoint", config, seed, device)
+    ranks, evals = run.ranks, run.evals
+    trackers = make_trackers(config.report_to, out_dir, "cai-ppo", config.model_dump(mode="json")) if ranks.is_main else []
+    if ranks.is_main:
+        keep_log_until(out_dir / "train_log.jsonl", run.done)
+    log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False) if ranks.is_main else None
+    sampling = config.sampling.params()
+    if not evals:
+        evals.append({"step": 0, "eval_reward": eval_reward(run.models.backend, run.models.scorer, eval_prompts, sampling, ranks)})
+        if log:
+            log.write(evals[-1])
+    with progress_bar("ppo", config.steps, enabled=show_progress and ranks.is_main) as advance:
+        advance(run.done, 0)
+        for step in range(run.done + 1, config.steps + 1):
+            record, tokens = _iteration(run, step, prompts, helpful_prompts, sampling)
+            if step % config.eval_every == 0 or step == config.steps:
+                evals.append({"step": step,
+                              "eval_reward": eval_reward(run.models.backend, run.models.scorer, eval_prompts, sampling, ranks)})
+                record["eval_reward"] = evals[-1]["eval_reward"]
+            if log:
+                log.write(record)
+            for tracker in trackers:
+                tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+            advance(1, tokens)
+            if step % config.save_every == 0 and step < config.steps:
+                if ranks.is_main:
+                    save_ppo_checkpoint(run.checkpoint, run.models, run.optimizer, step, run.kl_ctl, run.moments, evals)
+                run.accelerator.wait_for_everyone()
+    if log:
+        log.close()
+    for tracker in trackers:
+        tracker.finish()
+    _save(run, out_dir)
+    return {"steps": config.steps, "eval_reward_start": evals[0]["eval_reward"], "eval_reward_end": evals[-1]["eval_reward"],
+            "evals": evals}
+
+
+@dataclass
+class _PPORun:
+    """What the PPO loop works on, made by `_setup`, resumed from the checkpoint when there is one."""
+
+    config: PPOConfig
+    seed: int
+    accelerator: Any
+    ranks: Ranks
+    models: PPOModels
+    params: list[torch.nn.Parameter]
+    """The trainable parameters (policy or its adapter, and the value head), clipped at each update."""
+    wrapped: Any
+    """Policy and value head as one module, after ``accelerator.prepare`` (DDP under several processes)."""
+    optimizer: torch.optim.Optimizer
+    kl_ctl: AdaptiveKLController | FixedKLController
+    moments: RunningMoments
+    """Running statistics of the PM scores, for reward normalisation."""
+    checkpoint: Path
+    done: int
+    """The last step completed before this run (0 for a fresh one)."""
+    evals: list[dict[str, float]]
+    """Held-out evaluations so far: ``{"step", "eval_reward"}``."""
+
+
+def _setup(policy_spec: str, pm_folder: str | Path, checkpoint: Path, config: PPOConfig, seed: int,
+           device: str) -> _PPORun:
+    """Load the models, make the optimizer and KL controller, and resume them all from ``checkpoint``."""
     torch.manual_seed(seed)
     accelerator = ppo_accelerator(config, device)
     ranks = Ranks(accelerator)
@@ -96,60 +161,46 @@ def train_ppo(
     optimizer = adamw(params, learning_rate=config.learning_rate)
     kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.adaptive_kl
               else FixedKLController(config.kl_coef))
-    moments = RunningMoments()  # of the PM scores, for reward normalisation
-    checkpoint = out_dir / "checkpoint"
+    moments = RunningMoments()
     done, evals = resume_ppo(checkpoint, models, optimizer, kl_ctl, moments)
     require_one_resume_step(done, ranks, checkpoint)
     wrapped, optimizer = accelerator.prepare(trainable, optimizer)
-    trackers = make_trackers(config.report_to, out_dir, "cai-ppo", config.model_dump(mode="json")) if ranks.is_main else []
-    if ranks.is_main:
-        keep_log_until(out_dir / "train_log.jsonl", done)
-    log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False) if ranks.is_main else None
-    sampling = config.sampling.params()
-    if not evals:
-        evals.append({"step": 0, "eval_reward": eval_reward(models.backend, models.scorer, eval_prompts, sampling, ranks)})
-        if log:
-            log.write(evals[-1])
-    with progress_bar("ppo", config.steps, enabled=show_progress and ranks.is_main) as advance:
-        advance(done, 0)
-        for step in range(done + 1, config.steps + 1):
-            lap = _stopwatch()
-            rollout = sample_rollout(models, prompts, helpful_prompts, sampling, config, seed, step, ranks)
-            gen_s = lap()
-            scores = score_rollout(models.scorer, rollout, moments, config, ranks)
-            ppo_batch = compute_advantages(models, rollout, scores.reward, kl_ctl.value, config,
-                                           kl_estimator=config.kl_estimator, ranks=ranks)
-            score_s = lap()
-            stats = optimise(wrapped, accelerator, optimizer, params, ppo_batch, config, seed, step, ranks)
-            opt_s = lap()
-            kl_sum, rows = ranks.sum(float(ppo_batch.kl.sum()), ppo_batch.mask.shape[0])
-            kl_ctl.update(kl_sum / rows, int(rows))
-            record = step_record(step, scores, ppo_batch, stats, kl_ctl.value,
-                                 {"gen_s": gen_s, "score_s": score_s, "opt_s": opt_s}, ranks)
-            if step % config.eval_every == 0 or step == config.steps:
-                evals.append({"step": step,
-                              "eval_reward": eval_reward(models.backend, models.scorer, eval_prompts, sampling, ranks)})
-                record["eval_reward"] = evals[-1]["eval_reward"]
-            if log:
-                log.write(record)
-            for tracker in trackers:
-                tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
-            advance(1, int(ppo_batch.mask.sum()))
-            if step % config.save_every == 0 and step < config.steps:
-                if ranks.is_main:
-                    save_ppo_checkpoint(checkpoint, models, optimizer, step, kl_ctl, moments, evals)
-                accelerator.wait_for_everyone()
-    if log:
-        log.close()
-    for tracker in trackers:
-        tracker.finish()
-    accelerator.wait_for_everyone()
-    if ranks.is_main:
-        save_ppo_outputs(models, out_dir)
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return {"steps": config.steps, "eval_reward_start": evals[0]["eval_reward"], "eval_reward_end": evals[-1]["eval_reward"],
-            "evals": evals}
+    return _PPORun(config=config, seed=seed, accelerator=accelerator, ranks=ranks, models=models, params=params,
+                   wrapped=wrapped, optimizer=optimizer, kl_ctl=kl_ctl, moments=moments, checkpoint=checkpoint,
+                   done=done, evals=evals)
+
+
+def _iteration(run: _PPORun, step: int, prompts: list[PromptRow], helpful_prompts: list[PromptRow],
+               sampling: SamplingParams) -> tuple[dict[str, Any], int]:
+    """One PPO iteration: rollout, score, advantages, optimise, then the KL coefficient's update.
+
+    Returns:
+        (the iteration's log record, the answer tokens this rank trained on).
+    """
+    config, ranks = run.config, run.ranks
+    lap = _stopwatch()
+    rollout = sample_rollout(run.models, prompts, helpful_prompts, sampling, config, run.seed, step, ranks)
+    gen_s = lap()
+    scores = score_rollout(run.models.scorer, rollout, run.moments, config, ranks)
+    ppo_batch = compute_advantages(run.models, rollout, scores.reward, run.kl_ctl.value, config,
+                                   kl_estimator=config.kl_estimator, ranks=ranks)
+    score_s = lap()
+    stats = optimise(run.wrapped, run.accelerator, run.optimizer, run.params, ppo_batch, config, run.seed, step, ranks)
+    opt_s = lap()
+    kl_sum, rows = ranks.sum(float(ppo_batch.kl.sum()), ppo_batch.mask.shape[0])
+    run.kl_ctl.update(kl_sum / rows, int(rows))
+    record = step_record(step, scores, ppo_batch, stats, run.kl_ctl.value,
+                         {"gen_s": gen_s, "score_s": score_s, "opt_s": opt_s}, ranks)
+    return record, int(ppo_batch.mask.sum())
+
+
+def _save(run: _PPORun, out_dir: Path) -> None:
+    """Once every rank has finished: the main process saves the model and drops the checkpoint."""
+    run.accelerator.wait_for_everyone()
+    if run.ranks.is_main:
+        save_ppo_outputs(run.models, out_dir)
+        shutil.rmtree(run.checkpoint, ignore_errors=True)
+    run.accelerator.wait_for_everyone()
 
 
 def ppo_accelerator(config: PPOConfig, device: str) -> Any:
