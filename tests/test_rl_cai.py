@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -71,7 +72,8 @@ def test_ppo_artifacts_and_log(tiny_run):
     assert (folder / "model.safetensors").is_file() and (folder / "value_head.safetensors").is_file()
     assert (folder / "README.md").is_file() and not (folder / "checkpoint").exists()
     counts = manifest(tiny_run, "ppo")["counts"]
-    assert counts["steps"] == 4 and counts["max_kl"] is not None
+    assert counts["steps"] == 4
+    assert (counts["max_kl"], counts["final_kl"]) == (max(r["kl"] for r in steps), steps[-1]["kl"])
 
 
 def test_dpo_artifacts(tiny_run):
@@ -80,9 +82,16 @@ def test_dpo_artifacts(tiny_run):
     assert counts["pairs"] > 0 and counts["steps"] >= 1
     assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()
     assert not (folder / "trainer").exists()
+    import torch
+    from safetensors.torch import load_file
+
     from cai.models import load_model
 
-    assert load_model(str(folder)).model is not None
+    # DPO moved the weights away from the SFT policy it started from, and its folder loads as saved.
+    start, trained = load_file(str(tiny_run.run_dir / "sft" / "model.safetensors")), load_file(str(folder / "model.safetensors"))
+    assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in start)
+    loaded = load_model(str(folder)).model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in trained.items())
 
 
 def test_ppo_resumes_from_checkpoint(tiny_run, tmp_path, monkeypatch):
@@ -243,3 +252,44 @@ def test_response_forward_reads_only_the_response_positions_and_matches_the_full
     torch.testing.assert_close(got["logprobs"], logprobs_from_logits(full, batch["input_ids"][:, p:]))
     torch.testing.assert_close(got["entropy"], entropy_from_logits(full))
     torch.testing.assert_close(got["values"], head(out.hidden_states[-1][:, p - 1:-1]))
+
+
+def test_pm_figures_carry_their_n_and_interval(tiny_run):
+    """The held-out line says how many pairs it rests on; a handful is called too few to read."""
+    from cai.eval.verdict import describe_pm
+
+    metrics = json.loads((tiny_run.run_dir / "pm" / "metrics.json").read_text())
+    n = metrics["eval_accuracy_n"]
+    assert 0 < n <= metrics["eval_pairs"]
+    low, high = metrics["eval_accuracy_ci"]
+    assert 0 <= low <= metrics["eval_accuracy"] <= high <= 1
+    low, high = metrics["eval_ece_ci"]
+    assert 0 <= low <= high <= 1
+    line = describe_pm(metrics)
+    assert (f"{n} pairs are too few to read" in line) if n < 10 else (f"on {n} pairs" in line)
+    assert not re.search(r"\d\.\d{4,}", line)  # no figure with more digits than its interval allows
+
+
+def test_pm_line_rounds_to_its_interval_and_says_when_pairs_are_too_few():
+    from cai.eval.verdict import describe_pm
+
+    many = {"eval_accuracy": 0.625, "eval_accuracy_ci": [0.47, 0.76], "eval_accuracy_n": 40,
+            "eval_accuracy_before": 0.5, "eval_accuracy_before_ci": [0.35, 0.65],
+            "eval_ece": 0.14641456305980682, "eval_ece_ci": [0.09, 0.21]}
+    assert describe_pm(many) == ("held-out accuracy 62% [47, 76] on 40 pairs (before training 50% [35, 65]), "
+                                 "expected calibration error 0.15 [0.09, 0.21]")
+    few = {**many, "eval_accuracy": 0.0, "eval_accuracy_before": 1 / 3, "eval_accuracy_n": 3}
+    assert describe_pm(few).startswith("held-out accuracy: 3 pairs are too few to read (0 right after training, 1 before")
+    assert "not measured" in describe_pm({**many, "eval_accuracy": None, "eval_accuracy_n": 0})
+
+
+def test_ppo_logs_a_kl_that_cannot_be_negative(tiny_run):
+    rows = [r for r in read_jsonl(tiny_run.run_dir / "ppo" / "train_log.jsonl") if "reward_mean" in r]
+    assert rows and all(r["kl_k3"] >= 0 for r in rows)
+
+
+def test_a_progress_rate_without_tokens_shows_no_token_rate():
+    from cai.progress import rate_text
+
+    assert rate_text(3, 0, 2.0) == "1.50 rows/s"
+    assert rate_text(3, 100, 2.0) == "1.50 rows/s 50.0 tok/s"

@@ -13,6 +13,11 @@ from cai.backends.base import ProgressFn
 stderr = Console(stderr=True)
 
 
+def rate_text(rows: int, tokens: int, seconds: float) -> str:
+    """``2.50 rows/s 812.3 tok/s``; work that counts no tokens (scoring pairs) shows no token rate, never 0.0."""
+    return f"{rows / seconds:.2f} rows/s" + (f" {tokens / seconds:.1f} tok/s" if tokens else "")
+
+
 @contextmanager
 def progress_bar(description: str, total: int, *, enabled: bool = True) -> Iterator[ProgressFn]:
     """Yield a ``progress(rows, tokens)`` callback that advances a bar showing rows/s and tokens/s."""
@@ -32,6 +37,6 @@ def progress_bar(description: str, total: int, *, enabled: bool = True) -> Itera
             tokens_done += tokens
             elapsed = bar.tasks[0].elapsed or 1e-9
             done = bar.tasks[0].completed + rows
-            bar.update(task, advance=rows, rate=f"{done / elapsed:.2f} rows/s {tokens_done / elapsed:.1f} tok/s")
+            bar.update(task, advance=rows, rate=rate_text(done, tokens_done, elapsed))
 
         yield advance

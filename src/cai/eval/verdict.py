@@ -35,6 +35,40 @@ def fmt_ci(value: float, ci: tuple[float, float] | list[float], *, percent: bool
     return f"{lead}{value * scale:.{d}f}{unit} [{low * scale:.{d}f}, {high * scale:.{d}f}]"
 
 
+MIN_PAIRS_TO_READ = 10
+"""Below this many pairs a share is printed as counts and said to be too few to read: its 95%
+interval would span most of [0, 1] (with 9 pairs, 5 right is 50% [27, 79])."""
+
+
+def describe_accuracy(value: float | None, ci: Any, n: int | None, *, unit: str = "pairs") -> str:
+    """``62% [48, 75] on 40 pairs``; ``2 of 3 pairs right, too few to read``; ``not measured (no pairs)``."""
+    if value is None or not n or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"not measured (no {unit} with a preferred side)"
+    if n < MIN_PAIRS_TO_READ or not ci:
+        return f"{value * n:g} of {n} {unit} right, too few to read"
+    return f"{fmt_ci(value, ci, percent=True)} on {n} {unit}"
+
+
+def describe_pm(metrics: dict[str, Any]) -> str:
+    """The preference model's held-out figures in one line, each with its n and interval (CLI and report)."""
+    n = metrics.get("eval_accuracy_n")
+    after, before = metrics.get("eval_accuracy"), metrics.get("eval_accuracy_before")
+    if n is None and isinstance(after, (int, float)):  # a run from before n was recorded
+        return f"held-out accuracy {after:.2f} (no n or interval recorded; rerun the pm stage for them)"
+    if not n or not isinstance(after, (int, float)):
+        return ("held-out accuracy not measured: no held-out pairs with a preferred side "
+                "(raise pm.eval_fraction or label more pairs)")
+    if n < MIN_PAIRS_TO_READ:
+        right = f"{after * n:g} right after training" + (f", {before * n:g} before" if isinstance(before, (int, float)) else "")
+        return f"held-out accuracy: {n} pairs are too few to read ({right}; raise pm.eval_fraction or label more pairs)"
+    line = (f"held-out accuracy {describe_accuracy(after, metrics.get('eval_accuracy_ci'), n)} (before training "
+            f"{fmt_ci(before, metrics.get('eval_accuracy_before_ci') or [math.nan, math.nan], percent=True)})")
+    ece, ece_ci = metrics.get("eval_ece"), metrics.get("eval_ece_ci")
+    if isinstance(ece, (int, float)) and ece_ci:
+        line += f", expected calibration error {fmt_ci(ece, ece_ci)}"
+    return line
+
+
 def verdict(results: dict[str, Any], *, judge_name: str = "the judge") -> list[str]:
     """Short sentences for the top of the report, from `cai eval`'s results."""
     lines: list[str] = []

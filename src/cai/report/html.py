@@ -125,10 +125,15 @@ def online_rl_curves(log_path: Path, name: str) -> list[str]:
     plots = [line_plot({"rollout reward (PM)": ([r["step"] for r in steps], [r["reward_mean"] for r in steps]),
                         "held-out reward (PM)": ([r["step"] for r in evals], [r["eval_reward"] for r in evals])},
                        f"{name} reward", f"{name} step", "PM score")]
-    kl = [r for r in steps if r.get("kl") is not None]  # none when the KL coefficient is 0
+    # cai's PPO logs "kl_k3", an estimate that is never negative; the penalty's own "kl" (k1 by default,
+    # as TRL's RLOO logs it too) can be negative for a single batch, so it is labelled as what it is.
+    key = "kl_k3" if any(r.get("kl_k3") is not None for r in steps) else "kl"
+    kl = [r for r in steps if r.get(key) is not None]  # none when the KL coefficient is 0
     if kl:
-        plots.append(line_plot({"KL(policy || SL-CAI)": ([r["step"] for r in kl], [r["kl"] for r in kl])},
-                               f"{name} KL", f"{name} step", "KL per answer (nats)"))
+        ylabel = ("KL per answer (nats), k3 estimate, never < 0" if key == "kl_k3"
+                  else "KL per answer (nats) as logged; k1 can be < 0")
+        plots.append(line_plot({"KL(policy || SL-CAI)": ([r["step"] for r in kl], [r[key] for r in kl])},
+                               f"{name} KL to the SL-CAI model", f"{name} step", ylabel))
     return plots
 
 
@@ -160,7 +165,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     parts.append('<p class="sub">Models trained from a written constitution; judged by an AI feedback model.</p>')
 
     parts.append("<h2>Verdict</h2>")
-    from cai.eval.verdict import fmt_ci, verdict
+    from cai.eval.verdict import describe_pm, fmt_ci, verdict
 
     sentences = verdict(results, judge_name=results.get("judge", "the judge")) if results else []
     parts.append("<ul class='verdict'>" + "".join(f"<li>{_e(v)}</li>" for v in sentences) + "</ul>" if sentences
@@ -233,8 +238,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                      f"reason: {_e(critique.get('flags') or 'none')}.</p>")
     if metrics_path.is_file():
         m = json.loads(metrics_path.read_text())
-        parts.append(f"<p>Preference model: held-out accuracy {_e(m.get('eval_accuracy'))} (before training "
-                     f"{_e(m.get('eval_accuracy_before'))}), expected calibration error {_e(m.get('eval_ece'))}, "
+        parts.append(f"<p>Preference model: {_e(describe_pm(m))}, "
                      f"{_e(m.get('train_pairs'))} training pairs.</p>")
 
     parts.append("<h2>Principles</h2>")

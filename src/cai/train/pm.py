@@ -26,6 +26,7 @@ from cai.errors import CaiError
 from cai.eval.verdict import describe_pm
 from cai.io import JsonlWriter, write_json_atomic
 from cai.losses.bradley_terry import expected_calibration_error, preference_accuracy, soft_bradley_terry_loss
+from cai.padding import pad_rows
 from cai.progress import progress_bar
 from cai.stats import wilson_interval
 from cai.train.batching import batches_for_rank, micro_batch_tokens, split_by_tokens, total_steps
@@ -89,13 +90,8 @@ class RewardScorer:
 
     def forward(self, rows: Sequence[list[int]]) -> torch.Tensor:
         """Scores [B] for token rows (with gradients if enabled)."""
-        width = max(len(r) for r in rows)
         device = next(self.model.parameters()).device
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_rows(rows, self.pad_id, "right")
         return self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
 
     @torch.no_grad()

@@ -82,10 +82,12 @@ class PPOBatch:
     """Log-probs under the policy that sampled the rollout (before this iteration's updates)."""
     old_values: torch.Tensor
     kl: torch.Tensor
-    """Per-token KL estimate of the policy to the reference."""
+    """Per-token KL estimate of the policy to the reference, by ``kl_estimator``: the one the reward pays."""
     advantages: torch.Tensor
     """GAE advantages, whitened over the response tokens."""
     returns: torch.Tensor
+    kl_k3: torch.Tensor
+    """Per-token k3 estimate of the same KL, never negative: what the log and the report show as ``kl_k3``."""
 
 
 
@@ -169,7 +171,8 @@ def compute_advantages(models: PPOModels, rollout: Rollout, reward: torch.Tensor
     rewards = per_token_rewards(reward.to(models.device), kl, mask, kl_coef)
     advantages, returns = gae(rewards, old["values"], mask, config.gamma, config.lam)
     whitened = whiten(advantages, mask) if ranks is None or ranks.count == 1 else whiten_across(advantages, mask, ranks)
-    return PPOBatch(batch, mask, old["logprobs"], old["values"], kl, whitened, returns)
+    kl_k3 = kl if kl_estimator == "k3" else kl_penalty(old["logprobs"], ref["logprobs"], "k3") * mask
+    return PPOBatch(batch, mask, old["logprobs"], old["values"], kl, whitened, returns, kl_k3)
 
 
 def whiten_across(x: torch.Tensor, mask: torch.Tensor, ranks: Ranks, eps: float = 1e-8) -> torch.Tensor:
@@ -235,8 +238,9 @@ def step_record(step: int, scores: Scores, ppo_batch: PPOBatch, stats: dict[str,
     (the main process's).
     """
     raw, mask = scores.raw, ppo_batch.mask
-    rows, reward_sum, kl_sum, tokens = ranks.sum(mask.shape[0], float(scores.reward.sum()), float(ppo_batch.kl.sum()),
-                                                 float(mask.sum()))
+    rows, reward_sum, kl_sum, k3_sum, tokens = ranks.sum(mask.shape[0], float(scores.reward.sum()),
+                                                         float(ppo_batch.kl.sum()), float(ppo_batch.kl_k3.sum()),
+                                                         float(mask.sum()))
     if ranks.count == 1:
         ev = explained_variance(ppo_batch.old_values, ppo_batch.returns, mask)
     else:  # from sums over the ranks: Var = E[x^2] - E[x]^2 of the returns and of the critic's errors
@@ -248,7 +252,9 @@ def step_record(step: int, scores: Scores, ppo_batch: PPOBatch, stats: dict[str,
         "step": step, "reward_mean": round(float(raw.mean()), 5),
         "reward_std": round(float(raw.std()), 5) if len(raw) > 1 else 0.0,
         "normalized_reward_mean": round(reward_sum / rows, 5),
-        "kl": round(kl_sum / rows, 5), "kl_coef": kl_coef,
+        # "kl" is the penalty's estimate per answer (k1 by default: a single answer's can be negative);
+        # "kl_k3" estimates the same KL per answer and is never negative.
+        "kl": round(kl_sum / rows, 5), "kl_k3": round(k3_sum / rows, 5), "kl_coef": kl_coef,
         **{k: round(v, 5) for k, v in stats.items()},
         "explained_variance": ev,
         "response_length": tokens / rows,
