@@ -108,6 +108,7 @@ def train_sft(
         advance(run.step, 0)
         for epoch in range(config.epochs):
             for group in _untrained_groups(run, epoch):
+                tokens_before = run.tokens
                 step_loss = _train_step(run, group)
                 elapsed = run.seconds_before + time.perf_counter() - started
                 if main:
@@ -116,7 +117,7 @@ def train_sft(
                     log.write(record)
                     for tracker in trackers:
                         tracker.log({k: v for k, v in record.items() if k != "step"}, step=run.step)
-                advance(1, 0)
+                advance(1, run.tokens - tokens_before)  # the real (unpadded) tokens of this step
                 if run.step % config.save_every == 0 and run.step < run.total_steps and main:
                     save_checkpoint(run.checkpoint, run.accelerator.unwrap_model(run.model), run.optimizer,
                                     {"step": run.step, "tokens": run.tokens, "seconds": elapsed})
