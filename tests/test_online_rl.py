@@ -9,6 +9,7 @@ import shutil
 from dataclasses import fields
 
 import pytest
+import torch
 
 from cai.config import GRPOConfig, RLOOConfig, RunConfig, VLLMRolloutConfig, rl_algorithms
 from cai.config_loader import load_config
@@ -158,13 +159,15 @@ def test_a_run_with_ppo_and_rloo_trains_both_and_compares_them(tiny_run, tmp_pat
     cfg = copied_run(tiny_run, tmp_path, ["rl.algo=[ppo, rloo]", *ONLINE])
     run_all(cfg, from_stage="ppo", show_progress=False)
     folder = cfg.run_dir / "rloo"
-    assert AutoModelForCausalLM.from_pretrained(folder) is not None and (folder / "README.md").is_file()
+    rloo, sft = AutoModelForCausalLM.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(cfg.run_dir / "sft")
+    assert any(not torch.equal(p, q) for p, q in zip(rloo.parameters(), sft.parameters()))  # it trained the policy
+    assert (folder / "README.md").is_file()
     assert not (folder / "trainer").exists() and not (cfg.run_dir / "dpo").exists()
     counts = json.loads((folder / "manifest.json").read_text())["counts"]
     assert counts["steps"] == 3 and counts["prompts"] == 8  # 6 red-team + 2 helpfulness (a quarter)
     assert math.isfinite(counts["eval_reward_start"]) and math.isfinite(counts["eval_reward_end"])
-    assert counts["max_kl"] is not None
     log = read_jsonl(folder / "train_log.jsonl")
+    assert counts["max_kl"] == max(r["kl"] for r in log if r.get("kl") is not None)
     assert [r["step"] for r in log if "reward_mean" in r] == [1, 2, 3]
     assert [r["step"] for r in log if "eval_reward" in r] == [0, 2, 3]  # start, every 2 steps, end
     for key in ("reward_std", "kl", "kl_per_token", "entropy", "response_length", "loss", "grad_norm"):
@@ -189,7 +192,8 @@ def test_grpo_stage_with_lora_saves_a_merged_model_and_its_adapter(tiny_run, tmp
                                           "rl.grpo.lora.dropout=0.0", "rl.grpo.learning_rate=0.01"])
     folder = run_stage(cfg, "grpo", show_progress=False)
     assert (folder / "adapter" / "adapter_config.json").is_file() and (folder / "model.safetensors").is_file()
-    assert load_model(str(folder)).model is not None
+    merged, sft = load_model(str(folder)).model, load_model(str(cfg.run_dir / "sft")).model
+    assert any(not torch.equal(p, q) for p, q in zip(merged.parameters(), sft.parameters()))  # the adapter merged in
     log = read_jsonl(folder / "train_log.jsonl")
     steps = [r for r in log if "reward_mean" in r]
     assert len(steps) == 3 and steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the adapter starts at zero

@@ -93,6 +93,8 @@ def test_checkpoint_round_trip(tiny_model_dir, tmp_path):
 
 
 def test_critique_then_sft_end_to_end(tiny_model_dir, small_constitution, tmp_path):
+    from transformers import AutoModelForCausalLM
+
     from cai.backends.hf import HFBackend
     from cai.stages.critique import run_critique
     from cai.train.sft import run_sft
@@ -120,9 +122,11 @@ def test_critique_then_sft_end_to_end(tiny_model_dir, small_constitution, tmp_pa
     assert [r["step"] for r in log] == list(range(1, counts["steps"] + 1))
     train = read_jsonl(out / "train_data.jsonl")
     assert all(r["messages"][-1]["role"] == "assistant" for r in train)
-    # The SL-CAI model loads in every backend path and answers.
-    backend = HFBackend.from_spec(str(out))
-    assert backend.generate(["Hello"], SamplingParams(max_new_tokens=3))[0] is not None
+    # The SL-CAI model loads in the HF backend and answers as transformers' own greedy decoding of it does.
+    answer = HFBackend.from_spec(str(out)).generate_tokens(["Hello"], SamplingParams(max_new_tokens=3))[0]
+    reference = AutoModelForCausalLM.from_pretrained(out).generate(
+        torch.tensor([answer.prompt_ids]), max_new_tokens=3, do_sample=False)[0, len(answer.prompt_ids):].tolist()
+    assert answer.token_ids == reference[:len(answer.token_ids)] and (answer.ended or len(answer.token_ids) == 3)
     # A finished stage is skipped.
     assert run_sft(cfg, show_progress=False) == out
 
