@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import CaiError
+from cai.eval.verdict import describe_pm, fmt_ci, verdict
 from cai.io import read_jsonl, write_text_atomic
 from cai.runs import STAGE, STAGES, read_manifest, stage_status
 
@@ -159,14 +160,24 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise CaiError(f"run folder {run_dir} does not exist")
     if not (run_dir / "config.yaml").is_file() and not any((run_dir / s.folder / "manifest.json").is_file() for s in STAGES):
         raise CaiError(f"{run_dir} is not a cai run folder (no config.yaml and no stage manifests)")
-    parts = [f"<h1>Constitutional AI run: {_e(run_dir.name)}</h1>"]
     results_path = run_dir / STAGE["eval"].folder / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    parts.append('<p class="sub">Models trained from a written constitution; judged by an AI feedback model.</p>')
+    parts = [f"<h1>Constitutional AI run: {_e(run_dir.name)}</h1>",
+             '<p class="sub">Models trained from a written constitution; judged by an AI feedback model.</p>']
+    parts += _evidence_section(results)
+    parts += _ai_judged_section(results)
+    parts += _training_section(run_dir, results)
+    parts += _details_section(run_dir, results)
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>cai report: {_e(run_dir.name)}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+    target = Path(out) if out else run_dir / "report.html"
+    write_text_atomic(target, page)
+    return target
 
-    parts.append("<h2>Verdict</h2>")
-    from cai.eval.verdict import describe_pm, fmt_ci, verdict
 
+def _evidence_section(results: dict[str, Any]) -> list[str]:
+    """The verdict, then what it rests on: the gold pairs (no judge) and the judge's check against them."""
+    parts = ["<h2>Verdict</h2>"]
     sentences = verdict(results, judge_name=results.get("judge", "the judge")) if results else []
     parts.append("<ul class='verdict'>" + "".join(f"<li>{_e(v)}</li>" for v in sentences) + "</ul>" if sentences
                  else '<p class="note">no evaluation yet: run <code>cai eval</code></p>')
@@ -186,8 +197,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                      "Wilson 95% interval.</p>")
         parts.append(_table([{"group": g, "pairs": v["pairs"], "agreement": fmt_ci(v["agreement"], v["ci"], percent=True)}
                              for g, v in check.items() if isinstance(v, dict)]))
+    return parts
 
-    parts.append("<h2>Harmlessness vs helpfulness (AI-judged)</h2>")
+
+def _ai_judged_section(results: dict[str, Any]) -> list[str]:
+    """The Elo plot and, per model, its Elo, PM scores, evasive refusals and answer length."""
+    parts = ["<h2>Harmlessness vs helpfulness (AI-judged)</h2>"]
     plot = elo_plot(results) if results else None
     parts.append(plot or '<p class="note">no evaluation yet: run <code>cai eval</code></p>')
     if results:
@@ -201,8 +216,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                          "PM score, helpfulness (reward model used in training)": s.get("helpfulness_pm_score", ""),
                          "evasive refusals": s.get("evasive_rate", ""), "mean words": s.get("red_team_mean_words", "")})
         parts.append(_table(rows))
+    return parts
 
-    parts.append("<h2>Training</h2><div class='grid'>")
+
+def _training_section(run_dir: Path, results: dict[str, Any]) -> list[str]:
+    """Revision curves, RL and SFT curves, PM calibration; then a line each on the critique stage and the PM."""
+    parts = ["<h2>Training</h2><div class='grid'>"]
     curve = results.get("revision_curve", {}).get("curve", [])
     if curve:
         parts.append(line_plot({"mean PM score": ([c["round"] for c in curve], [c["mean_pm_score"] for c in curve])},
@@ -240,8 +259,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         m = json.loads(metrics_path.read_text())
         parts.append(f"<p>Preference model: {_e(describe_pm(m))}, "
                      f"{_e(m.get('train_pairs'))} training pairs.</p>")
+    return parts
 
-    parts.append("<h2>Principles</h2>")
+
+def _details_section(run_dir: Path, results: dict[str, Any]) -> list[str]:
+    """Principles drawn, sample transcripts, each stage's status and the run's config."""
+    parts = ["<h2>Principles</h2>"]
     parts.append(_table(results.get("revision_curve", {}).get("principles", []) or _principle_counts(run_dir)))
     parts.append("<h2>Sample transcripts</h2>")
     parts.append(_table(results.get("transcripts", []),
@@ -254,11 +277,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     parts.append(_table(stage_rows))
     if (run_dir / "config.yaml").is_file():
         parts.append(f"<h2>Config</h2><pre>{_e((run_dir / 'config.yaml').read_text())}</pre>")
-    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>cai report: {_e(run_dir.name)}</title>"
-            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
-    target = Path(out) if out else run_dir / "report.html"
-    write_text_atomic(target, page)
-    return target
+    return parts
 
 
 def _principle_counts(run_dir: Path) -> list[dict[str, Any]]:
