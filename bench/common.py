@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
+from cai.padding import pad_rows
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -139,12 +141,8 @@ def batched_generate(model: Any, rows: Sequence[Sequence[int]], *, batch_size: i
     ends = set(eos_ids)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        width = max(len(rows[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, i in enumerate(batch):
-            ids[b, width - len(rows[i]):] = torch.tensor(rows[i], dtype=torch.long)
-            mask[b, width - len(rows[i]):] = 1
+        ids, mask = pad_rows([rows[i] for i in batch], pad_id, "left")
+        width = ids.shape[1]
         generated = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                    eos_token_id=sorted(ends), pad_token_id=pad_id, **generate_kwargs)
         for b, i in enumerate(batch):

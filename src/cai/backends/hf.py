@@ -26,6 +26,7 @@ import torch
 from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, cut_at_stop, encode_rendered, render_with_template, seeds_per_row
 from cai.backends.kv_cache import KV, PrefixCache, common_prefix_length, preallocated_layer_class
 from cai.errors import CaiError
+from cai.padding import pad_rows
 from cai.types import SamplingParams
 
 if TYPE_CHECKING:
@@ -176,13 +177,8 @@ class HFBackend:
         from transformers import DynamicCache
 
         b = len(rows)
-        suffixes = [r[prefix_len:] for r in rows]
-        width = max(len(s) for s in suffixes)
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        suffix_mask = torch.zeros((b, width), dtype=torch.long)
-        for i, s in enumerate(suffixes):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            suffix_mask[i, width - len(s):] = 1
+        ids, suffix_mask = pad_rows([r[prefix_len:] for r in rows], self.pad_id, "left")
+        width = ids.shape[1]
         positions = (suffix_mask.cumsum(1) - 1).clamp(min=0) + prefix_len
         mask = torch.cat([torch.ones((b, prefix_len), dtype=torch.long), suffix_mask], dim=1)
         cache = DynamicCache()
@@ -438,11 +434,7 @@ class HFBackend:
         # Row b's cache becomes rows b*n_opt + j, one per option; feed each option's tokens but the last.
         cache.batch_repeat_interleave(n_opt)
         width = longest - 1
-        tail = torch.full((len(rows) * n_opt, width), self.pad_id, dtype=torch.long)
-        for b in range(len(rows)):
-            for j, o in enumerate(option_ids[b]):
-                if len(o) > 1:
-                    tail[b * n_opt + j, : len(o) - 1] = torch.tensor(o[:-1])
+        tail, _ = pad_rows([o[:-1] for opts in option_ids for o in opts], self.pad_id, "right", width)
         tail_positions = positions[:, -1:].repeat_interleave(n_opt, 0) + 1 + torch.arange(width, device=self.device)
         tail_mask = torch.cat([mask.repeat_interleave(n_opt, 0),
                                torch.ones((len(rows) * n_opt, width), dtype=mask.dtype, device=self.device)], dim=1)

@@ -25,6 +25,7 @@ import torch
 
 from cai.data.gold import GROUPS, GoldPair
 from cai.io import JsonlWriter, read_jsonl
+from cai.padding import pad_rows
 from cai.stats import bootstrap_mean_interval
 
 
@@ -73,12 +74,7 @@ def answer_logprobs(model: Any, tokenizer: Any, chats: Sequence[Any], answers: S
     order = sorted(range(len(full)), key=lambda i: -len(full[i]))
     for at in range(0, len(order), batch_size):
         rows = order[at:at + batch_size]
-        width = max(len(full[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, i in enumerate(rows):
-            ids[j, : len(full[i])] = torch.tensor(full[i])
-            mask[j, : len(full[i])] = 1
+        ids, mask = pad_rows([full[i] for i in rows], pad, "right")
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         for j, i in enumerate(rows):
             s, n = max(starts[i], 1), len(full[i])

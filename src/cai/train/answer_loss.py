@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from cai.errors import CaiError
+from cai.padding import pad_rows
 from cai.prompts import format_conversation
 from cai.types import Chat
 
@@ -48,15 +49,9 @@ def tokenize_for_answer_loss(tokenizer: Any, messages: Chat, max_length: int) ->
 
 
 def pad_batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad (ids, labels) pairs into input_ids / attention_mask / labels tensors."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(examples):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(ids)] = 1
+    """Right-pad (ids, labels) pairs into input_ids / attention_mask / labels tensors (labels padded with -100)."""
+    input_ids, mask = pad_rows([ids for ids, _ in examples], pad_id, "right")
+    labels, _ = pad_rows([lab for _, lab in examples], IGNORE, "right", input_ids.shape[1])
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 

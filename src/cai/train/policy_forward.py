@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from cai.losses.ppo import entropy_from_logits, logprobs_from_logits
+from cai.padding import pad_rows
 from cai.train.answer_loss import accepts_logits_to_keep
 
 
@@ -33,17 +34,10 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> d
 
     Returns input_ids/attention_mask/position_ids [B, P+T], response_mask [B, T] and P.
     """
-    p_len = max(len(p) for p in prompts)
-    t_len = max(1, max(len(r) for r in responses))
-    b = len(prompts)
-    ids = torch.full((b, p_len + t_len), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, p_len + t_len), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, p_len - len(p):p_len] = torch.tensor(p)
-        mask[i, p_len - len(p):p_len] = 1
-        if r:
-            ids[i, p_len:p_len + len(r)] = torch.tensor(r)
-            mask[i, p_len:p_len + len(r)] = 1
+    prompt_ids, prompt_mask = pad_rows(prompts, pad_id, "left")
+    response_ids, response_mask = pad_rows(responses, pad_id, "right", max(1, max(len(r) for r in responses)))
+    p_len = prompt_ids.shape[1]
+    ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
             "response_mask": mask[:, p_len:].float(), "prompt_len": p_len}
