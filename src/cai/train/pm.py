@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,7 +32,7 @@ from cai.stats import wilson_interval
 from cai.train.batching import batches_for_rank, micro_batch_tokens, split_by_tokens, total_steps
 from cai.train.lora import apply_lora
 from cai.train.model_folder import count_parameters, save_model_folder, write_model_card
-from cai.train.optim import make_optimizer_and_schedule, optimizer_step
+from cai.train.optim import LRSchedule, make_optimizer_and_schedule, optimizer_step
 from cai.train.trackers import make_trackers
 from cai.types import Chat
 
@@ -192,83 +192,128 @@ def train_preference_model(
     device: str = "auto", show_progress: bool = True,
 ) -> dict[str, Any]:
     """Train a scalar-head PM on soft labels; save the HF folder, ``metrics.json`` and a log."""
+    if not train:
+        raise CaiError("no preference pairs to train on; label more pairs or lower pm.eval_fraction")
+    out_dir = Path(out_dir)
+    run = _setup(base, len(train), config, seed, device)
+    main = run.accelerator.is_main_process
+    before = evaluate_pm(run.scorer, held_out)
+    log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False)
+    trackers = make_trackers(config.report_to, out_dir, "cai-pm", config.model_dump(mode="json")) if main else []
+    run.model.train()
+    started = time.perf_counter()
+    with progress_bar("preference model", run.total_steps, enabled=show_progress and main) as advance:
+        for epoch in range(config.epochs):
+            order = list(range(len(train)))
+            random.Random(f"{seed}:pm-epoch:{epoch}").shuffle(order)
+            for indices in batches_for_rank(order, config.batch_size, run.accelerator.num_processes,
+                                            run.accelerator.process_index):
+                loss_value, tokens = _train_step(run, [train[i] for i in indices])
+                if main:
+                    record = {"step": run.step, "epoch": epoch, "loss": round(loss_value, 5),
+                              "lr": run.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 2)}
+                    log.write(record)
+                    for tracker in trackers:
+                        tracker.log({k: v for k, v in record.items() if k != "step"}, step=run.step)
+                advance(1, tokens)
+    log.close()
+    after = evaluate_pm(run.scorer, held_out)
+    for tracker in trackers:
+        tracker.log({"eval_accuracy": after["accuracy"], "eval_ece": after["ece"]}, step=run.step)
+        tracker.finish()
+    metrics = {"steps": run.step, "train_pairs": len(train), "eval_pairs": len(held_out),
+               "first_loss": round(run.losses[0], 4), "last_loss": round(run.losses[-1], 4),
+               "eval_accuracy_before": before["accuracy"], "eval_accuracy_before_ci": before["accuracy_ci"],
+               "eval_accuracy": after["accuracy"], "eval_accuracy_ci": after["accuracy_ci"],
+               "eval_accuracy_n": after["accuracy_n"], "eval_ece": after["ece"], "eval_ece_ci": after["ece_ci"],
+               "eval_mean_margin": after.get("mean_margin")}
+    return _save(run, out_dir, metrics, after["calibration"], started)
+
+
+@dataclass
+class _PMRun:
+    """What the PM loop works on, made by `_setup`, and how far it has got (``step``, ``losses``)."""
+
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    scorer: RewardScorer
+    """Scores rows with the model being trained (the same scorer measures it before and after)."""
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    total_steps: int
+    """Optimizer steps this rank takes in all."""
+    budget: int | None
+    """Most padded tokens in one forward pass (`micro_batch_tokens`)."""
+    max_grad_norm: float
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def _setup(base: str, n_train: int, config: PMConfig, seed: int, device: str) -> _PMRun:
+    """Load the base model with a scalar head (and LoRA when asked), and make its optimizer and scorer."""
     from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification
 
     from cai.models import load_model
 
-    if not train:
-        raise CaiError("no preference pairs to train on; label more pairs or lower pm.eval_fraction")
-    out_dir = Path(out_dir)
     torch.manual_seed(seed)
     loaded = load_model(base, dtype=config.dtype, device=device, model_class=AutoModelForSequenceClassification,
                         num_labels=1)
     accelerator = Accelerator(cpu=loaded.device.type == "cpu")
     model = apply_lora(loaded.model, config.lora)
     # Steps per rank: each takes 1/num_processes of every epoch's batches.
-    steps = total_steps(len(train), config.batch_size * accelerator.num_processes, 1, config.epochs, None)
+    steps = total_steps(n_train, config.batch_size * accelerator.num_processes, 1, config.epochs, None)
     params, optimizer, schedule = make_optimizer_and_schedule(
         model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
         warmup_ratio=config.warmup_ratio, steps=steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     scorer = RewardScorer(model, loaded.tokenizer, batch_size=config.batch_size, max_length=config.max_length)
-    budget = micro_batch_tokens(config.micro_batch_tokens, loaded.device)
-    before = evaluate_pm(scorer, held_out)
-    log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False)
-    trackers = (make_trackers(config.report_to, out_dir, "cai-pm", config.model_dump(mode="json"))
-                if accelerator.is_main_process else [])
-    model.train()
-    step, started, losses = 0, time.perf_counter(), []
-    with progress_bar("preference model", steps, enabled=show_progress and accelerator.is_main_process) as advance:
-        for epoch in range(config.epochs):
-            order = list(range(len(train)))
-            random.Random(f"{seed}:pm-epoch:{epoch}").shuffle(order)
-            for indices in batches_for_rank(order, config.batch_size, accelerator.num_processes, accelerator.process_index):
-                batch = [train[i] for i in indices]
-                rows_a = scorer.encode([p.prompt for p in batch], [p.response_a for p in batch])
-                rows_b = scorer.encode([p.prompt for p in batch], [p.response_b for p in batch])
-                # A pair is two rows of one forward pass: the budget is halved, the longer row counts.
-                longest = [max(len(a), len(b)) for a, b in zip(rows_a, rows_b)]
-                loss_value = 0.0
-                for piece in split_by_tokens(longest, max(1, budget // 2) if budget else None):
-                    scores = scorer.forward([rows_a[i] for i in piece] + [rows_b[i] for i in piece])
-                    r_a, r_b = scores[: len(piece)], scores[len(piece):]
-                    p_a = torch.tensor([batch[i].p_a for i in piece], device=scores.device)
-                    # The batch's loss is the mean over its pairs; each piece adds its share of it.
-                    loss = soft_bradley_terry_loss(r_a, r_b, p_a) * len(piece) / len(batch)
-                    accelerator.backward(loss)
-                    loss_value += loss.item()
-                optimizer_step(optimizer, params, max_grad_norm=config.max_grad_norm, lr=schedule.lr(step),
-                               accelerator=accelerator)
-                step += 1
-                losses.append(loss_value)
-                if accelerator.is_main_process:
-                    record = {"step": step, "epoch": epoch, "loss": round(loss_value, 5),
-                              "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 2)}
-                    log.write(record)
-                    for tracker in trackers:
-                        tracker.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                advance(1, sum(len(a) + len(b) for a, b in zip(rows_a, rows_b)))  # real tokens, no padding
-    log.close()
-    after = evaluate_pm(scorer, held_out)
-    for tracker in trackers:
-        tracker.log({"eval_accuracy": after["accuracy"], "eval_ece": after["ece"]}, step=step)
-        tracker.finish()
-    accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(model)
+    return _PMRun(accelerator=accelerator, model=model, tokenizer=loaded.tokenizer, scorer=scorer, params=params,
+                  optimizer=optimizer, schedule=schedule, total_steps=steps,
+                  budget=micro_batch_tokens(config.micro_batch_tokens, loaded.device), max_grad_norm=config.max_grad_norm)
+
+
+def _train_step(run: _PMRun, batch: list[Pair]) -> tuple[float, int]:
+    """One optimizer step on a batch of pairs.
+
+    Returns:
+        (the batch's loss, the real tokens of its rows, no padding).
+    """
+    rows_a = run.scorer.encode([p.prompt for p in batch], [p.response_a for p in batch])
+    rows_b = run.scorer.encode([p.prompt for p in batch], [p.response_b for p in batch])
+    # A pair is two rows of one forward pass: the budget is halved, the longer row counts.
+    longest = [max(len(a), len(b)) for a, b in zip(rows_a, rows_b)]
+    loss_value = 0.0
+    for piece in split_by_tokens(longest, max(1, run.budget // 2) if run.budget else None):
+        scores = run.scorer.forward([rows_a[i] for i in piece] + [rows_b[i] for i in piece])
+        r_a, r_b = scores[: len(piece)], scores[len(piece):]
+        p_a = torch.tensor([batch[i].p_a for i in piece], device=scores.device)
+        # The batch's loss is the mean over its pairs; each piece adds its share of it.
+        loss = soft_bradley_terry_loss(r_a, r_b, p_a) * len(piece) / len(batch)
+        run.accelerator.backward(loss)
+        loss_value += loss.item()
+    optimizer_step(run.optimizer, run.params, max_grad_norm=run.max_grad_norm, lr=run.schedule.lr(run.step),
+                   accelerator=run.accelerator)
+    run.step += 1
+    run.losses.append(loss_value)
+    return loss_value, sum(len(a) + len(b) for a, b in zip(rows_a, rows_b))
+
+
+def _save(run: _PMRun, out_dir: Path, metrics: dict[str, Any], calibration: list[dict[str, Any]],
+          started: float) -> dict[str, Any]:
+    """Save the model folder and ``metrics.json`` (main process); returns ``metrics`` with time and parameter counts."""
+    run.accelerator.wait_for_everyone()
+    model = run.accelerator.unwrap_model(run.model)
     model.eval()
     total, trainable = count_parameters(model)  # before saving merges a LoRA adapter away
-    if accelerator.is_main_process:
-        save_model_folder(model, loaded.tokenizer, out_dir)
-    metrics = {"steps": step, "train_pairs": len(train), "eval_pairs": len(held_out),
-               "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
-               "eval_accuracy_before": before["accuracy"], "eval_accuracy_before_ci": before["accuracy_ci"],
-               "eval_accuracy": after["accuracy"], "eval_accuracy_ci": after["accuracy_ci"],
-               "eval_accuracy_n": after["accuracy_n"], "eval_ece": after["ece"], "eval_ece_ci": after["ece_ci"],
-               "eval_mean_margin": after.get("mean_margin"),
-               "seconds": round(time.perf_counter() - started, 2), "parameters": total, "trainable_parameters": trainable}
-    if accelerator.is_main_process:
-        write_json_atomic(out_dir / "metrics.json", {**metrics, "calibration": after["calibration"]})
+    if run.accelerator.is_main_process:
+        save_model_folder(model, run.tokenizer, out_dir)
+    metrics = {**metrics, "seconds": round(time.perf_counter() - started, 2), "parameters": total,
+               "trainable_parameters": trainable}
+    if run.accelerator.is_main_process:
+        write_json_atomic(out_dir / "metrics.json", {**metrics, "calibration": calibration})
     return metrics
 
 
