@@ -131,6 +131,22 @@ def test_sampling_is_seeded_per_row_not_per_batch(backend):
     assert twice[0] != twice[1]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_stream_picks_the_tokens_generate_picks(backend, temperature):
+    """The streaming path (one token per ask) samples a seeded row exactly as `generate` does."""
+    params = SamplingParams(max_new_tokens=6, temperature=temperature)
+    prompt_ids = backend.encode([backend.render(chats()[0])])[0]
+    (expected,) = backend.generate_tokens([chats()[0]], params, seeds=[11])
+    steps = list(backend.stream(prompt_ids).tokens(params, seed=11))
+    streamed = [s[0] for s in steps if s is not None]
+    assert streamed == expected.token_ids
+    assert (steps[-1] is None) == (expected.end_token is not None)
+    assert all(torch.allclose(lp.exp().sum(), torch.tensor(1.0)) for _, lp in filter(None, steps))
+    scored = backend.stream(prompt_ids, score_prompt=True)
+    assert scored.prompt_logits.shape[0] == len(prompt_ids)
+    assert backend.stream(prompt_ids).prompt_logits is None
+
+
 def test_stop_strings_cut_the_output(backend):
     params = SamplingParams(max_new_tokens=16)
     full = backend.generate(chats(), params)

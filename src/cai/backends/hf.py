@@ -18,8 +18,9 @@ position ids skip it, so every real token sees exactly what it would see unpadde
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
@@ -324,8 +325,8 @@ class HFBackend:
     ) -> torch.Tensor:
         """Pick each row's next token: the one decoding step every sampler here shares.
 
-        `generate` calls it once per step, and `cai.serve.engine.HFRunner` calls it for the
-        one-row streaming path, so a seeded request samples the same tokens either way.
+        `generate` calls it once per step, and `stream` for its one row, so a seeded request
+        samples the same tokens either way.
 
         Args:
             logits: ``(rows, vocab)`` next-token logits (the last position of each row).
@@ -348,6 +349,28 @@ class HFBackend:
         return torch.stack(
             [torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)]
         )
+
+    def stream(self, prompt_ids: Sequence[int], *, score_prompt: bool = False,
+               lock: AbstractContextManager | None = None) -> TokenStream:
+        """One prompt, run through the model once and then decoded a token at a time (streaming).
+
+        This is the token-level path of ``cai serve`` (streaming, log-probs, ``echo``): the prompt's
+        forward pass happens here, and each further forward pass only when the caller asks the
+        returned `TokenStream` for the next token, so a caller that stops asking stops the work.
+        Tokens are picked by `next_tokens` with a generator seeded like a row of `generate`, so a
+        seeded request gives the same tokens on either path (no shared-prefix cache is used here).
+
+        Args:
+            prompt_ids: the prompt's token ids (already rendered and encoded).
+            score_prompt: keep the logits of every prompt position (`TokenStream.prompt_logits`),
+                for scoring the prompt's own tokens; otherwise only the last position's.
+            lock: held around each forward pass, for a model that several threads share.
+
+        Raises:
+            CaiError: the backend was closed.
+        """
+        self._check_open()
+        return TokenStream(self, prompt_ids, score_prompt, lock or nullcontext())
 
     @staticmethod
     def _top_p(logits: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:
@@ -447,3 +470,44 @@ class HFBackend:
                 for k in range(1, len(o)):
                     scores[b][j] += float(logprobs[b * n_opt + j, k - 1, o[k]])
         return scores
+
+
+class TokenStream:
+    """One prompt on an `HFBackend`'s model, decoded a token at a time; made by `HFBackend.stream`.
+
+    Attributes:
+        prompt_logits: with ``score_prompt``, the logits ``[len(prompt_ids), vocab]`` of every
+            prompt position (row i scores token i + 1); otherwise None.
+    """
+
+    def __init__(self, backend: HFBackend, prompt_ids: Sequence[int], score_prompt: bool,
+                 lock: AbstractContextManager) -> None:
+        from transformers import DynamicCache  # lazy: as in _batch_inputs, transformers loads only when a model runs
+
+        self._backend, self._lock = backend, lock
+        self._cache = DynamicCache()
+        with lock, torch.inference_mode():
+            ids = torch.tensor([list(prompt_ids)], device=backend.device)
+            logits = backend.model(input_ids=ids, cache=self._cache, use_cache=True,
+                                   logits_to_keep=0 if score_prompt else 1).logits[0]
+        self.prompt_logits = logits if score_prompt else None
+        self._next_logits = logits[-1:]
+
+    def tokens(self, params: SamplingParams, seed: int) -> Iterator[tuple[int, torch.Tensor] | None]:
+        """Each step's ``(token id, the model's log-probs [vocab] at that position)``; None when the row ends on EOS.
+
+        The log-probs are the model's own (log-softmax of its logits, before temperature, top-k or
+        top-p). At most ``params.max_new_tokens`` steps; iterate once per stream.
+        """
+        backend, logits = self._backend, self._next_logits
+        generators = None if params.greedy else [torch.Generator(device=backend.device).manual_seed(seed)]
+        for step in range(params.max_new_tokens):
+            token = backend.next_tokens(logits, params, generators)
+            tid = int(token[0])
+            if tid in backend.eos_ids:
+                yield None
+                return
+            yield tid, logits[0].float().log_softmax(-1)
+            if step + 1 < params.max_new_tokens:
+                with self._lock, torch.inference_mode():
+                    logits = backend.model(input_ids=token[:, None], cache=self._cache, use_cache=True).logits[:, -1, :]

@@ -6,7 +6,7 @@ the OpenAI API: the ``openai`` client, chat UIs, evaluation harnesses, and cai's
 
 - `cai.serve.engine`: the model side. A `Batcher` gathers plain requests from many clients into
   shared ``backend.generate`` calls; an `HFRunner` decodes token by token (streaming, log-probs,
-  ``echo``) on an `HFBackend`'s model. It blocks, and knows nothing of HTTP.
+  ``echo``) through `HFBackend.stream`. It blocks, and knows nothing of HTTP.
 - `cai.serve.schemas` and `cai.serve.app`: the HTTP API, typed request models and ASGI routes.
 - `cai.serve.server`: uvicorn, in the foreground (``cai serve``) or in a background thread (tests).
 

@@ -5,8 +5,8 @@ call; it picks one of two ways to run a request:
 
 - `Batcher` gathers plain generation requests from many connections into shared
   ``backend.generate`` calls (any `Backend`).
-- `HFRunner` decodes one request token by token and scores prompt tokens straight on an
-  `HFBackend`'s model, for streaming, log-probs and ``echo``. The log-probs it reports are the
+- `HFRunner` decodes one request token by token and scores prompt tokens through
+  `HFBackend.stream`, for streaming, log-probs and ``echo``. The log-probs it reports are the
   model's own (log-softmax of its logits, before temperature, top-k or top-p).
 
 Both take the server's one model lock, so only one forward pass runs at a time. Everything here
@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 from cai.backends.base import Backend, cut_at_stop
+from cai.backends.hf import HFBackend, TokenStream
 from cai.errors import CaiError
 from cai.types import SamplingParams
 
@@ -159,13 +160,13 @@ def check_context(prompt_tokens: int, max_new_tokens: int, limit: int | None) ->
 
 
 class HFRunner:
-    """Single-row decoding and prompt scoring straight on an `HFBackend`'s model.
+    """Single-row decoding and prompt scoring on an `HFBackend`, through its `HFBackend.stream`.
 
-    Sampling uses `HFBackend.next_tokens` with a generator seeded like the backend's rows, so a
-    seeded request gives the same tokens here as through ``HFBackend.generate``.
+    The stream samples like the backend's rows, so a seeded request gives the same tokens here as
+    through ``HFBackend.generate``.
     """
 
-    def __init__(self, backend: Any, lock: threading.Lock) -> None:
+    def __init__(self, backend: HFBackend, lock: threading.Lock) -> None:
         self.backend, self.lock = backend, lock
         self.tokenizer = backend.tokenizer
         self.decode_steps = 0
@@ -211,22 +212,15 @@ class HFRunner:
         Raises:
             ContextLengthError: the prompt plus ``params.max_new_tokens`` exceeds the model's context.
         """
-        import torch
-        from transformers import DynamicCache
-
-        backend, model = self.backend, self.backend.model
-        check_context(len(prompt_ids), params.max_new_tokens if params else 0, backend.max_context)
-        cache = DynamicCache()
-        with self.lock, torch.inference_mode():
-            ids = torch.tensor([prompt_ids], device=backend.device)
-            logits = model(input_ids=ids, cache=cache, use_cache=True,
-                           logits_to_keep=0 if echo_text is not None else 1).logits[0]
-        prompt_tokens = None if echo_text is None else self._score_prompt(prompt_ids, logits, top_n, echo_text)
+        check_context(len(prompt_ids), params.max_new_tokens if params else 0, self.backend.context_length)
+        stream = self.backend.stream(prompt_ids, score_prompt=echo_text is not None, lock=self.lock)
+        prompt_tokens = (None if echo_text is None
+                         else self._score_prompt(prompt_ids, stream.prompt_logits, top_n, echo_text))
         if on_prompt is not None and prompt_tokens is not None:
             on_prompt(prompt_tokens)
         if params is None:
             return prompt_tokens, None
-        return prompt_tokens, self._decode(logits[-1:], cache, params, seed, top_n, on_delta, cancel)
+        return prompt_tokens, self._decode(stream, params, seed, top_n, on_delta, cancel)
 
     def _score_prompt(self, ids: list[int], logits: Any, top_n: int, text: str) -> list[Token]:
         pieces = self.token_pieces(ids)
@@ -242,31 +236,22 @@ class HFRunner:
             offset += len(piece)
         return tokens
 
-    def _steps(self, logits: Any, cache: Any, params: SamplingParams, seed: int, top_n: int) -> Iterator[Token | None]:
+    def _steps(self, stream: TokenStream, params: SamplingParams, seed: int, top_n: int) -> Iterator[Token | None]:
         """One token per step; None at EOS. The next forward pass runs only when the caller asks for more."""
-        import torch
-
-        backend = self.backend
-        generators = None if params.greedy else [torch.Generator(device=backend.device).manual_seed(seed)]
-        for step in range(params.max_new_tokens):
-            token = backend.next_tokens(logits, params, generators)
-            tid = int(token[0])
-            if tid in backend.eos_ids:
+        for step in stream.tokens(params, seed):
+            if step is None:
                 yield None
                 return
-            lp = logits[0].float().log_softmax(-1)
+            tid, lp = step
             self.decode_steps += 1
             yield Token(tid, self.decode([tid], False), float(lp[tid]), self._top(lp, top_n))
-            if step + 1 < params.max_new_tokens:
-                with self.lock, torch.inference_mode():
-                    logits = backend.model(input_ids=token[:, None], cache=cache, use_cache=True).logits[:, -1, :]
 
-    def _decode(self, logits, cache, params, seed, top_n, on_delta, cancel) -> Completion:
+    def _decode(self, stream, params, seed, top_n, on_delta, cancel) -> Completion:
         holdback = max((len(s) for s in params.stop), default=1) - 1
         ids: list[int] = []
         tokens: list[Token] = []
         text, emitted, sent_tokens, finish, stopped = "", 0, 0, "length", False
-        for token in self._steps(logits, cache, params, seed, top_n):
+        for token in self._steps(stream, params, seed, top_n):
             if cancel is not None and cancel.is_set():
                 return Completion(text, "cancelled", len(ids), tokens)
             if token is None:
@@ -308,7 +293,7 @@ class Engine:
         self.backend = backend
         self.lock = threading.Lock()
         self.batcher = Batcher(backend, self.lock, max_batch, batch_wait_s)
-        self.runner = HFRunner(backend, self.lock) if _is_hf(backend) else None
+        self.runner = HFRunner(backend, self.lock) if isinstance(backend, HFBackend) else None
 
     def close(self) -> None:
         """Stop the batching thread (requests already queued are answered first)."""
@@ -380,9 +365,3 @@ class Engine:
         ids = prompt_ids if prompt_ids is not None else self.backend.encode([prompt])[0]
         tokens = self.runner.run(ids, None, 0, top_n, echo_text=prompt)[0]
         return Completion(prompt, "length", 0, tokens, len(ids))
-
-
-def _is_hf(backend: Backend) -> bool:
-    from cai.backends.hf import HFBackend
-
-    return isinstance(backend, HFBackend)
