@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from typing import Callable, NamedTuple
 
 import pytest
 
@@ -15,6 +17,36 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _isolated_cai_home(tmp_path_factory, monkeypatch):
     """Every test gets its own CAI_HOME so caches never leak between tests or into ~/.cache."""
     monkeypatch.setenv("CAI_HOME", str(tmp_path_factory.mktemp("cai_home")))
+
+
+class CliResult(NamedTuple):
+    """What one in-process `cai` command did: its exit code and what it printed."""
+
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture()
+def cai_cli(monkeypatch, capsys) -> Callable[..., CliResult]:
+    """Run `cai ARGS` in-process through the real entry point (`cai.cli.main`), as a user's shell would.
+
+    Returns a function of the arguments (anything `str` can turn into one) giving a `CliResult`;
+    ``out`` and ``err`` hold everything printed since the test last read them.
+    """
+    from cai.cli import main  # like every cai import here, after the offline variables above are set
+
+    def run(*args: object) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["cai", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -8,17 +8,6 @@ import sys
 
 import pytest
 
-from cai.cli import main
-
-
-def run(monkeypatch, *args: str) -> int:
-    monkeypatch.setattr(sys, "argv", ["cai", *args])
-    try:
-        main()
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
 
 def test_help_and_version_are_fast_and_plain():
     result = subprocess.run([sys.executable, "-m", "cai.cli", "--help"], capture_output=True, text=True, timeout=60)
@@ -29,18 +18,17 @@ def test_help_and_version_are_fast_and_plain():
     assert version.returncode == 0 and version.stdout.startswith("cai ")
 
 
-def test_generate_from_args_and_file(monkeypatch, capsys, tiny_model_dir, tmp_path):
-    assert run(monkeypatch, "generate", "hello there", "The quick fox", "-m", str(tiny_model_dir),
-               "--max-new-tokens", "5") == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+def test_generate_from_args_and_file(cai_cli, tiny_model_dir, tmp_path):
+    result = cai_cli("generate", "hello there", "The quick fox", "-m", tiny_model_dir, "--max-new-tokens", 5)
+    assert result.code == 0
+    rows = [json.loads(line) for line in result.out.splitlines()]
     assert [r["messages"][-1]["content"] for r in rows] == ["hello there", "The quick fox"]
     assert all(isinstance(r["response"], str) for r in rows)
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first prompt\n\nsecond prompt\n")
     out = tmp_path / "out.jsonl"
-    assert run(monkeypatch, "generate", "-f", str(prompts), "-m", str(tiny_model_dir), "-o", str(out),
-               "--set", "sampling.max_new_tokens=4") == 0
+    assert cai_cli("generate", "-f", prompts, "-m", tiny_model_dir, "-o", out, "--set", "sampling.max_new_tokens=4").code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["messages"][0]["content"] for r in rows] == ["first prompt", "second prompt"]
 
@@ -57,25 +45,25 @@ def test_generate_from_args_and_file(monkeypatch, capsys, tiny_model_dir, tmp_pa
         (["constitution", "validate", "/no/such/constitution.yaml"], "constitution"),
     ],
 )
-def test_user_mistakes_are_one_sentence(monkeypatch, capsys, args, message):
-    assert run(monkeypatch, *args) == 1
-    captured = capsys.readouterr()
-    assert message in captured.err
-    assert "Traceback" not in captured.err
+def test_user_mistakes_are_one_sentence(cai_cli, args, message):
+    result = cai_cli(*args)
+    assert result.code == 1
+    assert message in result.err
+    assert "Traceback" not in result.err
 
 
-def test_empty_prompt_file(monkeypatch, capsys, tmp_path):
+def test_empty_prompt_file(cai_cli, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    assert run(monkeypatch, "generate", "-f", str(empty)) == 1
-    assert "no prompts" in capsys.readouterr().err
+    result = cai_cli("generate", "-f", empty)
+    assert result.code == 1 and "no prompts" in result.err
 
 
-def test_bad_config_file(monkeypatch, capsys, tmp_path):
+def test_bad_config_file(cai_cli, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  name: [unclosed\n")
-    assert run(monkeypatch, "generate", "hi", "-c", str(bad)) == 1
-    assert "not valid YAML at line" in capsys.readouterr().err
+    result = cai_cli("generate", "hi", "-c", bad)
+    assert result.code == 1 and "not valid YAML at line" in result.err
 
 
 def test_chat_session(tiny_model_dir):

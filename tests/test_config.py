@@ -244,21 +244,14 @@ def test_shared_sections_keep_each_stage_own_default_and_the_shared_checks():
     assert load_config(RunConfig, None, ["rl.rloo.helpfulness_ratio=0.5"]).rl.rloo.helpfulness_ratio == 0.5
 
 
-def test_config_show_lists_a_section_with_types_and_defaults(monkeypatch, capsys):
-    from cai.cli import main
-
+def test_config_show_lists_a_section_with_types_and_defaults(cai_cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")
-    monkeypatch.setattr("sys.argv", ["cai", "config", "show", "rl.ppo"])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
+    code, text, _ = cai_cli("config", "show", "rl.ppo")
+    assert code == 0
     assert "rl.ppo.kl_estimator" in text and "'k1' | 'k2' | 'k3' | 'abs'" in text and "rl.dpo.beta" not in text
     assert "GAE lambda" in text  # the description of rl.ppo.lam
-    monkeypatch.setattr("sys.argv", ["cai", "config", "show", "rl.nope"])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 1 and "'rl.nope' is not a config section" in capsys.readouterr().err
+    code, _, err = cai_cli("config", "show", "rl.nope")
+    assert code == 1 and "'rl.nope' is not a config section" in err
 
 
 def test_an_http_model_without_urls_is_named_by_its_key():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 import time
 
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 import torch
 
 from cai import export as E
-from cai.cli import main
 from cai.errors import CaiError
 from cai.export_tokenizer import pre_tokenizer_name
 from cai.testing import make_tiny_tokenizer
@@ -240,26 +238,16 @@ def test_run_folder_and_unfinished_stage_say_what_to_export(tmp_path, tiny_model
     assert E.resolve_export_source(str(run / "sft")) == run / "sft"
 
 
-def run_cli(monkeypatch, *args: str) -> int:
-    monkeypatch.setattr(sys, "argv", ["cai", *args])
-    try:
-        main()
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
-def test_cli_exports_and_refuses_a_missing_folder(monkeypatch, capsys, tiny_model_dir, tmp_path):
+def test_cli_exports_and_refuses_a_missing_folder(cai_cli, tiny_model_dir, tmp_path):
     out = tmp_path / "nested" / "model.gguf"
-    assert run_cli(monkeypatch, "export", str(tiny_model_dir), "--gguf", str(out), "--type", "q8_0") == 0
-    assert out.is_file() and out.read_bytes()[:4] == b"GGUF"
-    assert f"wrote {out}" in capsys.readouterr().out.replace("\n", "")
-    assert run_cli(monkeypatch, "export", str(tmp_path / "missing"), "--gguf", str(tmp_path / "x.gguf")) == 1
-    err = capsys.readouterr().err
-    assert "model folder" in err and "does not exist" in err and "Traceback" not in err
+    result = cai_cli("export", tiny_model_dir, "--gguf", out, "--type", "q8_0")
+    assert result.code == 0 and out.is_file() and out.read_bytes()[:4] == b"GGUF"
+    assert f"wrote {out}" in result.out.replace("\n", "")
+    code, _, err = cai_cli("export", tmp_path / "missing", "--gguf", tmp_path / "x.gguf")
+    assert code == 1 and "model folder" in err and "does not exist" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
-    assert run_cli(monkeypatch, "export", str(tiny_model_dir), "--gguf", str(tmp_path / "y.gguf"), "--type", "q2") == 1
-    assert "unknown --type 'q2'" in capsys.readouterr().err
+    code, _, err = cai_cli("export", tiny_model_dir, "--gguf", tmp_path / "y.gguf", "--type", "q2")
+    assert code == 1 and "unknown --type 'q2'" in err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,

@@ -182,17 +182,11 @@ def test_verdict_says_what_moved_and_whether_the_judge_counts():
     assert fmt_ci(0.0, (0.0, 0.0), percent=True) == "0% [0, 0]"  # every resample agreed: no false digits
 
 
-def test_gold_command_scores_models_side_by_side(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from cai.cli import main
-
+def test_gold_command_scores_models_side_by_side(cai_cli, tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "scores.jsonl"
     monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setattr("sys.argv", ["cai", "gold", f"a={tiny_model_dir}", f"b={tiny_model_dir}", "--limit", "8",
-                                     "-o", str(out)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
+    code, text, _ = cai_cli("gold", f"a={tiny_model_dir}", f"b={tiny_model_dir}", "--limit", "8", "-o", out)
+    assert code == 0
     assert "change in margin from a" in text
     assert " yes " not in text and " no " in text  # the same model twice: no change beyond noise
     rows = [json.loads(line) for line in out.read_text().splitlines()]

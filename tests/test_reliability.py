@@ -1,6 +1,6 @@
 """Reliability: every user mistake is one `error:` line, kills lose no work, secrets never hit disk.
 
-Bad inputs go through the real CLI entry point (`cai.cli.main`) in-process. Their configs name an
+Bad inputs go through the real CLI entry point in-process (the `cai_cli` fixture). Their configs name an
 empty folder as the model: loading it would fail with an error naming it, so an error about the
 input itself proves the input was checked before any model load.
 """
@@ -19,23 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import PIPELINE_OVERRIDES, SMALL_CONSTITUTION, tiny_run_overrides
 
-from cai.cli import main
 from cai.io import read_jsonl
 
 NO_MODEL = "model-that-must-not-load"
 """An empty folder named as the model: every check passes it, and loading it would fail naming it."""
-
-
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run `cai ARGS` in-process; return (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["cai", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def error_line(code: int, err: str, *needles: str, exit_code: int = 1) -> str:
@@ -230,10 +217,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_error_line(case, monkeypatch, capsys, tmp_path, small_constitution):
+def test_bad_input_is_one_error_line(case, cai_cli, tmp_path, small_constitution):
     (tmp_path / NO_MODEL).mkdir()
     args, needles = CASES[case](tmp_path, small_constitution)
-    code, _, err = cli(monkeypatch, capsys, *args)
+    code, _, err = cai_cli(*args)
     line = error_line(code, err, *needles)
     assert NO_MODEL not in line  # failed on the input itself, before any model was loaded
     if args[0] == "run":  # whole runs check every stage's inputs before the first stage starts
@@ -271,7 +258,7 @@ def simulate_read_only(monkeypatch, folder: Path) -> None:
     # The real thing also blocks writes the simulation does not fake; root may write anyway.
     pytest.param("chmod", marks=pytest.mark.skipif(RUNNING_AS_ROOT, reason="root may write to read-only folders")),
 ])
-def test_read_only_runs_dir_is_one_error_line(lock, monkeypatch, capsys, tmp_path, small_constitution):
+def test_read_only_runs_dir_is_one_error_line(lock, monkeypatch, cai_cli, tmp_path, small_constitution):
     locked = tmp_path / "locked"
     locked.mkdir()
     if lock == "simulated":
@@ -279,27 +266,27 @@ def test_read_only_runs_dir_is_one_error_line(lock, monkeypatch, capsys, tmp_pat
     else:
         locked.chmod(0o500)
     try:
-        code, _, err = cli(monkeypatch, capsys, *stage_args("critique", tmp_path, small_constitution,
+        code, _, err = cai_cli(*stage_args("critique", tmp_path, small_constitution,
                                                             f"runs_dir={locked}"))
     finally:
         locked.chmod(0o700)
     error_line(code, err, str(locked))
 
 
-def test_changed_config_for_an_existing_run_is_refused(monkeypatch, capsys, tmp_path, small_constitution):
+def test_changed_config_for_an_existing_run_is_refused(cai_cli, tmp_path, small_constitution):
     (tmp_path / NO_MODEL).mkdir()
     cfg = _write(tmp_path / "run.yaml", _run_yaml(tmp_path, small_constitution))
     # The first run records its config, then stops when it tries to load the (empty) model folder.
-    code, _, err = cli(monkeypatch, capsys, "run", cfg)
+    code, _, err = cai_cli("run", cfg)
     error_line(code, err, NO_MODEL, "config.json")
     saved = tmp_path / "runs" / "r" / "config.yaml"
     before = saved.read_text()
-    code, _, err = cli(monkeypatch, capsys, "run", cfg, "--set", "seed=7")
+    code, _, err = cai_cli("run", cfg, "--set", "seed=7")
     error_line(code, err, "different config", "seed", "--from")
     assert saved.read_text() == before
 
 
-def test_pickle_only_model_folder_needs_allow_pickle(monkeypatch, capsys, tmp_path, tiny_model_dir):
+def test_pickle_only_model_folder_needs_allow_pickle(cai_cli, tmp_path, tiny_model_dir):
     import shutil
 
     import torch
@@ -311,10 +298,10 @@ def test_pickle_only_model_folder_needs_allow_pickle(monkeypatch, capsys, tmp_pa
     torch.save(load_file(weights), folder / "pytorch_model.bin")
     weights.unlink()
     assert (folder / "pytorch_model.bin").is_file() and not list(folder.glob("*.safetensors"))
-    code, out, err = cli(monkeypatch, capsys, "generate", "hello", "-m", folder, "--max-new-tokens", "2")
+    code, out, err = cai_cli("generate", "hello", "-m", folder, "--max-new-tokens", "2")
     error_line(code, err, str(folder), "pickle", "allow_pickle=true")
     assert out == ""
-    code, out, err = cli(monkeypatch, capsys, "generate", "hello", "-m", folder, "--max-new-tokens", "2",
+    code, out, err = cai_cli("generate", "hello", "-m", folder, "--max-new-tokens", "2",
                          "--set", "model.allow_pickle=true")
     assert code == 0, err
     assert json.loads(out)["messages"][0]["content"] == "hello"
@@ -418,7 +405,7 @@ def check_jsonl(path: Path, expected_ids: set) -> list[dict]:
     ("sample", "sample/red-team.jsonl", ["red-team_prompts"]),
     ("label", "label/data.jsonl", ["pairs"]),
 ])
-def test_kill_9_during_a_data_stage_then_rerun(stage, file, count_keys, reference, monkeypatch, capsys, tmp_path,
+def test_kill_9_during_a_data_stage_then_rerun(stage, file, count_keys, reference, cai_cli, tmp_path,
                                                tiny_model_dir):
     import shutil
 
@@ -436,7 +423,7 @@ def test_kill_9_during_a_data_stage_then_rerun(stage, file, count_keys, referenc
     assert _manifest(target.parent)["status"] == "running"
     tear(target)
 
-    code, _, err = cli(monkeypatch, capsys, stage, *sets(*overrides))
+    code, _, err = cai_cli(stage, *sets(*overrides))
     assert code == 0, err
     rows = check_jsonl(target, expected)
     assert [r["id"] for r in rows[: len(kept)]] == kept  # finished rows were kept, not redone
@@ -446,7 +433,7 @@ def test_kill_9_during_a_data_stage_then_rerun(stage, file, count_keys, referenc
         assert manifest["counts"][key] == ref["counts"][key]
 
 
-def test_disk_full_keeps_finished_rows(reference, monkeypatch, capsys, tmp_path, tiny_model_dir):
+def test_disk_full_keeps_finished_rows(reference, monkeypatch, cai_cli, tmp_path, tiny_model_dir):
     """ENOSPC in the middle of `cai critique`: one error line, finished rows stay, the rerun completes."""
     import errno
 
@@ -482,13 +469,13 @@ def test_disk_full_keeps_finished_rows(reference, monkeypatch, capsys, tmp_path,
 
     with monkeypatch.context() as m:
         m.setattr(cai.io.JsonlWriter, "__init__", init)
-        code, _, err = cli(monkeypatch, capsys, "critique", *sets(*overrides))
+        code, _, err = cai_cli("critique", *sets(*overrides))
     error_line(code, err, "no space left", str(data))
     lines = data.read_bytes().split(b"\n")
     assert [json.loads(line)["id"] for line in lines[:2]] and len(lines) == 3  # two whole rows, then the torn one
     assert _manifest(data.parent)["status"] == "running"
 
-    code, _, err = cli(monkeypatch, capsys, "critique", *sets(*overrides))
+    code, _, err = cai_cli("critique", *sets(*overrides))
     assert code == 0, err
     check_jsonl(data, {r["id"] for r in read_jsonl(reference.run_dir / "critique" / "data.jsonl")})
     assert _manifest(data.parent)["attempts"] == 2
@@ -498,7 +485,7 @@ def test_disk_full_keeps_finished_rows(reference, monkeypatch, capsys, tmp_path,
     ("sft", "sft", ["critique"], "checkpoint/state.json"),
     ("pm", "pm", ["critique", "sample", "label"], "train_log.jsonl"),
 ])
-def test_kill_9_during_training_then_rerun(stage, folder, earlier, ready_file, reference, monkeypatch, capsys,
+def test_kill_9_during_training_then_rerun(stage, folder, earlier, ready_file, reference, cai_cli,
                                            tmp_path, tiny_model_dir):
     """A kill mid-training (after a checkpoint for SFT) and a torn log line: the rerun finishes cleanly."""
     import shutil
@@ -514,7 +501,7 @@ def test_kill_9_during_training_then_rerun(stage, folder, earlier, ready_file, r
     assert not (out / "model.safetensors").exists()
     tear(out / "train_log.jsonl")
 
-    code, _, err = cli(monkeypatch, capsys, stage, *sets(*overrides))
+    code, _, err = cai_cli(stage, *sets(*overrides))
     assert code == 0, err
     manifest = _manifest(out)
     assert manifest["status"] == "done" and manifest["attempts"] == 2
@@ -522,7 +509,7 @@ def test_kill_9_during_training_then_rerun(stage, folder, earlier, ready_file, r
     if stage == "sft":  # resumed from the checkpoint and finished every step
         assert log[-1]["step"] == manifest["counts"]["steps"] and not (out / "checkpoint").exists()
     assert (out / "model.safetensors").is_file()
-    code, _, err = cli(monkeypatch, capsys, "report", run)  # reads the SFT log
+    code, _, err = cai_cli("report", run)  # reads the SFT log
     assert code == 0, err
 
 
@@ -532,7 +519,7 @@ SECRET = "sk-test-SECRET123"
 CUSTOM_SECRET = "sk-test-CUSTOM456"
 
 
-def test_api_keys_never_reach_files_logs_or_reprs(monkeypatch, capsys, tmp_path, tiny_model_dir, tiny_backend):
+def test_api_keys_never_reach_files_logs_or_reprs(monkeypatch, cai_cli, tmp_path, tiny_model_dir, tiny_backend):
     """A run whose model is served over HTTP with a bearer key: the key is used, and written nowhere."""
     from cai.backends.openai_http import OpenAIHTTPBackend
     from cai.serve.server import serve_app
@@ -548,18 +535,18 @@ def test_api_keys_never_reach_files_logs_or_reprs(monkeypatch, capsys, tmp_path,
         overrides = [*kill_overrides(tiny_model_dir, tmp_path / "runs", constitution, "s"), *http]
         printed = ""
         for stage in ("critique", "sample", "label", "pm"):
-            code, out, err = cli(monkeypatch, capsys, stage, *sets(*overrides))
+            code, out, err = cai_cli(stage, *sets(*overrides))
             assert code == 0, err
             printed += out + err
         # A wrong key is refused by the server; the error names the variable, never a key.
         monkeypatch.setenv("CAI_TEST_KEY", SECRET)
-        code, out, err = cli(monkeypatch, capsys, "critique", *sets(*overrides, "name=wrong-key"))
+        code, out, err = cai_cli("critique", *sets(*overrides, "name=wrong-key"))
         line = error_line(code, err, "401", "CAI_TEST_KEY")
         printed += out + err
         backend = OpenAIHTTPBackend([server.url], "tiny", api_key_env="CAI_TEST_KEY")
         assert SECRET not in repr(backend) and SECRET not in str(backend) and "CAI_TEST_KEY" in repr(backend)
         backend.close()
-    code, out, err = cli(monkeypatch, capsys, "report", run)
+    code, out, err = cai_cli("report", run)
     assert code == 0, err
     printed += out + err
     assert (run / "report.html").is_file() and (run / "pm" / "README.md").is_file()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,6 @@ import httpx
 import pytest
 
 from cai.backends.fake import FakeBackend
-from cai.cli import main
 from cai.serve.server import serve_app
 from cai.types import SamplingParams
 
@@ -185,16 +183,6 @@ def test_key_is_compared_as_a_whole():
 
 # ------------------------------------------------------------------------------ the CLI
 
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["cai", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
-
-
 @pytest.fixture()
 def no_model_loads(monkeypatch):
     """Fail the test if a command gets as far as loading a model."""
@@ -207,27 +195,27 @@ def no_model_loads(monkeypatch):
 
 
 @pytest.mark.parametrize("port", ["99999", "-1"])
-def test_serve_refuses_a_port_out_of_range_before_loading(monkeypatch, capsys, no_model_loads, port):
-    code, err = cli(monkeypatch, capsys, "serve", "bundled", "--port", port)
+def test_serve_refuses_a_port_out_of_range_before_loading(cai_cli, no_model_loads, port):
+    code, _, err = cai_cli("serve", "bundled", "--port", port)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 1 and "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith("error:") and "65535" in lines[0] and port in lines[0]
 
 
-def test_serve_on_a_port_in_use_is_one_sentence(monkeypatch, capsys, no_model_loads):
+def test_serve_on_a_port_in_use_is_one_sentence(cai_cli, no_model_loads):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, err = cli(monkeypatch, capsys, "serve", "bundled", "--port", str(port))
+        code, _, err = cai_cli("serve", "bundled", "--port", port)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 1 and "Traceback" not in err and len(lines) == 1, err
     assert f"127.0.0.1:{port}" in lines[0] and "already in use" in lines[0]
 
 
-def test_serve_with_an_unset_key_variable_is_one_sentence(monkeypatch, capsys, no_model_loads):
+def test_serve_with_an_unset_key_variable_is_one_sentence(cai_cli, monkeypatch, no_model_loads):
     monkeypatch.delenv("CAI_NO_SUCH_KEY", raising=False)
-    code, err = cli(monkeypatch, capsys, "serve", "bundled", "--api-key-env", "CAI_NO_SUCH_KEY")
+    code, _, err = cai_cli("serve", "bundled", "--api-key-env", "CAI_NO_SUCH_KEY")
     assert code == 1 and "CAI_NO_SUCH_KEY" in err and "Traceback" not in err
 
 
