@@ -4,6 +4,10 @@ Why ``--multi_gpu`` on a machine without GPUs: ``accelerate launch --cpu --num_p
 starts one process unless MPI is set up (its CPU launcher runs ``mpirun``). The torchrun-based
 launcher behind ``--multi_gpu`` starts both ranks, and ``ACCELERATE_USE_CPU=1`` plus
 ``Accelerator(cpu=True)`` in `train_sft` make them a CPU process group on gloo.
+
+The tests that launch processes take minutes, so they carry the ``distributed`` marker: the default
+suite leaves them out, ``pytest -m distributed`` runs them, and ``.ci/run`` does so after the README's
+test command.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("examples", [8, 10], ids=["4-batches", "5-batches"])
 def test_sft_on_two_cpu_processes_trains_one_model_and_saves_it_once(tmp_path, tiny_model_dir, examples):
     from transformers import AutoModelForCausalLM
@@ -217,6 +222,7 @@ CPU_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALL
            "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
+@pytest.mark.distributed
 def test_ppo_on_two_cpu_processes_matches_one_process_on_the_same_global_batch(tmp_path, tiny_model_dir):
     """Each rank rolls out half the batch with the rows' own seeds; statistics and gradients are taken over
     both, so the two-process run logs the one-process figures and trains the same weights."""
@@ -262,6 +268,7 @@ def test_ppo_on_two_cpu_processes_matches_one_process_on_the_same_global_batch(t
     assert not (two_out / "checkpoint").exists()
 
 
+@pytest.mark.distributed
 def test_cai_ppo_under_accelerate_launch_runs_the_stage_once(tmp_path, tiny_run):
     """`accelerate launch -m cai.cli ppo` on a finished run's preference model: both ranks train, one records."""
     import shutil
@@ -343,6 +350,7 @@ ACCELERATOR_KIND = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.distributed
 def test_accelerate_gives_cpu_processes_ddp_under_the_shipped_fsdp_config(tmp_path):
     """Why PPO's FSDP path is refused rather than built: it could not be tested here. accelerate 1.16
     makes FSDP only of GPU-like process groups (``AcceleratorState``: MULTI_GPU, MULTI_NPU, ...), so two
@@ -361,6 +369,7 @@ def test_accelerate_gives_cpu_processes_ddp_under_the_shipped_fsdp_config(tmp_pa
     assert got == "MULTI_CPU"  # ...and accelerate made DDP of it
 
 
+@pytest.mark.distributed
 def test_ppo_on_two_processes_resumes_a_killed_run_as_if_never_stopped(tmp_path, tiny_model_dir):
     """Both ranks killed as step 4 begins (a checkpoint from step 2, step 3 already logged), then rerun:
     the log holds every step once and the run ends where an uninterrupted two-process run ends."""
