@@ -86,13 +86,12 @@ def test_report_is_self_contained_with_plots(tiny_run):
 
 
 def test_finished_run_is_skipped_and_changed_config_refused(tiny_run, monkeypatch):
-    import cai.backends
-    import cai.models
+    from transformers import PreTrainedModel
+
     from cai import pipeline
 
-    called = []
-    monkeypatch.setattr(cai.backends, "load_backend", lambda *a, **k: called.append(a))
-    monkeypatch.setattr(cai.models, "load_model", lambda *a, **k: called.append(a))
+    called = []  # every stage of tiny_run loads its models through transformers' from_pretrained
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(lambda cls, *a, **k: called.append(a)))
     pipeline.run_all(tiny_run, show_progress=False)  # everything done: nothing reruns, no model loads
     assert called == []
     changed = tiny_run.model_copy(update={"seed": 1})
@@ -261,10 +260,8 @@ def test_an_old_run_folder_is_refused_with_a_reason(tmp_path):
 
 def test_generation_stages_close_their_models(small_constitution, tmp_path, monkeypatch):
     """A stage that is done with a model frees it: every backend critique and label load is closed after."""
-    import cai.backends
     from cai.backends.fake import FakeBackend
-    from cai.stages.critique import run_critique
-    from cai.stages.label import run_label
+    from cai.stages import critique, label
     from cai.types import SamplingParams
 
     opened: list[FakeBackend] = []
@@ -273,13 +270,14 @@ def test_generation_stages_close_their_models(small_constitution, tmp_path, monk
         opened.append(FakeBackend())
         return opened[-1]
 
-    monkeypatch.setattr(cai.backends, "load_backend", load)
+    monkeypatch.setattr(critique, "load_backend", load)
+    monkeypatch.setattr(label, "load_backend", load)
     cfg = load_config(RunConfig, None, [
         f"runs_dir={tmp_path}", "model.backend=fake", "model.name=fake", f"constitution={small_constitution}",
         "critique.prompts.limit=3", "critique.helpfulness.limit=2", "critique.critic.backend=fake",
         "critique.critic.name=critic", "label.gold_check=2",
     ])
-    run_critique(cfg, show_progress=False)
+    critique.run_critique(cfg, show_progress=False)
     assert len(opened) == 2 and all(b.closed for b in opened)  # the policy and the separate critic
     sample = cfg.run_dir / "sample"
     sample.mkdir()
@@ -287,7 +285,7 @@ def test_generation_stages_close_their_models(small_constitution, tmp_path, monk
     (sample / "red-team.jsonl").write_text(json.dumps({"id": "r1", "prompt": chat, "responses": ["No.", "Here is how."]}) + "\n")
     (sample / "helpfulness.jsonl").write_text("")
     (sample / "manifest.json").write_text(json.dumps({"status": "done"}))
-    run_label(cfg, show_progress=False)
+    label.run_label(cfg, show_progress=False)
     assert len(opened) == 3 and opened[2].closed
     with pytest.raises(CaiError, match="closed"):
         opened[2].generate(["hello"], SamplingParams())

@@ -16,7 +16,25 @@ from rich.console import Console
 from rich.text import Text
 
 from cai import __version__
+from cai.backends import load_backend
+from cai.chat import chat_loop
+from cai.config import GenerateConfig, RunConfig, rl_algorithms
+from cai.config_loader import describe_fields, load_config, read_yaml
+from cai.configs import shipped_config
+from cai.constitution import constitution_summary, show_constitution
+from cai.constitution_yaml import load_constitution
+from cai.data import PromptRow, load_prompts, show_prompts
+from cai.data.gold import load_gold_pairs, stratified
 from cai.errors import CaiError
+from cai.eval.mc import load_mc_file, mc_eval, mc_tables
+from cai.export import check_export_type, export_gguf
+from cai.io import write_json_atomic, write_text_atomic
+from cai.pipeline import run_all, run_stage
+from cai.progress import progress_bar
+from cai.report.html import write_report
+from cai.runs import get_stage, library_versions, merge_stage, stage_status
+from cai.sharding import parse_shard
+from cai.types import SamplingParams
 
 app = typer.Typer(
     name="cai", help="Constitutional AI: train a model to be harmless and non-evasive from written principles.",
@@ -40,8 +58,6 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Overri
 @app.command()
 def version() -> None:
     """Print the versions of cai and the libraries it runs on."""
-    from cai.runs import library_versions
-
     versions = library_versions()
     out.print(f"cai {versions.pop('cai')}")
     for name, value in versions.items():
@@ -49,9 +65,6 @@ def version() -> None:
 
 
 def _generate_config(config: Path | None, model: str | None, sets: list[str] | None, **sampling):
-    from cai.config import GenerateConfig
-    from cai.config_loader import load_config
-
     overrides = list(sets or [])
     if model is not None:
         overrides.insert(0, f"model.name={json.dumps(model)}")
@@ -63,8 +76,6 @@ def _generate_config(config: Path | None, model: str | None, sets: list[str] | N
 
 def _read_prompts(prompts: list[str], file: Path | None, limit: int | None):
     """Prompts from arguments (one single-turn chat each) or from a file or built-in set."""
-    from cai.data import PromptRow, load_prompts
-
     rows = [PromptRow(id=f"arg-{i}", messages=[{"role": "user", "content": p}]) for i, p in enumerate(prompts)]
     if file is not None:
         loaded, _ = load_prompts(str(file), limit=limit)
@@ -93,9 +104,6 @@ def generate(
     set_: SetOpt = None,
 ) -> None:
     """Answer prompts with a model and write one JSONL row per prompt."""
-    from cai.backends import load_backend
-    from cai.progress import progress_bar
-
     cfg = _generate_config(config, model, set_, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     rows = _read_prompts(list(prompts or []), file, limit)
     if output is not None and output.exists() and output.is_dir():
@@ -108,8 +116,6 @@ def generate(
     if output is None:
         sys.stdout.write("\n".join(lines) + "\n")
     else:
-        from cai.io import write_text_atomic
-
         write_text_atomic(output, "\n".join(lines) + "\n")
         err.print(f"wrote {len(lines)} rows to {output}")
 
@@ -124,10 +130,7 @@ def chat(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
     """Talk to a model, multi-turn. /reset starts over, /exit (or Ctrl-D) quits."""
-    from cai.backends.hf import HFBackend
-    from cai.chat import chat_loop
-    from cai.types import SamplingParams
-
+    from cai.backends.hf import HFBackend  # lazy: imports torch (seconds); `cai --help` and the other commands must not wait for it
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     err.print(f"loading {model} ...")
     chat_loop(HFBackend.from_spec(model, batch_size=1), params, system=system,
@@ -135,9 +138,6 @@ def chat(
 
 
 def _run_config(config: Path | None, sets: list[str] | None):
-    from cai.config import RunConfig
-    from cai.config_loader import load_config
-
     return load_config(RunConfig, config, list(sets or []))
 
 
@@ -157,16 +157,11 @@ def demo(
     from_stage: Annotated[Optional[str], typer.Option("--from", help="Redo this stage and every later one.")] = None,
 ) -> None:
     """The whole pipeline on the bundled model, on a CPU in minutes (configs/demo.yaml)."""
-    from cai.configs import shipped_config
-
     _run_and_summarise(_run_config(shipped_config("demo.yaml"), set_), from_stage)
 
 
 def _run_and_summarise(cfg, from_stage: str | None) -> None:
     import time
-
-    from cai.pipeline import run_all
-    from cai.runs import stage_status
 
     started = time.time()
     report = run_all(cfg, from_stage=from_stage)
@@ -193,9 +188,6 @@ def _status_table(title: str, rows: list[dict]):
 @app.command()
 def status(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/demo.")]) -> None:
     """Each stage of a run: state, attempts, time, peak memory and counts."""
-    from cai.config_loader import read_yaml
-    from cai.runs import stage_status
-
     if not run_dir.is_dir():
         raise CaiError(f"run folder {run_dir} does not exist")
     saved = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
@@ -208,8 +200,6 @@ def status(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/demo.")]) -> None:
     """Write RUN/report.html: Elo picture, revision curve, RL curves, calibration, transcripts."""
-    from cai.report.html import write_report
-
     out.print(f"report: {write_report(run_dir)}")
 
 
@@ -218,12 +208,7 @@ ShardOpt = Annotated[Optional[str], typer.Option(help="Run only shard i of N (e.
 
 def _stage(name: str, config: Path | None, sets: list[str] | None, shard: str | None = None) -> None:
     """Run one stage of `cai.runs.STAGES` from the command line and say where its output is."""
-    from cai.pipeline import run_stage
-    from cai.runs import get_stage
-
     if shard is not None:
-        from cai.sharding import parse_shard
-
         parse_shard(shard)  # a malformed --shard fails before the config or any model loads
     path = run_stage(_run_config(config, sets), name, shard=shard)
     out.print(f"{name}: {get_stage(name).summary} in {path}")
@@ -261,8 +246,6 @@ def merge(
     set_: SetOpt = None,
 ) -> None:
     """Merge a generation stage run as N shards (on N machines) into its stage folder."""
-    from cai.runs import merge_stage
-
     if shards < 1:
         raise CaiError(f"--shards must be at least 1, got {shards}")
     out.print(f"merged {shards} shards into {merge_stage(_run_config(config, set_), stage, shards)}")
@@ -306,8 +289,6 @@ def rl(
     set_: SetOpt = None,
 ) -> None:
     """RL-CAI: the RL stages rl.algo picks (ppo, dpo, rloo, grpo: one or several), one after the other."""
-    from cai.config import rl_algorithms
-
     try:
         chosen = rl_algorithms(algo) if algo is not None else None
     except ValueError as err:
@@ -329,9 +310,6 @@ def config_show(
     """Every config key of a run: type, default and what it means (what --help is for keys)."""
     from rich.table import Table
 
-    from cai.config import RunConfig
-    from cai.config_loader import describe_fields
-
     table = Table(title=f"config keys{f' under {section}' if section else ''}")
     for column in ("key", "type", "default", "description"):
         table.add_column(column, overflow="fold")
@@ -350,10 +328,7 @@ def mc_eval_command(
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
 ) -> None:
     """Accuracy of a model as a feedback model on multiple-choice files (HHH-alignment style)."""
-    from cai.backends.hf import HFBackend
-    from cai.constitution_yaml import load_constitution
-    from cai.eval.mc import load_mc_file, mc_eval, mc_tables
-
+    from cai.backends.hf import HFBackend  # lazy: imports torch (seconds); `cai --help` and the other commands must not wait for it
     data = {str(f): load_mc_file(f) for f in files}
     const = load_constitution(constitution) if cot else None
     backend = HFBackend.from_spec(model, batch_size=batch_size)
@@ -362,8 +337,6 @@ def mc_eval_command(
     for table in mc_tables(results, f"{model}: multiple-choice accuracy ({'cot' if cot else 'plain'})"):
         out.print(table)
     if output is not None:
-        from cai.io import write_json_atomic
-
         write_json_atomic(output, [{**r.summary(), "rows": r.rows} for r in results])
         out.print(f"results written to {output}")
 
@@ -379,8 +352,7 @@ def gold(
     """Judge-free: each model's own preference for the better answer on human-labelled gold pairs."""
     import tempfile
 
-    from cai.data.gold import load_gold_pairs, stratified
-    from cai.eval import gold as G
+    from cai.eval import gold as G  # lazy: imports torch (seconds); `cai --help` and the other commands must not wait for it
 
     specs = dict(m.split("=", 1) if "=" in m else (m, m) for m in models)
     chosen = stratified(load_gold_pairs(pairs, None if split == "all" else split), limit)
@@ -400,7 +372,7 @@ def serve(
     """Serve a model over an OpenAI-compatible API (chat, completions, streaming, log-probs)."""
     import os
 
-    from cai.serve.server import run_server
+    from cai.serve.server import run_server  # lazy: imports torch (seconds); `cai --help` and the other commands must not wait for it
 
     api_key = None
     if api_key_env:
@@ -417,26 +389,18 @@ def export(
     tensor_type: Annotated[str, typer.Option("--type", help="f32, f16 or q8_0 for the matrices (norms stay f32).")] = "f16",
 ) -> None:
     """Write a model as one GGUF file: weights, tokenizer and chat template."""
-    from cai.export import check_export_type, export_gguf
-
     out.print(export_gguf(model, gguf, check_export_type(tensor_type)).summary(), markup=False)
 
 
 @constitution_app.command("validate")
 def constitution_validate(file: Annotated[str, typer.Argument(help="A YAML file or a built-in name.")]) -> None:
     """Check a constitution file; print a one-line summary or the first problem."""
-    from cai.constitution import constitution_summary
-    from cai.constitution_yaml import load_constitution
-
     out.print(f"{file}: ok — {constitution_summary(load_constitution(file))}", markup=False)
 
 
 @constitution_app.command("show")
 def constitution_show(file: Annotated[str, typer.Argument(help="A YAML file or a built-in name.")]) -> None:
     """Print a constitution as readable tables."""
-    from cai.constitution import show_constitution
-    from cai.constitution_yaml import load_constitution
-
     show_constitution(load_constitution(file), out)
 
 
@@ -446,8 +410,6 @@ def data_show(
     n: Annotated[int, typer.Option(help="Rows to print.")] = 3,
 ) -> None:
     """Counts by category and split, and the first few rows of a prompt set."""
-    from cai.data import show_prompts
-
     show_prompts(source, out, n=n)
 
 

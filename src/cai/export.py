@@ -35,6 +35,10 @@ from typing import TYPE_CHECKING, Any
 from cai import __version__
 from cai.errors import CaiError
 from cai.export_tokenizer import GGUFVocab, gguf_vocab, write_vocab
+from cai.io import ensure_dir
+from cai.models import BUNDLED, BUNDLED_FILE, resolve_model_path
+from cai.progress import progress_bar
+from cai.runs import STAGES, read_manifest
 
 if TYPE_CHECKING:
     import numpy as np
@@ -80,9 +84,6 @@ def resolve_export_source(spec: str) -> Path:
     Raises:
         CaiError: the spec names no finished local model folder, with what would fix it.
     """
-    from cai.models import BUNDLED, resolve_model_path
-    from cai.runs import STAGES, read_manifest
-
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
         manifest = read_manifest(path)
@@ -103,8 +104,6 @@ def resolve_export_source(spec: str) -> Path:
 
 def model_name(spec: str, folder: Path) -> str:
     """``general.name``: ``<run>-<stage>`` for a run's stage folder, else the model's own name."""
-    from cai.models import BUNDLED, BUNDLED_FILE
-
     if spec == BUNDLED:
         return BUNDLED_FILE.split(".")[0]
     if spec.endswith(".gguf"):
@@ -285,9 +284,6 @@ def export_gguf(model: str | Path, out: str | Path, tensor_type: str = "f16", *,
     import numpy as np
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
-
-    from cai.io import ensure_dir
-    from cai.progress import progress_bar
 
     tensor_type = check_export_type(tensor_type)
     out = Path(out)

@@ -269,25 +269,6 @@ def check_model_spec(spec: str, key: str = "model.name") -> None:
                        "'bundled' or a hub id")
 
 
-class TokenCounter:
-    """A model's tokenizer alone (no weights), counting prompt tokens by the rule every backend uses.
-
-    For stages that must fit prompts to a context before any model is loaded (PPO).
-    """
-
-    def __init__(self, spec: str) -> None:
-        from transformers import AutoConfig, AutoTokenizer
-
-        path, _ = resolve_model_path(spec)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.context_length = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
-
-    def count_tokens(self, prompt: Any) -> int:
-        from cai.backends.base import count_prompt_tokens
-
-        return count_prompt_tokens(self.tokenizer, prompt)
-
-
 def load_model(
     spec: str,
     *,

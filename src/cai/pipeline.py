@@ -13,9 +13,13 @@ from rich.console import Console
 from cai.backends.vllm import require_vllm
 from cai.config import RunConfig
 from cai.config_loader import config_to_yaml, read_yaml
+from cai.constitution_yaml import load_constitution
+from cai.data import load_prompts
 from cai.errors import CaiError
-from cai.io import write_text_atomic
+from cai.io import ensure_dir, write_text_atomic
 from cai.locks import acquire_folder, release_all, release_folder
+from cai.models import check_model_spec
+from cai.report.html import write_report
 from cai.runs import RL_STAGES, STAGES, changed_keys, first_stage_reading, get_stage, refuse_legacy_run
 
 console = Console(stderr=True)
@@ -32,11 +36,6 @@ def stages_of_run(cfg: RunConfig) -> list[str]:
 def check_inputs(cfg: RunConfig) -> None:
     """Everything checkable without a model, before the first stage starts: constitution, prompt
     sources, extra data files, that every stage's model exists, and that the run folder is writable."""
-    from cai.constitution_yaml import load_constitution
-    from cai.data import load_prompts
-    from cai.io import ensure_dir
-    from cai.models import check_model_spec
-
     load_constitution(cfg.constitution)
     rl = [cfg.rl.ppo] + [getattr(cfg.rl, algo) for algo in ("rloo", "grpo") if algo in cfg.rl.algo]
     sources = [cfg.critique.prompts, cfg.critique.helpfulness, cfg.sample.prompts, cfg.sample.helpfulness,
@@ -119,8 +118,6 @@ def run_stage(cfg: RunConfig, name: str, *, shard: str | None = None, show_progr
 
 def run_all(cfg: RunConfig, *, from_stage: str | None = None, show_progress: bool = True) -> Path:
     """Every stage in order; finished stages are skipped, a partial one resumes. Returns the report."""
-    from cai.report.html import write_report
-
     check_inputs(cfg)
     prepare_run(cfg, from_stage=from_stage)
     for name in stages_of_run(cfg):

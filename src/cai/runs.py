@@ -28,7 +28,7 @@ from rich.console import Console
 
 from cai import __version__
 from cai.config import RLAlgo, RunConfig, rl_algorithms
-from cai.config_loader import config_hash_of, config_to_yaml
+from cai.config_loader import config_hash_of, config_to_yaml, read_yaml
 from cai.errors import CaiError
 from cai.io import ensure_dir, write_json_atomic, write_text_atomic
 from cai.locks import acquire_folder, release_folder
@@ -261,8 +261,6 @@ class StageRun:
         previous = read_manifest(self.dir)
         if not previous or previous.get("config_hash") == self.config_hash:
             return
-        from cai.config_loader import read_yaml
-
         saved = self.dir / "config.yaml"
         old = read_yaml(saved) if saved.is_file() else {}
         keys = changed_keys(stage_view(old if isinstance(old, dict) else {}, self.name),

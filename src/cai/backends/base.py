@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
 
 from cai.errors import CaiError
+from cai.models import resolve_model_path
 from cai.types import Chat
 
 if TYPE_CHECKING:
@@ -103,6 +104,24 @@ def count_prompt_tokens(tokenizer: Any, prompt: Prompt) -> int:
     rendered = render_with_template(tokenizer, prompt, "this model's tokenizer has no chat template; pass plain-text "
                                     "prompts or use a chat model")
     return len(encode_rendered(tokenizer, [rendered])[0])
+
+
+class TokenCounter:
+    """A model's tokenizer alone (no weights), counting prompt tokens by the rule every backend uses.
+
+    It stands in for a backend where only `Backend.count_tokens` and ``context_length`` are
+    needed: stages that fit prompts to a context before any model is loaded (PPO, RLOO, GRPO).
+    """
+
+    def __init__(self, spec: str) -> None:
+        from transformers import AutoConfig, AutoTokenizer  # lazy: transformers takes seconds to import
+
+        path, _ = resolve_model_path(spec)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.context_length = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        return count_prompt_tokens(self.tokenizer, prompt)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:

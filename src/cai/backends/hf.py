@@ -27,6 +27,7 @@ import torch
 from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, cut_at_stop, encode_rendered, render_with_template, seeds_per_row
 from cai.backends.kv_cache import KV, PrefixCache, common_prefix_length, preallocated_layer_class
 from cai.errors import CaiError
+from cai.models import load_model, prepare_tokenizer
 from cai.padding import pad_rows
 from cai.types import SamplingParams
 
@@ -70,8 +71,6 @@ class HFBackend:
         min_prefix_tokens: int = 64,
         prefix_cache_entries: int = 4,
     ) -> None:
-        from cai.models import prepare_tokenizer
-
         if batch_size < 1:
             raise CaiError(f"batch_size must be at least 1, got {batch_size}")
         self.model = model
@@ -109,8 +108,6 @@ class HFBackend:
         **kwargs: Any,
     ) -> HFBackend:
         """Load a model spec (``bundled``, a folder, a ``.gguf``, a hub id) into a backend."""
-        from cai.models import load_model
-
         loaded = load_model(
             spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
         )

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, cut_at_stop, encode_rendered, render_with_template, seeds_per_row
 from cai.backends.http_transport import HTTPRequestError, HTTPTransport
 from cai.errors import CaiError
+from cai.models import resolve_model_path
 from cai.types import SamplingParams
 
 if TYPE_CHECKING:
@@ -41,9 +42,7 @@ TOP_LOGPROBS_FALLBACK = 20
 
 
 def _load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    from cai.models import resolve_model_path
+    from transformers import AutoTokenizer  # lazy: transformers takes seconds to import; only a named tokenizer needs it
 
     path, is_local = resolve_model_path(spec)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}

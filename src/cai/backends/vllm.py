@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, encode_rendered, render_with_template, seeds_per_row
 from cai.errors import CaiError
+from cai.models import resolve_model_path
 from cai.types import SamplingParams
 
 
@@ -63,9 +64,7 @@ class VLLMBackend:
                   gpu_memory_utilization: float = 0.85, **kwargs: Any) -> VLLMBackend:
         """Load a model spec (resolved like every backend: bundled, .gguf, folder or hub id)."""
         require_vllm()
-        from vllm import LLM
-
-        from cai.models import resolve_model_path
+        from vllm import LLM  # lazy: an optional dependency
 
         path, _ = resolve_model_path(spec)
         llm = LLM(model=path, dtype=dtype, tensor_parallel_size=tensor_parallel, enable_prefix_caching=True,

@@ -20,21 +20,30 @@ from pathlib import Path
 from typing import Any
 
 from cai import prompts as P
+from cai.backends import load_backend
 from cai.backends.base import Backend
 from cai.config import LabelConfig, RunConfig
 from cai.constitution import Constitution, FeedbackPrinciple
+from cai.constitution_yaml import load_constitution
 from cai.data import PromptRow
+from cai.data.gold import load_gold_pairs, stratified
+from cai.data.prompt_sets import load_prompt_set
+from cai.errors import CaiError
+from cai.eval import gold as G
 from cai.eval.elo import Comparison, elo_table
 from cai.eval.evasiveness import judge_evasiveness
-from cai.io import JsonlWriter, read_jsonl
+from cai.eval.mc import load_mc_file, mc_eval
+from cai.eval.verdict import fmt_ci, verdict
+from cai.io import JsonlWriter, read_jsonl, write_json_atomic, write_text_atomic
+from cai.progress import progress_bar
+from cai.runs import RL_STAGES, StageRun, is_done, stage_dir
 from cai.stages.label import check_judge, label_pairs
+from cai.train.pm import RewardScorer
 
 
 def generate_answers(models: dict[str, Any], sets: dict[str, list[PromptRow]], out_path: Path, params: Any,
                      load: Any, show_progress: bool = True, chunk_size: int = 16) -> list[dict[str, Any]]:
     """Greedy answers of every model to every prompt; rows ``{model, set, id, prompt, response}``."""
-    from cai.progress import progress_bar
-
     done = {(r["model"], r["set"], r["id"]) for r in read_jsonl(out_path, repair=True)}
     with JsonlWriter(out_path) as writer:
         for name, spec in models.items():
@@ -136,8 +145,6 @@ def revision_curve(traces: list[dict[str, Any]], scorer: Any) -> dict[str, Any]:
 
 def results_markdown(results: dict[str, Any]) -> str:
     """The results as Markdown tables (the JSON's human-readable twin)."""
-    from cai.eval.verdict import fmt_ci, verdict
-
     lines = ["# Evaluation results", ""]
     models = results["models"]
     lines += ["## Verdict", "", *[f"- {v}" for v in verdict(results, judge_name=results.get("judge", "the judge"))], ""]
@@ -197,8 +204,6 @@ def eval_models(cfg: RunConfig) -> dict[str, str]:
     Each trained model is named after the stage that made it (``sft``, then the RL stages: ``ppo``,
     ``dpo``, ``rloo``, ``grpo``).
     """
-    from cai.runs import RL_STAGES, is_done, stage_dir
-
     if cfg.eval.models:
         return dict(cfg.eval.models)
     models = {"base": cfg.model.name}
@@ -212,15 +217,6 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
     """Stage ``eval``: answers, pairwise judgements, Elo, PM scores, evasiveness and the revision curve."""
     from rich.console import Console
 
-    from cai.backends import load_backend
-    from cai.constitution_yaml import load_constitution
-    from cai.data.gold import load_gold_pairs, stratified
-    from cai.data.prompt_sets import load_prompt_set
-    from cai.errors import CaiError
-    from cai.eval import gold as G
-    from cai.io import write_json_atomic, write_text_atomic
-    from cai.runs import StageRun, is_done, stage_dir
-
     st = StageRun(cfg, "eval", shard)
     ecfg = cfg.eval
     constitution = load_constitution(cfg.constitution)
@@ -232,8 +228,6 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
             "helpfulness": load_prompt_set(ecfg.helpfulness, "held-out helpfulness prompts")}
     mc = []
     if ecfg.mc_files:
-        from cai.eval.mc import load_mc_file
-
         mc = [(f, load_mc_file(f)) for f in ecfg.mc_files]
     if st.skip():
         return st.dir
@@ -270,8 +264,6 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
     pm_folder = stage_dir(cfg, "pm")
     scorer = None
     if is_done(pm_folder):
-        from cai.train.pm import RewardScorer
-
         scorer = RewardScorer.from_folder(pm_folder)
     pm_scores = dict(enumerate(scorer.score([a["prompt"] for a in answers], [a["response"] for a in answers]))) if scorer else None
     results["answers"] = answer_stats(answers, pm_scores)
@@ -279,8 +271,6 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
     results["judged_revision_curve"] = judged_curve
     results["transcripts"] = transcripts
     if mc:
-        from cai.eval.mc import mc_eval
-
         results["mc_eval"] = [mc_eval(rows, judge, file=f).summary() for f, rows in mc]
     judge.close()
     write_json_atomic(out / "results.json", results)
@@ -292,8 +282,6 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
 
 def gold_results(scores: dict[str, list], n_bootstrap: int, seed: int) -> dict[str, Any]:
     """Per model: accuracy and margin on the gold pairs by kind; per trained model: its change from base."""
-    from cai.eval import gold as G
-
     names = list(scores)
     base = names[0]
     return {"summary": {name: G.summarize(scores[name], n_bootstrap, seed) for name in names},

@@ -23,9 +23,13 @@ from typing import Any, Sequence
 
 import torch
 
+from cai.backends.base import encode_rendered, render_with_template
 from cai.data.gold import GROUPS, GoldPair
+from cai.eval.verdict import fmt_ci
 from cai.io import JsonlWriter, read_jsonl
+from cai.models import load_model
 from cai.padding import pad_rows
+from cai.progress import progress_bar
 from cai.stats import bootstrap_mean_interval
 
 
@@ -56,8 +60,6 @@ def answer_logprobs(model: Any, tokenizer: Any, chats: Sequence[Any], answers: S
         model: a causal LM (eval mode). tokenizer: its tokenizer (with a chat template, or plain
             text prompts are used as given).
     """
-    from cai.backends.base import encode_rendered, render_with_template
-
     missing = "gold-pair scoring needs a chat template or plain-text prompts"
     prompts = [render_with_template(tokenizer, chat, missing) for chat in chats]
     full = encode_rendered(tokenizer, [p + a for p, a in zip(prompts, answers)])
@@ -134,9 +136,6 @@ def paired_difference(base: Sequence[PairScore], other: Sequence[PairScore], n_b
 def score_models(models: dict[str, str], pairs: Sequence[GoldPair], out_path: Path, *, device: str = "auto",
                  batch_size: int = 8, show_progress: bool = True) -> dict[str, list[PairScore]]:
     """Score every model on the pairs, one model in memory at a time; rows resume from ``out_path``."""
-    from cai.models import load_model
-    from cai.progress import progress_bar
-
     done = {(r["model"], r["id"]): r for r in read_jsonl(out_path, repair=True)}
     with JsonlWriter(out_path) as writer:
         for name, spec in models.items():
@@ -160,8 +159,6 @@ def score_models(models: dict[str, str], pairs: Sequence[GoldPair], out_path: Pa
 def gold_tables(scores: dict[str, list[PairScore]], n_bootstrap: int = 1000) -> list[Any]:
     """Rich tables for ``cai gold``: each model by kind, then each model's change from the first."""
     from rich.table import Table
-
-    from cai.eval.verdict import fmt_ci
 
     names = list(scores)
     table = Table(title="gold pairs: the model's own preference for the better answer (no judge)")

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from cai.backends.base import Backend
+from cai.backends.hf import HFBackend
 from cai.errors import CaiError
 from cai.serve.app import MAX_BODY_BYTES, build_app
 from cai.serve.engine import Engine
@@ -178,8 +179,6 @@ def run_server(
     """
     sock = bind_socket(host, port)
     try:
-        from cai.backends.hf import HFBackend
-
         backend = HFBackend.from_spec(model_spec, **backend_kwargs)
     except BaseException:
         sock.close()

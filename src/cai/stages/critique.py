@@ -22,12 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from cai import prompts as P
+from cai.backends import load_backend
 from cai.backends.base import Backend, stable_seed
 from cai.config import CritiqueConfig, RunConfig, SamplingConfig
 from cai.constitution import Constitution, CritiquePrinciple, sample_critique_principles
+from cai.constitution_yaml import load_constitution
 from cai.data import PromptRow
+from cai.data.prompt_sets import fit_prompt_set, load_prompt_set
 from cai.io import JsonlWriter, iter_batches, read_jsonl
 from cai.progress import progress_bar
+from cai.runs import StageRun
+from cai.sharding import shard_rows
+from cai.stages.sample import sample_responses
 from cai.types import SamplingParams
 
 @dataclass
@@ -285,13 +291,6 @@ def run_critique(cfg: RunConfig, *, shard: str | None = None, show_progress: boo
     """
     import dataclasses
     from collections import Counter
-
-    from cai.backends import load_backend
-    from cai.constitution_yaml import load_constitution
-    from cai.data.prompt_sets import fit_prompt_set, load_prompt_set
-    from cai.runs import StageRun
-    from cai.sharding import shard_rows
-    from cai.stages.sample import sample_responses
 
     st = StageRun(cfg, "critique", shard)
     ccfg = cfg.critique

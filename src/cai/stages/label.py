@@ -25,13 +25,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cai import prompts as P
+from cai.backends import load_backend
 from cai.backends.base import Backend, stable_seed
 from cai.config import LabelConfig, RunConfig
 from cai.constitution import Constitution, FeedbackPrinciple, sample_feedback_principles
+from cai.constitution_yaml import load_constitution
 from cai.data.gold import GoldPair, load_gold_pairs, stratified
+from cai.errors import CaiError
 from cai.eval.judge_check import judge_agreement, judge_pairs_from_gold, position_bias
 from cai.io import JsonlWriter, iter_batches, read_jsonl
 from cai.progress import progress_bar
+from cai.runs import StageRun
+from cai.sharding import shard_rows
 
 ORDERS = ("ab", "ba")
 
@@ -223,12 +228,6 @@ def check_judge(
 
 def run_label(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``label``: soft AI preference labels for the sampled pairs, into ``label/``."""
-    from cai.backends import load_backend
-    from cai.constitution_yaml import load_constitution
-    from cai.errors import CaiError
-    from cai.runs import StageRun
-    from cai.sharding import shard_rows
-
     st = StageRun(cfg, "label", shard)
     constitution = load_constitution(cfg.constitution)
     source = st.require("sample")

@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cai import prompts as P
+from cai.backends import load_backend
 from cai.backends.base import Backend, stable_seed
 from cai.config import RunConfig
 from cai.data import PromptRow
+from cai.data.prompt_sets import fit_prompt_set, load_prompt_set
 from cai.io import JsonlWriter, iter_batches, read_jsonl
 from cai.progress import progress_bar
+from cai.runs import StageRun, policy_spec
+from cai.sharding import shard_rows
 from cai.types import SamplingParams
 
 
@@ -57,11 +61,6 @@ def sample_responses(
 
 def run_sample(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``sample``: K answers per red-team (and helpfulness) prompt from the policy, into ``sample/``."""
-    from cai.backends import load_backend
-    from cai.data.prompt_sets import fit_prompt_set, load_prompt_set
-    from cai.runs import StageRun, policy_spec
-    from cai.sharding import shard_rows
-
     st = StageRun(cfg, "sample", shard)
     scfg = cfg.sample
     sets = [("red-team", scfg.prompts, load_prompt_set(scfg.prompts, "red-team prompts"))]

@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from cai.config import DPOConfig, RunConfig
+from cai.config_loader import config_to_yaml
 from cai.errors import CaiError
-from cai.io import JsonlWriter
+from cai.io import JsonlWriter, read_jsonl
+from cai.models import load_model
+from cai.runs import StageRun, policy_spec
 from cai.train.lora import peft_lora_config
 from cai.train.model_folder import save_model_folder, write_model_card
 
@@ -42,8 +45,6 @@ def train_dpo(
     """Train with DPO; save the merged HF model folder to ``out_dir``; return metrics."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
-
-    from cai.models import load_model
 
     rows, smoothing = dpo_rows(labelled, config)
     if not rows:
@@ -90,10 +91,6 @@ def train_dpo(
 
 def run_dpo(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``dpo``: DPO of the SL-CAI policy on the AI-labelled pairs, into ``dpo/``."""
-    from cai.config_loader import config_to_yaml
-    from cai.io import read_jsonl
-    from cai.runs import StageRun, policy_spec
-
     st = StageRun(cfg, "dpo", shard)
     source = st.require("label")
     if st.skip():

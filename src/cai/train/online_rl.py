@@ -29,15 +29,22 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from cai.backends.base import TokenCounter
+from cai.backends.hf import HFBackend
 from cai.backends.vllm import require_vllm
 from cai.config import GRPOConfig, RLOOConfig, RunConfig
+from cai.config_loader import config_to_yaml
 from cai.data import PromptRow
+from cai.data.prompt_sets import fit_prompt_set, load_prompt_set
 from cai.errors import CaiError
 from cai.io import JsonlWriter
+from cai.models import load_model
 from cai.progress import progress_bar
+from cai.runs import StageRun, policy_spec
 from cai.train.lora import peft_lora_config
 from cai.train.model_folder import save_model_folder, write_model_card
 from cai.train.pm import RewardScorer
+from cai.train.ppo import eval_reward
 from cai.types import Chat, SamplingParams
 
 Algo = Literal["rloo", "grpo"]
@@ -104,8 +111,6 @@ def stage_callback(backend: Any, scorer: RewardScorer, prompts: list[PromptRow],
     steps and at the last step, as PPO does, into the trainer's log history (which a checkpoint keeps,
     so a resumed run neither loses nor repeats them), and advances our progress bar each step."""
     from transformers import TrainerCallback
-
-    from cai.train.ppo import eval_reward
 
     params = SamplingParams(max_new_tokens=max_new_tokens)
 
@@ -180,9 +185,6 @@ def train_online_rl(
     from transformers import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
-    from cai.backends.hf import HFBackend
-    from cai.models import load_model
-
     if not prompts:
         raise CaiError(f"{algo} has no rollout prompts; check rl.{algo}.prompts")
     if config.vllm.enabled:
@@ -225,11 +227,6 @@ def train_online_rl(
 def run_online_rl(cfg: RunConfig, algo: Algo, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``rloo`` or ``grpo``: the SL-CAI policy against the run's preference model, into ``<algo>/``."""
     from rich.console import Console
-
-    from cai.config_loader import config_to_yaml
-    from cai.data.prompt_sets import fit_prompt_set, load_prompt_set
-    from cai.models import TokenCounter
-    from cai.runs import StageRun, policy_spec
 
     st = StageRun(cfg, algo, shard)
     config: RLOOConfig | GRPOConfig = getattr(cfg.rl, algo)

@@ -22,12 +22,18 @@ from typing import Any, Sequence
 import torch
 
 from cai.config import PMConfig, RunConfig
+from cai.config_loader import config_to_yaml
+from cai.data.loaders import parse_transcript
+from cai.data.sources import read_source
 from cai.errors import CaiError
 from cai.eval.verdict import describe_pm
-from cai.io import JsonlWriter, write_json_atomic
+from cai.io import JsonlWriter, read_jsonl, write_json_atomic
 from cai.losses.bradley_terry import expected_calibration_error, preference_accuracy, soft_bradley_terry_loss
+from cai.models import load_model
 from cai.padding import pad_rows
 from cai.progress import progress_bar
+from cai.prompts import format_conversation
+from cai.runs import StageRun
 from cai.stats import wilson_interval
 from cai.train.batching import batches_for_rank, micro_batch_tokens, split_by_tokens, total_steps
 from cai.train.lora import apply_lora
@@ -55,8 +61,6 @@ def render_pm_input(tokenizer: Any, prompt: Chat, response: str) -> str:
     chat = [*prompt, {"role": "assistant", "content": response}]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(chat, tokenize=False)
-    from cai.prompts import format_conversation
-
     return format_conversation(chat)
 
 
@@ -77,8 +81,6 @@ class RewardScorer:
     @classmethod
     def from_folder(cls, folder: str | Path, device: str = "auto", **kwargs: Any) -> RewardScorer:
         from transformers import AutoModelForSequenceClassification
-
-        from cai.models import load_model
 
         loaded = load_model(str(folder), model_class=AutoModelForSequenceClassification, num_labels=1, device=device)
         return cls(loaded.model, loaded.tokenizer, **kwargs)
@@ -118,9 +120,6 @@ def pairs_from_labels(rows: list[dict[str, Any]]) -> list[Pair]:
 
 def pairs_from_human_comparisons(source: str) -> list[Pair]:
     """Hard-labelled pairs from hh-rlhf style rows (``chosen``/``rejected`` transcripts, or messages)."""
-    from cai.data.loaders import parse_transcript
-    from cai.data.sources import read_source
-
     name, raw, _ = read_source(source, "train")
     pairs = []
     for i, row in enumerate(raw, start=1):
@@ -256,8 +255,6 @@ def _setup(base: str, n_train: int, config: PMConfig, seed: int, device: str) ->
     from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification
 
-    from cai.models import load_model
-
     torch.manual_seed(seed)
     loaded = load_model(base, dtype=config.dtype, device=device, model_class=AutoModelForSequenceClassification,
                         num_labels=1)
@@ -320,10 +317,6 @@ def _save(run: _PMRun, out_dir: Path, metrics: dict[str, Any], calibration: list
 def run_pm(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``pm``: the preference model on the AI labels (+ helpfulness comparisons), into ``pm/``."""
     from rich.console import Console
-
-    from cai.config_loader import config_to_yaml
-    from cai.io import read_jsonl
-    from cai.runs import StageRun
 
     st = StageRun(cfg, "pm", shard)
     human = pairs_from_human_comparisons(cfg.pm.human_data) if cfg.pm.human_data else []

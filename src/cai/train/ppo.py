@@ -41,12 +41,18 @@ from typing import Any, Callable
 
 import torch
 
+from cai.backends.base import TokenCounter
+from cai.backends.hf import HFBackend
 from cai.config import PPOConfig, RunConfig
+from cai.config_loader import config_to_yaml
 from cai.data import PromptRow
+from cai.data.prompt_sets import fit_prompt_set, load_prompt_set
 from cai.errors import CaiError
-from cai.io import JsonlWriter
+from cai.io import JsonlWriter, read_jsonl, write_text_atomic
 from cai.losses.ppo import AdaptiveKLController, FixedKLController, RunningMoments
+from cai.models import load_model
 from cai.progress import progress_bar
+from cai.runs import StageRun, policy_spec
 from cai.train.checkpoints import load_checkpoint, save_checkpoint
 from cai.train.lora import apply_lora
 from cai.train.model_folder import save_model_folder, write_model_card
@@ -228,9 +234,6 @@ def ppo_accelerator(config: PPOConfig, device: str) -> Any:
 
 def load_ppo_models(policy_spec: str, pm_folder: str | Path, config: PPOConfig, device: str) -> PPOModels:
     """The policy (with LoRA when enabled), its frozen reference, a new value head, the PM and a sampler."""
-    from cai.backends.hf import HFBackend
-    from cai.models import load_model
-
     loaded = load_model(policy_spec, dtype=config.dtype, device=device)
     policy = apply_lora(loaded.model, config.lora)
     # Reference = the frozen starting policy: the adapter switched off with LoRA, else a frozen copy.
@@ -261,8 +264,6 @@ def keep_log_until(path: Path, done: int) -> None:
     A run stopped between checkpoints has logged steps that the resumed run redoes; a fresh start
     (``done`` 0) logs its step-0 evaluation again, so nothing is kept.
     """
-    from cai.io import read_jsonl, write_text_atomic
-
     rows = read_jsonl(path, repair=True)
     kept = [row for row in rows if done and row["step"] <= done]
     if len(kept) < len(rows):
@@ -332,12 +333,6 @@ def eval_reward(backend: Any, scorer: RewardScorer, prompts: list[PromptRow], pa
 def run_ppo(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``ppo``: PPO of the SL-CAI policy against the run's preference model, into ``ppo/``."""
     from rich.console import Console
-
-    from cai.config_loader import config_to_yaml
-    from cai.data.prompt_sets import fit_prompt_set, load_prompt_set
-    from cai.io import read_jsonl
-    from cai.models import TokenCounter
-    from cai.runs import StageRun, policy_spec
 
     console = Console(stderr=True)
     st = StageRun(cfg, "ppo", shard)

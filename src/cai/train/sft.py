@@ -21,9 +21,12 @@ from typing import Any, Iterator
 import torch
 
 from cai.config import RunConfig, SFTConfig
+from cai.config_loader import config_to_yaml
 from cai.errors import CaiError
-from cai.io import JsonlWriter
+from cai.io import JsonlWriter, read_jsonl, write_text_atomic
+from cai.models import load_model
 from cai.progress import progress_bar
+from cai.runs import StageRun
 from cai.train.answer_loss import answer_loss, answer_tokens, pad_batch, tokenize_for_answer_loss
 from cai.train.batching import batches_for_rank, micro_batch_tokens, split_by_tokens, total_steps
 from cai.train.checkpoints import load_checkpoint, save_checkpoint
@@ -163,8 +166,6 @@ def _setup(examples: list[Chat], model_spec: str, checkpoint: Path, config: SFTC
     """Load the model (with LoRA when asked), tokenize the examples, and make the optimizer, resumed from ``checkpoint``."""
     from accelerate import Accelerator
 
-    from cai.models import load_model
-
     torch.manual_seed(seed)
     loaded = load_model(model_spec, dtype=config.dtype, device=device, trust_remote_code=trust_remote_code)
     tokenizer = loaded.tokenizer
@@ -264,10 +265,6 @@ def run_sft(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = T
     """Stage ``sft``: fine-tune the starting model on its revisions (+ helpfulness answers), into ``sft/``."""
     import json
 
-    from cai.config_loader import config_to_yaml
-    from cai.io import read_jsonl, write_text_atomic
-    from cai.runs import StageRun
-
     st = StageRun(cfg, "sft", shard)
     extra = read_sft_file(cfg.sft.extra_data) if cfg.sft.extra_data else []
     source = st.require("critique")
@@ -304,8 +301,6 @@ def read_sft_file(path: str) -> list:
     Raises:
         CaiError: the file is missing or a row isn't such a chat (named by row).
     """
-    from cai.io import read_jsonl
-
     if not Path(path).is_file():
         raise CaiError(f"sft.extra_data file {path} does not exist")
     chats = []
