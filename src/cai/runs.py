@@ -354,11 +354,11 @@ def merge_stage(cfg: RunConfig, stage: str, count: int) -> Path:
     st = StageRun(cfg, stage)
     shards = [st.dir / "shards" / f"{i}-of-{count}" for i in range(count)]
     unfinished = [str(s) for s in shards if (read_manifest(s) or {}).get("status") != "done"]
-    if unfinished:
-        raise CaiError(f"cannot merge {stage}: shard(s) not finished: {', '.join(unfinished)}")
     other = [str(s) for s in shards if (read_manifest(s) or {}).get("config_hash") != st.config_hash]
-    if other:
-        raise CaiError(f"cannot merge {stage}: shard(s) made with a different {stage} config: {', '.join(other)}")
+    if unfinished or other:
+        st.release()
+        raise CaiError(f"cannot merge {stage}: shard(s) not finished: {', '.join(unfinished)}" if unfinished else
+                       f"cannot merge {stage}: shard(s) made with a different {stage} config: {', '.join(other)}")
     st.start(model=(read_manifest(shards[0]) or {}).get("model", ""))
     counts = {}
     for name in spec.data_files:
