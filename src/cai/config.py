@@ -151,9 +151,21 @@ def _default(base: type[Strict], name: str, default: Any) -> Any:
     return FieldInfo.merge_field_infos(base.model_fields[name], default=default)
 
 
-class SupervisedTrainingConfig(Strict):
-    """What SFT and the preference model share: AdamW with a linear warmup and decay, gradient
-    clipping, micro-batches, adapters, dtype and trackers (our own training loop, `cai.train`).
+class OwnLoopConfig(Strict):
+    """What every stage trained by cai's own loop (SFT, PM, PPO) shares: gradient clipping, adapters,
+    dtype and trackers (logged through accelerate). Each field is documented here once."""
+
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Also log to these trackers (through accelerate)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Train low-rank adapters instead of every weight.")
+    dtype: DType = Field("auto", description=_DTYPE)
+
+
+class SupervisedTrainingConfig(OwnLoopConfig):
+    """What SFT and the preference model share besides `OwnLoopConfig`: AdamW with a linear warmup
+    and decay, and micro-batches.
 
     Each field is documented here once; the two stages differ only in some defaults.
     """
@@ -166,12 +178,6 @@ class SupervisedTrainingConfig(Strict):
                                  "gradients add up to the same update, bounding activation memory (about 1.8 MB per token "
                                  "for a 135M model in fp32). null = 512 on a CPU, no limit on a GPU.")
     )
-    max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(
-        default_factory=list, description="Also log to these trackers (through accelerate)."
-    )
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="Train low-rank adapters instead of every weight.")
-    dtype: DType = Field("auto", description=_DTYPE)
 
 
 class SFTConfig(SupervisedTrainingConfig):
@@ -262,7 +268,7 @@ class RolloutPromptsConfig(Strict):
     )
 
 
-class PPOConfig(RolloutPromptsConfig):
+class PPOConfig(RolloutPromptsConfig, OwnLoopConfig):
     """``cai ppo``: PPO of the SL-CAI policy against the preference model, with a KL penalty to SL-CAI."""
 
     steps: StrictInt = Field(20, ge=1, description="PPO iterations (rollout batch + optimisation).")
@@ -286,14 +292,8 @@ class PPOConfig(RolloutPromptsConfig):
     entropy_coef: float = Field(0.0, ge=0, description="Weight of an entropy bonus (0 = none).")
     reward_clip: float | None = Field(5.0, gt=0, description="Clip normalised PM rewards to +-this; null = no clip.")
     normalize_reward: bool = Field(True, description="Normalise PM scores with running mean/std.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
     eval_every: StrictInt = Field(10, ge=1, description="Iterations between held-out reward measurements.")
     save_every: StrictInt = Field(10, ge=1, description="Iterations between resumable checkpoints.")
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(
-        default_factory=list, description="Also log to these trackers (through accelerate)."
-    )
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="Train low-rank adapters instead of every weight.")
-    dtype: DType = Field("auto", description=_DTYPE)
 
 
 class DPOConfig(Strict):
