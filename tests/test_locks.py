@@ -17,7 +17,7 @@ import pytest
 from cai.config import RunConfig
 from cai.config_loader import load_config
 from cai.errors import CaiError
-from cai.locks import acquire_folder, held_folders, holder_path, lock_path, release_all, release_folder
+from cai.locks import acquire_folder, held_folders, holder_path, lock_path, release_folder
 from cai.pipeline import prepare_run, run_stage
 from conftest import PIPELINE_OVERRIDES, SMALL_CONSTITUTION, tiny_run_overrides
 
@@ -149,24 +149,24 @@ def test_the_lock_is_reentrant_in_one_process_and_given_back(tmp_path):
     assert subprocess.run([sys.executable, "-c", probe, str(folder)]).returncode == 0
 
 
-def test_a_rerun_from_a_stage_never_deletes_a_folder_another_process_writes(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("stage, busy", [("pm", "pm"), ("critique", "critique/shards/1-of-2")])
+def test_a_rerun_from_a_stage_never_deletes_a_folder_another_process_writes(stage, busy, tmp_path, tiny_model_dir):
     values = overrides(tiny_model_dir, tmp_path)
     cfg = load_config(RunConfig, None, values)
     prepare_run(cfg)
-    (cfg.run_dir / "pm").mkdir(parents=True)
-    (cfg.run_dir / "pm" / "keep.txt").write_text("busy")
+    (cfg.run_dir / busy).mkdir(parents=True)
+    (cfg.run_dir / busy / "keep.txt").write_text("busy")
     holder = subprocess.Popen([sys.executable, "-c",
                                "import sys, time; from cai.locks import acquire_folder; "
-                               "acquire_folder(sys.argv[1], 'pm'); print('held', flush=True); time.sleep(60)",
-                               str(cfg.run_dir / "pm")], stdout=subprocess.PIPE, text=True)
+                               "acquire_folder(sys.argv[1], 'x'); print('held', flush=True); time.sleep(60)",
+                               str(cfg.run_dir / busy)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(CaiError, match="pm: .* is being written by another cai process"):
-            prepare_run(cfg, from_stage="pm")
-        assert (cfg.run_dir / "pm" / "keep.txt").is_file()
+        with pytest.raises(CaiError, match=f"{stage}: .* is being written by another cai process"):
+            prepare_run(cfg, from_stage=stage)
+        assert (cfg.run_dir / busy / "keep.txt").is_file() and held_folders() == []
     finally:
         holder.kill()
         holder.wait()
-    release_all()
-    prepare_run(cfg, from_stage="pm")  # the holder is gone: the redo may delete it now
-    assert not (cfg.run_dir / "pm").exists() and held_folders() == []
+    prepare_run(cfg, from_stage=stage)  # the holder is gone: the redo may delete it now
+    assert not (cfg.run_dir / stage).exists() and held_folders() == []

@@ -60,7 +60,8 @@ def describe_holder(folder: Path) -> str:
 def acquire_folder(folder: Path, what: str) -> None:
     """Take the exclusive lock of a stage (or shard) folder for this process, or stop.
 
-    Taking a lock this process already holds is a no-op, so nested callers need no bookkeeping.
+    Taking a lock this process already holds is a no-op, so nested callers need no bookkeeping, and
+    a stage that failed in a notebook can be run again in the same process.
 
     Args:
         folder: the stage or shard folder the caller is about to read and write.
@@ -80,8 +81,9 @@ def acquire_folder(folder: Path, what: str) -> None:
     except Timeout:
         raise CaiError(f"{what}: {folder} is being written by another cai process, {describe_holder(folder)}; "
                        "wait for it to finish, or stop it and run this again (its finished rows are kept)") from None
-    except OSError as err:
-        raise CaiError(f"{what}: cannot lock {path} ({err.strerror or err}); put the run folder on a file system "
+    except (OSError, NotImplementedError) as err:
+        reason = getattr(err, "strerror", None) or err
+        raise CaiError(f"{what}: cannot lock {path} ({reason}); put the run folder on a file system "
                        "that allows file locks (runs_dir=...)") from None
     _HELD[folder] = lock
     write_json_atomic(holder_path(folder), {

@@ -100,9 +100,15 @@ def prepare_run(cfg: RunConfig, *, from_stage: str | None = None) -> None:
         for name in order[order.index(from_stage):]:
             target = cfg.run_dir / (get_stage(name).folder if name != REPORT else "report.html")
             if target.is_dir():
-                acquire_folder(target, name)  # never delete a folder another process is writing
-                shutil.rmtree(target)
-                release_folder(target)
+                # Never delete a folder another process is writing: the stage's, or one of its shards'.
+                busy = [target, *sorted(d for d in (target / "shards").glob("*") if d.is_dir())]
+                try:
+                    for folder in busy:
+                        acquire_folder(folder, name)
+                    shutil.rmtree(target)
+                finally:
+                    for folder in busy:
+                        release_folder(folder)
             elif target.exists():
                 target.unlink()
     write_text_atomic(saved, config_to_yaml(cfg))

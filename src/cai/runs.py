@@ -218,19 +218,23 @@ class StageRun:
 
     Use::
 
-        st = StageRun(cfg, "label", shard)      # refuses a folder made with another config
+        st = StageRun(cfg, "label", shard)      # takes the folder's lock; refuses a folder made with another config
         ...check inputs (constitution, prompts) -- a mistake fails even for a finished stage...
-        if st.skip():
+        if st.skip():                           # (gives the lock back)
             return st.dir
         source = st.require("sample")           # an earlier stage's folder, finished
         st.start(model=...)                     # manifest: running
         ...work, st.update(rows=n)...
-        st.done(**counts)                       # manifest: done
+        st.done(**counts)                       # manifest: done; gives the lock back
         return st.dir
 
+    The lock (`cai.locks`) is held by this process from the constructor to ``done()``; a stage
+    that raises keeps it until `cai.pipeline.run_stage` gives it back or the process ends (it is
+    re-entrant, so the same process can run the stage again).
+
     Raises:
-        CaiError: the stage folder holds work made with a different config (the changed keys are
-            named), or the run folder is from an older cai.
+        CaiError: another process is writing the folder (naming it), the stage folder holds work made
+            with a different config (the changed keys are named), or the run folder is from an older cai.
     """
 
     def __init__(self, cfg: RunConfig, name: str, shard: str | None = None) -> None:
@@ -249,7 +253,7 @@ class StageRun:
             acquire_folder(self.dir, self.name)
         try:
             self._refuse_changed_config()
-        except CaiError:
+        except BaseException:
             self.release()
             raise
 
@@ -359,13 +363,16 @@ def merge_stage(cfg: RunConfig, stage: str, count: int) -> Path:
         st.release()
         raise CaiError(f"cannot merge {stage}: shard(s) not finished: {', '.join(unfinished)}" if unfinished else
                        f"cannot merge {stage}: shard(s) made with a different {stage} config: {', '.join(other)}")
-    st.start(model=(read_manifest(shards[0]) or {}).get("model", ""))
-    counts = {}
-    for name in spec.data_files:
-        paths = [s / name for s in shards if (s / name).is_file()]
-        if paths:
-            counts[name.removesuffix(".jsonl").replace("-", "_") + "_rows"] = merge_shards(paths, st.dir / name)
-    st.done(merged_shards=count, **counts)
+    try:
+        st.start(model=(read_manifest(shards[0]) or {}).get("model", ""))
+        counts = {}
+        for name in spec.data_files:
+            paths = [s / name for s in shards if (s / name).is_file()]
+            if paths:
+                counts[name.removesuffix(".jsonl").replace("-", "_") + "_rows"] = merge_shards(paths, st.dir / name)
+        st.done(merged_shards=count, **counts)
+    finally:
+        st.release()
     return st.dir
 
 

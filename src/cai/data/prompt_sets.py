@@ -33,7 +33,7 @@ def fit_prompt_set(rows: list[PromptRow], counter: Any, budget: int, policy: str
 
     Args:
         counter: anything with ``count_tokens(prompt)`` and ``context_length`` (a backend, or a
-            `cai.models.TokenCounter` when no weights are loaded); no context length = no limit.
+            `cai.backends.base.TokenCounter` when no weights are loaded); no context length = no limit.
         budget: tokens the stage will generate after the prompt.
         policy: the prompt set's ``too_long`` ("truncate_left" or "drop").
         build: turns a row's chat into the prompt the stage really sends (e.g. a critique prompt
