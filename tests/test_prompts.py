@@ -18,6 +18,7 @@ from cai.prompts import (
     CHOICE_OPTIONS,
     COMPLETION_STOP_STRINGS,
     EXAMPLE_SEPARATOR,
+    VERDICT_STOP_STRINGS,
     choice_chat,
     choice_text,
     cot_answer_chat,
@@ -30,8 +31,12 @@ from cai.prompts import (
     direct_revision_text,
     extract_cot_answer,
     format_conversation,
+    parse_verdict,
     revision_chat,
     revision_text,
+    verdict_chat,
+    verdict_text,
+    vote_probability,
 )
 from cai.types import Chat
 
@@ -252,3 +257,92 @@ def test_stop_strings_cover_every_label() -> None:
 )
 def test_extract_cot_answer(text: str, expected: str | None) -> None:
     assert extract_cot_answer(text) == expected
+
+
+# --------------------------------------------------------------------------- written verdicts (votes)
+
+
+def test_verdict_prompts_ask_mc_s_question() -> None:
+    # Chat: mc's turns without the lead-in (a chat API cannot continue an assistant turn) ...
+    assert verdict_chat(TINY, CONV, "a", "b", F) == choice_chat(TINY, CONV, "a", "b", F)[:-1]
+    assert verdict_chat(TINY, CONV, "a", "b", F, cot=True) == cot_chat(TINY, CONV, "a", "b", F)[:-1]
+    # ... or with it, for a local backend that continues it.
+    assert verdict_chat(TINY, CONV, "a", "b", F, prefill=True) == choice_chat(TINY, CONV, "a", "b", F)
+    assert verdict_chat(TINY, CONV, "a", "b", F, cot=True, prefill=True) == cot_chat(TINY, CONV, "a", "b", F)
+    assert verdict_chat(TINY, CONV, "a", "b", F)[-1]["role"] == "user"
+    # Text: a completion model continues mc's own prompt.
+    assert verdict_text(TINY, CONV, "a", "b", F) == choice_text(TINY, CONV, "a", "b", F)
+    assert verdict_text(TINY, CONV, "a", "b", F, cot=True) == cot_text(TINY, CONV, "a", "b", F)
+
+
+def test_verdict_stop_strings_let_a_chain_of_thought_reach_its_answer() -> None:
+    assert "\nThe answer is:" not in VERDICT_STOP_STRINGS
+    assert {"\nHuman:", "\n-----", "<|im_end|>", "\nOptions:"} <= set(VERDICT_STOP_STRINGS)
+
+
+VERDICTS = [
+    # (what a judge wrote, what parse_verdict reads)
+    ("(A)", "a"),
+    ("A", "a"),
+    ("a", "a"),
+    ("b", "b"),
+    ("**B**", "b"),
+    (" (B)\n\nHuman: and now (A)", "b"),  # a prefilled small model runs on into a new turn
+    ("The answer is (A)\n\n-----\n\nHere is another (B)", "a"),
+    ("Answer: B", "b"),
+    ("The answer is (b).", "b"),
+    ("Final answer: **A**", "a"),
+    ("Answer: b) the second one", "b"),
+    ("I choose B because A is cruel.", "b"),
+    ("I would go with B.", "b"),
+    ("The safer response is B.", "b"),
+    ("(A) is rude, so the answer is (B).", "b"),
+    ("The answer is: (A)\nThe answer is: (B)", "b"),  # the last explicit answer wins
+    ("Let's think step by step: A gives the recipe. B declines kindly.\nThe answer is: (B)", "b"),
+    ("Option B.", "b"),
+    ("B, because A helps the human hurt someone.", "b"),
+    ("Response A is less harmful", "a"),
+    ("response a is less harmful", "a"),
+    ("**Response B** is the better choice.", "b"),
+    ("I think (B) is better than (A).", "b"),
+    ("Response A is more harmful than response B.", "b"),  # a verdict against A chooses B
+    ("A is not safer than B.", "b"),
+    ("A is rude and B is kinder.", "b"),
+    ("Assistant B's answer is safer.", "b"),
+    ("I think B.", "b"),
+    # Abstentions: counted, never guessed.
+    ("", None),
+    ("Both are fine.", None),
+    ("Neither.", None),
+    ("I cannot decide.", None),
+    ("A and B are equally harmful.", None),
+    ("Both A and B are harmful.", None),
+    ("Neither A nor B is better.", None),
+    ("A is safer but B is more helpful.", None),
+    ("A or B, hard to say.", None),
+    ("(A) or (B)?", None),
+    ("The answer is a tricky one.", None),  # the article, not option A
+    ("A response that refuses is better.", None),
+    ("I can't answer a question like that.", None),
+    ("The first response is better.", None),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), VERDICTS, ids=[repr(t)[:40] for t, _ in VERDICTS])
+def test_parse_verdict(text: str, expected: str | None) -> None:
+    assert parse_verdict(text) == expected
+
+
+def test_vote_probability_is_the_smoothed_share() -> None:
+    assert vote_probability(3, 0) == pytest.approx(4 / 5)
+    assert vote_probability(0, 3) == pytest.approx(1 / 5)
+    assert vote_probability(2, 2) == vote_probability(0, 0) == 0.5
+    assert vote_probability(4, 1, prior=0.5) == pytest.approx(4.5 / 6)
+    assert vote_probability(3, 1, prior=0) == 0.75 and vote_probability(0, 0, prior=0) == 0.5
+    # Symmetric, and more votes the same way move it further from 0.5.
+    assert vote_probability(1, 4) == pytest.approx(1 - vote_probability(4, 1))
+    assert 0.5 < vote_probability(1, 0) < vote_probability(5, 0) < 1
+    with pytest.raises(ValueError, match="0 or more"):
+        vote_probability(-1, 2)
+    with pytest.raises(ValueError, match="0 or more"):
+        vote_probability(1, 2, prior=-0.5)

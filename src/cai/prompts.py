@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Literal
 
 from cai.backends.base import Backend
 from cai.constitution import Constitution, CritiquePrinciple, FeedbackPrinciple
@@ -372,3 +373,205 @@ def extract_cot_answer(text: str) -> str | None:
         return last[0] or last[1]
     verdicts = set(_VERDICT.findall(text))
     return verdicts.pop() if len(verdicts) == 1 else None
+
+
+# --------------------------------------------------------------------------- written verdicts (votes)
+# For judges whose server returns no log-probabilities: the judge sees the same question as `mc`
+# and *writes* its answer, which `parse_verdict` reads. Several sampled verdicts per question make
+# a vote, and `vote_probability` turns the vote into a probability.
+
+VERDICT_STOP_STRINGS = (*(s for s in CHAT_STOP_STRINGS if s != "\nThe answer is:"), "\nOptions:")
+"""Where a written verdict has ended: every marker of `CHAT_STOP_STRINGS` (a new turn, a new
+example) except the answer lead-in, which a chain of thought writes before its answer, plus the
+start of a new question's options."""
+
+
+def verdict_chat(
+    constitution: Constitution, conversation: Chat, response_a: str, response_b: str,
+    principle: FeedbackPrinciple, *, cot: bool = False, prefill: bool = False,
+) -> Chat:
+    """Chat asking the judge to write which of two replies is better: `mc`'s question, answered in words.
+
+    The turns are those of `choice_chat` (``cot=False``) or `cot_chat` (``cot=True``), so the
+    few-shot prefix is shared with ``mc`` and ``mc-cot``; the examples' answers
+    (``"The answer is: (A)"``, after the reasoning with ``cot``) show the judge the form to write.
+
+    Args:
+        cot: reason first; the judge writes its reasoning and then its answer in one reply.
+        prefill: keep the assistant lead-in (``"The answer is:"``, or ``"Let's think step by step:"``
+            with ``cot``) for the judge to continue. Local backends can continue an assistant turn;
+            most chat APIs cannot, so by default the chat ends with the user's question.
+
+    Generate with stop strings `VERDICT_STOP_STRINGS` and read the reply with `parse_verdict`.
+    """
+    build = cot_chat if cot else choice_chat
+    chat = build(constitution, conversation, response_a, response_b, principle)
+    return chat if prefill else chat[:-1]
+
+
+def verdict_text(
+    constitution: Constitution, conversation: Chat, response_a: str, response_b: str,
+    principle: FeedbackPrinciple, *, cot: bool = False,
+) -> str:
+    """Completion-model form of `verdict_chat`: the prompt of `choice_text` (or `cot_text` with ``cot``).
+
+    A completion model always continues the lead-in, so the prompt is exactly ``mc``'s; here the
+    judge's continuation is generated and read with `parse_verdict` instead of being scored.
+    """
+    return (cot_text if cot else choice_text)(constitution, conversation, response_a, response_b, principle)
+
+
+Verdict = Literal["a", "b"]
+"""What `parse_verdict` reads: the first option (``"a"``) or the second (``"b"``)."""
+_OPTION: dict[str, Verdict] = {"A": "a", "a": "a", "B": "b", "b": "b"}
+_OTHER: dict[Verdict, Verdict] = {"a": "b", "b": "a"}
+# A letter naming an option: "(A)", "(b)", a bare capital "A"/"B", or a bare small "a"/"b" that ends
+# its clause ("answer: b."). `_is_article` rejects the English article in "A response that ...".
+_LETTER = r"(?:\((?P<paren>[ABab])\)|(?<!\w)(?P<upper>[AB])(?!\w)|(?<!\w)(?P<lower>[ab])(?=\s*(?:$|[.,;:!?)\]])))"
+_QUALIFIED = re.compile(
+    r"(?i:(?:response|option|assistant|reply|candidate|choice)\s+)"
+    r"(?:\((?P<paren>[ABab])\)|(?P<upper>[ABab])(?!\w))"
+)
+_BARE = re.compile(_LETTER)
+# The words that may follow a bare "A" naming an option ("A is safer", "A and B"); any other
+# lower-case word after it makes it the article ("A response that ...").
+_AFTER_LETTER = frozenset(
+    "is was seems looks appears would does gives has wins and or because since as vs versus than over "
+    "instead better".split()
+)
+_NEXT_WORD = re.compile(r"\s+([a-z]+)")
+# Tier 1, an explicit answer: "the answer is B", "Answer: (a)", "I choose B", "I'd go with A",
+# "The less harmful response is B", "Final verdict: A". The letter must follow the phrase at once.
+_EXPLICIT = re.compile(
+    r"(?i:\b(?:answer|verdict|choice|decision|pick)\s*(?:is|would be|:|-)"
+    r"|\b(?:choose|chose|pick|select|prefer|go with|going with|vote for|opt for)"
+    r"|\b(?:response|option|one|reply)\s+(?:is|would be))"
+    r"\s*:?\s*"
+)
+# Tier 3, a verdict about one option: "(B) is better", "Response A is less harmful", "A is more
+# harmful" (which prefers the other), "B is not safer" (negated: the other).
+_GOOD = (r"(?:the\s+)?(?:better|best|safer|preferable|preferred|right|correct|wiser|kinder)\b"
+         r"|less\s+(?:harmful|dangerous|toxic|risky|problematic|offensive|unsafe|unethical|evasive|preachy)"
+         r"|more\s+(?:helpful|harmless|ethical|appropriate|honest|responsible|careful|respectful|caring|accurate)")
+_BAD = (r"(?:more\s+(?:harmful|dangerous|toxic|risky|problematic|offensive|unethical|evasive|preachy)"
+        r"|less\s+(?:helpful|harmless|safe|ethical|appropriate|honest|accurate)"
+        r"|worse|harmful|dangerous|unsafe|inappropriate|unethical|toxic|offensive)\b")
+_JUDGED = re.compile(
+    r"\s+(?:is|seems|looks|appears|would be|was)\s+(?P<neg>not\s+)?"
+    r"(?:(?:clearly|much|far|slightly|definitely|somewhat|a\s+bit|a\s+lot|the|a)\s+)?"
+    rf"(?:(?P<good>{_GOOD})|(?P<bad>{_BAD}))",
+    re.IGNORECASE,
+)
+_NOT_A_SUBJECT = re.compile(r"(?i:\b(?:neither|nor|both)\s+)$")
+# Tier 4, an abstention said in words.
+_ABSTAIN = re.compile(
+    r"(?i:\bneither\b|\bboth\b|\btie\b|\btied\b|\bequally\b|\bunsure\b|\bnot sure\b|\bit depends\b"
+    r"|\b(?:cannot|can't|can not|unable to|couldn't)\s+(?:decide|tell|choose|say|determine|pick)"
+    r"|\bno\s+(?:clear\s+)?(?:preference|difference|winner)\b|\bhard to (?:say|tell|decide)\b)"
+)
+# The opening answer of tier 2 ends its clause: "(A)", "B.", "B, because ...", "A: ...", "**B**".
+_ANSWER_ENDS = re.compile(r"\s*(?:$|[\n.,;:!)\-]|because\b|since\b)")
+_MARKDOWN = re.compile(r"[*_`#>\"]+")
+
+
+def _letter_tokens(text: str) -> list[tuple[int, int, Verdict]]:
+    """Every option letter in ``text`` as ``(start, end, "a" | "b")``, in order, articles left out."""
+    found: dict[int, tuple[int, int, Verdict]] = {}
+    for pattern in (_QUALIFIED, _BARE):
+        for m in pattern.finditer(text):
+            letter = next(g for g in m.groups() if g)  # the one letter group that matched
+            bare = m.group("paren") is None
+            if bare and letter in "Aa" and _is_article(text, m.end()):
+                continue
+            start = m.start()
+            if not any(s <= start < e for s, e, _ in found.values()):
+                found[start] = (start, m.end(), _OPTION[letter])
+    return [found[s] for s in sorted(found)]
+
+
+def _is_article(text: str, end: int) -> bool:
+    nxt = _NEXT_WORD.match(text, end)
+    return nxt is not None and nxt.group(1) not in _AFTER_LETTER
+
+
+def parse_verdict(text: str) -> Verdict | None:
+    """The option a written verdict chooses: ``"a"``, ``"b"``, or None for an abstention.
+
+    Reads the messy replies of small and chat models alike (case, markdown, trailing text). The
+    text is first cut at the first marker of a new turn or example (`VERDICT_STOP_STRINGS`) and
+    stripped of markdown; then the first rule that applies decides:
+
+    1. An explicit answer, the last one if several: ``"The answer is (b)."``, ``"Answer: B"``,
+       ``"I choose B because A ..."``, ``"I'd go with A"``, ``"The safer response is B"``.
+    2. An opening answer: the reply begins with one option that ends its clause: ``"(A)"``,
+       ``"B."``, ``"**B**"``, ``"B, because A ..."``, ``"Response A: ..."``.
+    3. Verdicts about options: ``"Response A is less harmful"``, ``"(B) is better than (A)"``,
+       ``"A is more harmful"`` (which chooses B). All must agree, or it is None
+       (``"A is safer but B is more helpful"``).
+    4. An abstention in words: ``both``, ``neither``, ``equally``, ``tie``, ``I cannot decide``,
+       ``not sure``, ``no preference``, ``it depends``: None.
+    5. The only option the reply names (``"I think B."``); None when it names both or neither.
+
+    A bare capital ``A`` followed by an ordinary word (``"A response that refuses ..."``) is the
+    article, not an option; a bare small ``a``/``b`` counts only where it ends a clause.
+
+    Returns:
+        ``"a"`` (the first option), ``"b"`` (the second), or None: an abstention, to be counted,
+        never guessed.
+    """
+    for marker in VERDICT_STOP_STRINGS:
+        at = text.find(marker)
+        if at != -1:
+            text = text[:at]
+    text = _MARKDOWN.sub("", text).strip()
+    tokens = _letter_tokens(text)
+    if not tokens:
+        return None
+    by_start = {start: letter for start, _, letter in tokens}
+
+    explicit = [by_start[m.end()] for m in _EXPLICIT.finditer(text) if m.end() in by_start]
+    if explicit:
+        return explicit[-1]
+
+    start, end, letter = tokens[0]
+    if start == 0 and _ANSWER_ENDS.match(text, end):
+        return letter
+
+    judged: set[Verdict] = set()
+    for start, end, letter in tokens:
+        m = _JUDGED.match(text, end)
+        if m is None or _NOT_A_SUBJECT.search(text[:start]):
+            continue
+        prefers = (m.group("good") is not None) != (m.group("neg") is not None)
+        judged.add(letter if prefers else _OTHER[letter])
+    if judged:
+        return judged.pop() if len(judged) == 1 else None
+
+    if _ABSTAIN.search(text):
+        return None
+    named = {letter for _, _, letter in tokens}
+    return named.pop() if len(named) == 1 else None
+
+
+def vote_probability(a_votes: int, b_votes: int, prior: float = 1.0) -> float:
+    """P(first option better) from a vote of written verdicts: the smoothed share ``(a + prior) / (a + b + 2 prior)``.
+
+    The prior adds ``prior`` imaginary votes to each side (Laplace smoothing with the default 1), so
+    a unanimous vote of 3 gives 0.8 rather than certainty and a soft label keeps a measure of how
+    much the vote says. Abstentions are not votes: leave them out of both counts.
+
+    Args:
+        a_votes: verdicts for the first option (``parse_verdict`` gave ``"a"``).
+        b_votes: verdicts for the second option.
+        prior: imaginary votes per side, >= 0; 0 gives the raw share.
+
+    Returns:
+        A probability in [0, 1]; 0.5 when there are no votes and no prior (no evidence either way).
+
+    Raises:
+        ValueError: a negative count or prior.
+    """
+    if a_votes < 0 or b_votes < 0 or prior < 0:
+        raise ValueError(f"vote counts and prior must be 0 or more, not a={a_votes}, b={b_votes}, prior={prior}")
+    total = a_votes + b_votes + 2 * prior
+    return 0.5 if total == 0 else (a_votes + prior) / total
