@@ -13,6 +13,7 @@ from cai.constitution import (
     CritiquePrinciple,
     CritiqueRevisionExample,
     FeedbackPrinciple,
+    RlcdStatements,
     constitution_summary,
     sample_critique_principles,
     sample_feedback_principles,
@@ -122,7 +123,20 @@ def test_optional_example_lists_numeric_version_and_block_text(tmp_path: Path) -
     assert c.critique_revision_examples == () and c.cot_feedback_examples == ()
 
 
+def test_rlcd_statements_load_and_stay_out_of_examples(tmp_path: Path) -> None:
+    c = load_constitution(write(tmp_path, edited(SAFER, WITH_RLCD)))
+    assert c.feedback_principles[0].rlcd == RlcdStatements("Answer safely.", "Answer even if it is unsafe.")
+    # `principle: safer` in an example stands for the question only.
+    assert c.cot_feedback_examples[0].question == "Which is safer?"
+    assert parse_constitution(dump_constitution(c)) == c
+    assert "(1 with RLCD statements)" in constitution_summary(c)
+    assert load_constitution(write(tmp_path, BASE, "plain.yaml")).feedback_principles[0].rlcd is None
+
+
 # --------------------------------------------------------------------------- every error path
+
+SAFER = "    question: Which is safer?"
+WITH_RLCD = SAFER + "\n    rlcd:\n      follow: Answer safely.\n      violate: |\n        Answer even if it is unsafe.\n"
 
 CASES = [
     # (old text, new text, line, fragments the message must contain)
@@ -185,6 +199,20 @@ CASES = [
     ("    answer: A", "    answer: C", 29, ["feedback_examples[0] field 'answer' is 'C' but must be A or B"]),
     ("    reasoning: (A) is kinder.\n    answer: A", "    reasoning: (A) is kinder.\n    answer: (A)", 38,
      ["cot_feedback_examples[0] field 'answer' is '(A)' but must be A or B"]),
+    # A feedback principle's RLCD statements.
+    (SAFER, SAFER + "\n    rlcd: Be safe.", 14,
+     ["feedback_principles[0] (id 'safer') field 'rlcd' must be a mapping of keys to values, not text"]),
+    (SAFER, SAFER + "\n    rlcd:", 14, ["field 'rlcd' must be a mapping of keys to values, not empty (null)"]),
+    (SAFER, SAFER + "\n    rlcd:\n      follow: Be safe.", 15,
+     ["feedback_principles[0] (id 'safer') field 'rlcd' is missing the required key 'violate'"]),
+    (SAFER, SAFER + "\n    rlcd:\n      folow: Be safe.\n      violate: Be reckless.", 15,
+     ["field 'rlcd' has the unknown key 'folow'; did you mean 'follow'?"]),
+    (SAFER, SAFER + "\n    rlcd:\n      follow: Be safe.\n      violate: '  '", 16,
+     ["feedback_principles[0] (id 'safer') field 'rlcd.violate' is empty or only whitespace"]),
+    (SAFER, SAFER + "\n    rlcd:\n      follow: yes\n      violate: Be reckless.", 15,
+     ["field 'rlcd.follow' must be text, not a true/false value (put it in quotes)"]),
+    (SAFER, SAFER + "\n    rlcd:\n      follow: Be safe.\n      follow: Be safer.\n      violate: No.", 16,
+     ["field 'rlcd' has the key 'follow' twice (first on line 15)"]),
 ]
 
 
@@ -236,6 +264,8 @@ def test_every_builtin_loads_and_round_trips(name: str, tmp_path: Path) -> None:
     assert c.name == name
     assert c.critique_revision_principles and c.feedback_principles
     assert c.critique_revision_examples and c.feedback_examples and c.cot_feedback_examples
+    # Every shipped feedback principle can sample an RLCD contrast pair, two different statements.
+    assert all(p.rlcd and p.rlcd.follow != p.rlcd.violate for p in c.feedback_principles)
     assert parse_constitution(dump_constitution(c)) == c
     save_constitution(c, tmp_path / "sub" / "copy.yaml")
     assert load_constitution(tmp_path / "sub" / "copy.yaml") == c
@@ -338,6 +368,7 @@ def test_show_constitution_lists_ids_and_counts() -> None:
     out = render(c)
     for p in (*c.critique_revision_principles, *c.feedback_principles):
         assert p.id in out
+    assert "RLCD statements" in out and "violate: " in out
     assert "Few-shot examples" in out and "chain of thought" in out
     assert constitution_summary(c).startswith("default (version 1.0): 18 critique/revision principles")
 

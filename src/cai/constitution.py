@@ -5,7 +5,9 @@ A constitution has two lists of principles, one per stage of Constitutional AI:
 - critique/revision principles (SL-CAI): a request to criticise a response and a request to
   rewrite it; one is drawn at random for each revision round;
 - feedback principles (RL-CAI): a multiple-choice question asking which of two responses is
-  better; one is drawn at random for each AI label.
+  better; one is drawn at random for each AI label. A feedback principle may also carry a pair
+  of RLCD statements (`RlcdStatements`), for sampling pairs whose preference is known by
+  construction instead of asking a judge.
 
 and three lists of few-shot examples that are placed, identically, in front of every prompt.
 
@@ -38,11 +40,27 @@ class CritiquePrinciple:
 
 
 @dataclass(frozen=True)
+class RlcdStatements:
+    """A feedback principle's contrast pair for RLCD (Yang et al., 2023): two system-turn statements.
+
+    ``follow`` asks the assistant to answer by the principle and ``violate`` to answer against it.
+    The sampling stage draws one answer to a prompt under each, and the ``follow`` answer is
+    preferred by construction: no judge is asked. The statements only shape a contrast sample;
+    the prompt the preference model and the policy learn from carries neither.
+    """
+
+    follow: str
+    violate: str
+
+
+@dataclass(frozen=True)
 class FeedbackPrinciple:
-    """One principle for AI feedback: a question comparing two responses."""
+    """One principle for AI feedback: a question comparing two responses, and optionally the
+    RLCD statements (``rlcd``) that sample a contrast pair under it."""
 
     id: str
     question: str
+    rlcd: RlcdStatements | None = None
 
 
 @dataclass(frozen=True)
@@ -138,12 +156,13 @@ def constitution_summary(constitution: Constitution) -> str:
 
     Returns:
         Plain text (not rich markup), e.g. ``"default (version 1.0): 18 critique/revision
-        principles, 18 feedback principles, ..."``.
+        principles, 18 feedback principles (18 with RLCD statements), ..."``.
     """
     c = constitution
+    with_rlcd = sum(p.rlcd is not None for p in c.feedback_principles)
     return (
         f"{c.name} (version {c.version}): {len(c.critique_revision_principles)} critique/revision "
-        f"principles, {len(c.feedback_principles)} feedback principles, "
+        f"principles, {len(c.feedback_principles)} feedback principles ({with_rlcd} with RLCD statements), "
         f"{len(c.critique_revision_examples)} critique/revision examples, "
         f"{len(c.feedback_examples)} feedback examples, "
         f"{len(c.cot_feedback_examples)} chain-of-thought feedback examples"
@@ -171,8 +190,10 @@ def show_constitution(constitution: Constitution, console: Console) -> None:
     table = Table(title="Feedback principles", show_lines=True, expand=True)
     table.add_column("id", style="cyan", no_wrap=True)
     table.add_column("question")
+    table.add_column("RLCD statements (follow / violate)")
     for f in c.feedback_principles:
-        table.add_row(escape(f.id), escape(f.question))
+        rlcd = f"follow: {f.rlcd.follow}\nviolate: {f.rlcd.violate}" if f.rlcd else "-"
+        table.add_row(escape(f.id), escape(f.question), escape(rlcd))
     console.print(table)
 
     table = Table(title="Few-shot examples")

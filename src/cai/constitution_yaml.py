@@ -13,6 +13,10 @@ Text fields are stripped of surrounding whitespace (a ``|`` block ends with a ne
 not leak into prompts). Inside an example, ``principle: <id>`` may stand in for the principle's
 text (``critique_request`` + ``revision_request``, or ``question``); the dumper always writes the
 full text, so a dumped file reads back to an equal `Constitution`.
+
+A feedback principle may carry ``rlcd: {follow: ..., violate: ...}``, the two system-turn
+statements of an RLCD contrast pair (`cai.constitution.RlcdStatements`); both are required once
+``rlcd`` is given, and are checked like every other text field.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import re
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -34,6 +38,7 @@ from cai.constitution import (
     CritiqueRevisionExample,
     FeedbackExample,
     FeedbackPrinciple,
+    RlcdStatements,
 )
 from cai.errors import CaiError
 from cai.types import Message
@@ -50,6 +55,8 @@ TOP_LEVEL_KEYS = (
 )
 # Example lists may be left out: a constitution without examples prompts zero-shot.
 _REQUIRED_TOP_LEVEL = TOP_LEVEL_KEYS[:5]
+RLCD_KEYS = ("follow", "violate")
+"""The keys of a feedback principle's ``rlcd`` mapping, both required."""
 _ROLES = ("system", "user", "assistant")
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TAG = "tag:yaml.org,2002:"
@@ -130,8 +137,19 @@ class _Parser:
 
     # -- constitution parts --------------------------------------------------------------------
 
-    def principles(self, node: Node, list_name: str, fields: tuple[str, ...]) -> dict[str, dict[str, str]]:
-        """Principles as ``{id: {field: text}}`` in file order, checking ids are unique."""
+    def principles(
+        self,
+        node: Node,
+        list_name: str,
+        fields: tuple[str, ...],
+        optional: dict[str, Callable[[Node, str], Any]] | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Principles as ``{id: {field: value}}`` in file order, checking ids are unique.
+
+        ``fields`` are required text; ``optional`` maps each optional key to the method that reads
+        its value (given the value node and the words naming it), and a key left out is absent.
+        """
+        optional = optional or {}
         out: dict[str, dict[str, str]] = {}
         id_lines: dict[str, int] = {}
         for i, item in enumerate(self.items(node, list_name, allow_empty=False)):
@@ -147,9 +165,18 @@ class _Parser:
                     problem = f"reuses an id first given on line {id_lines[pid]}; ids must be unique"
                     raise self.fail(id_node, entry, problem)
                 id_lines[pid] = id_node.start_mark.line + 1
-            self.check_keys(pairs, item, entry, ("id", *fields), ("id", *fields))
+            self.check_keys(pairs, item, entry, ("id", *fields, *optional), ("id", *fields))
             out[pid] = {f: self.text(pairs[f][1], f"{entry} field '{f}'") for f in fields}
+            out[pid].update({key: read(pairs[key][1], f"{entry} field '{key}'")
+                             for key, read in optional.items() if key in pairs})
         return out
+
+    def rlcd(self, node: Node, where: str) -> RlcdStatements:
+        """A feedback principle's ``rlcd`` mapping: both statements, as text."""
+        pairs = self.pairs(node, where)
+        self.check_keys(pairs, node, where, RLCD_KEYS, RLCD_KEYS)
+        field = where.removesuffix("'")  # "... field 'rlcd" + ".follow'"
+        return RlcdStatements(**{k: self.text(pairs[k][1], f"{field}.{k}'") for k in RLCD_KEYS})
 
     def conversation(self, node: Node, entry: str) -> list[dict[str, str]]:
         """A non-empty chat in the HF format whose last message is the user's."""
@@ -179,7 +206,7 @@ class _Parser:
         entry: str,
         fields: tuple[str, ...],
         principle_fields: tuple[str, ...],
-        principles: dict[str, dict[str, str]],
+        principles: dict[str, dict[str, Any]],
         principle_list: str,
     ) -> dict[str, Any]:
         """One example as a dict of field values, with ``principle: <id>`` expanded to its text."""
@@ -199,7 +226,7 @@ class _Parser:
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 problem = f"refers to '{ref}', which is not an id in {principle_list}{hint}"
                 raise self.fail(ref_node, f"{entry} field 'principle'", problem)
-            out.update(principles[ref])
+            out.update({f: principles[ref][f] for f in principle_fields})
         else:
             missing = [f for f in principle_fields if f not in pairs]
             if missing:
@@ -218,7 +245,7 @@ class _Parser:
         key: str,
         fields: tuple[str, ...],
         principle_fields: tuple[str, ...],
-        principles: dict[str, dict[str, str]],
+        principles: dict[str, dict[str, Any]],
         principle_list: str,
     ) -> list[dict[str, Any]]:
         """One (optional) example list; see `example`."""
@@ -249,7 +276,7 @@ class _Parser:
         # Principles first, whatever the key order in the file, so examples can refer to them.
         crit_list, feed_list = "critique_revision_principles", "feedback_principles"
         crit = self.principles(top[crit_list][1], crit_list, ("critique_request", "revision_request"))
-        feed = self.principles(top[feed_list][1], feed_list, ("question",))
+        feed = self.principles(top[feed_list][1], feed_list, ("question",), {"rlcd": self.rlcd})
         cr_ex = self.examples(top, "critique_revision_examples", ("response", "critique", "revision"),
                               ("critique_request", "revision_request"), crit, crit_list)
         fb_ex = self.examples(top, "feedback_examples", ("response_a", "response_b", "answer"),
@@ -340,7 +367,11 @@ def dump_constitution(c: Constitution) -> str:
             {"id": p.id, "critique_request": p.critique_request, "revision_request": p.revision_request}
             for p in c.critique_revision_principles
         ],
-        "feedback_principles": [{"id": p.id, "question": p.question} for p in c.feedback_principles],
+        "feedback_principles": [
+            {"id": p.id, "question": p.question,
+             **({"rlcd": {"follow": p.rlcd.follow, "violate": p.rlcd.violate}} if p.rlcd else {})}
+            for p in c.feedback_principles
+        ],
         "critique_revision_examples": [
             {"conversation": _chat(e.conversation), "response": e.response,
              "critique_request": e.critique_request, "critique": e.critique,
