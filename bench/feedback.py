@@ -59,7 +59,7 @@ def make_pairs(n: int) -> list[dict[str, Any]]:
 @torch.inference_mode()
 def plain_first_option(backend: Any, rendered: str, options: tuple[str, str]) -> float:
     """P(first option) from one forward over ``rendered`` + the options' shared leading tokens."""
-    from cai.stages.label import first_option_probability
+    from cai.judging import first_option_probability
 
     joined = backend.encode([rendered + o for o in options])  # as choice_logprobs tokenises prompt + option
     shared = 0
@@ -123,7 +123,7 @@ def main() -> None:
     backend = HFBackend.from_spec(args.model, batch_size=sizes["batch_size"], dtype="float32", device="cpu")
     constitution = load_constitution("default")
     pairs = make_pairs(sizes["pairs"])
-    config = LabelConfig(chunk_size=len(pairs), principles_per_label=1, swap=True, cot=False, hard=False)
+    config = LabelConfig(chunk_size=len(pairs), principles_per_label=1, swap=True, method="mc", hard=False)
     principle = constitution.feedback_principles[0]
     prompt_tokens = backend.count_tokens(P.choice_chat(constitution, pairs[0]["prompt"], pairs[0]["response_a"],
                                                        pairs[0]["response_b"], principle))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 import sys
 import threading
@@ -14,7 +15,7 @@ import pytest
 from cai.backends.base import Backend
 from cai.backends.http_transport import backoff_delay, parse_retry_after
 from cai.backends.openai_http import OpenAIHTTPBackend, from_config
-from cai.errors import CaiError
+from cai.errors import CaiError, LogprobsUnavailable, NoChoiceInTopLogprobs
 from cai.prompts import CHOICE_OPTIONS
 from cai.types import SamplingParams
 
@@ -127,6 +128,42 @@ def test_chats_need_a_tokenizer_to_render(server):
         assert backend.count_tokens("abcdefgh") == 2  # the chars/4 estimate
 
 
+def listed_tokens(backend: OpenAIHTTPBackend, chat) -> list[str]:
+    """The server's top-20 next tokens after a chat whose last (assistant) message it continues."""
+    body = {"model": "tiny", "messages": chat, "max_tokens": 1, "temperature": 0.0, "logprobs": True,
+            "top_logprobs": 20, "continue_final_message": True, "add_generation_prompt": False}
+    return [e["token"] for e in backend.http.post("/chat/completions", body)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]]
+
+
+def two_readable_tokens(tokenizer, listed: list[str]) -> list[str]:
+    """Two listed tokens that each read as one option: one token alone, and no other listed token starts
+    like them (a random model lists byte fragments and near-duplicates such as "le" and " le")."""
+    def alone(t: str) -> bool:
+        key = t.strip()
+        return (bool(key) and key.isprintable() and "<|" not in t
+                and len(tokenizer(t, add_special_tokens=False)["input_ids"]) == 1
+                and not any(u != t and u.strip() and (u.strip().startswith(key) or key.startswith(u.strip())) for u in listed))
+
+    usable = [t for t in listed if alone(t)]
+    a = usable[0]
+    b = next(t for t in usable[1:] if t.strip()[0] != a.strip()[0])
+    return [a, b]
+
+
+@pytest.mark.parametrize("shared", ["", " ("], ids=["single-tokens", "shared-start"])
+def test_chat_route_scores_equal_the_echo_route(hf, server, shared):
+    """A chat scored on /chat/completions (server-side template, top-20) gives the log-probs that its locally
+    rendered text gets on /completions with echo and token ids, for options that are one token after their shared start."""
+    lead_in = CHATS[1][:-1] + [{"role": "assistant", "content": CHATS[1][-1]["content"] + shared}]
+    with http_backend(server.url) as chat_backend, http_backend(server.url, tokenizer=hf.tokenizer) as echo_backend:
+        assert chat_backend.scores_chats and not chat_backend.can_render_chats and echo_backend.can_render_chats
+        tokens = two_readable_tokens(hf.tokenizer, listed_tokens(chat_backend, lead_in))
+        got = chat_backend.choice_logprobs([CHATS[1]], [shared + t for t in tokens])
+        want = echo_backend.choice_logprobs([hf.render(lead_in)], tokens)
+        assert echo_backend._echo_ok
+    assert got[0] == pytest.approx(want[0], abs=1e-4)
+
+
 # ------------------------------------------------------------------- against scripted servers
 
 def test_requests_go_round_robin_and_carry_the_sampling_settings():
@@ -226,6 +263,71 @@ def test_without_echo_multi_token_options_are_refused(hf):
     with Scripted(no_echo) as srv:
         with pytest.raises(CaiError, match="can't return the log-probs needed for labels.*more than one token"):
             http_backend(srv.url, tokenizer=hf.tokenizer).choice_logprobs(["p"], list(CHOICE_OPTIONS))
+
+
+def chat_top(pairs):
+    """A chat answer whose first token lists ``pairs`` (token, log-prob) as its top candidates."""
+    content = [{"token": pairs[0][0], "logprob": pairs[0][1],
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in pairs]}] if pairs else []
+    return 200, {}, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
+                                  "logprobs": {"content": content}}], "usage": {"prompt_tokens": 30, "completion_tokens": 1}}
+
+
+def judge_chat(tag: str):
+    return [{"role": "user", "content": f"Which is better? {tag}"}, {"role": "assistant", "content": "The answer is:"}]
+
+
+def test_chats_are_scored_on_the_chat_route_from_the_top_20():
+    listed = {"one": [("A", -0.5), (" A", -2.0), ("B", -1.5), ("Q", -4.0)],  # " A" and "A" both start (A)
+              "two": [("B", -0.1), ("Q", -3.0)],  # (A) unlisted: it gets the stand-in
+              "three": [("Q", -0.1), ("R", -2.0)]}  # neither listed: an abstention
+
+    def reply(n, path, body, headers):
+        return chat_top(listed[body["messages"][0]["content"].split()[-1]])
+
+    with Scripted(reply) as srv:
+        backend = http_backend(srv.url, concurrency=3)
+        assert backend.scores_chats and not backend.can_render_chats
+        got = backend.choice_logprobs([judge_chat("one"), judge_chat("two")], list(CHOICE_OPTIONS))
+        with pytest.raises(NoChoiceInTopLogprobs, match=r"^for 1 of 3 prompts \(rows 1\) none of the options") as err:
+            backend.choice_logprobs([judge_chat("one"), judge_chat("three"), judge_chat("two")], list(CHOICE_OPTIONS))
+    assert got[0] == pytest.approx([math.log(math.exp(-0.5) + math.exp(-2.0)), -1.5])
+    assert got[1] == [-3.0 - math.log(2), -0.1]
+    assert err.value.rows == [1] and err.value.scores == [got[0], [-math.inf, -math.inf], got[1]]
+    path, _, body = srv.requests[0]
+    assert path == "/v1/chat/completions"
+    assert body["messages"][-1] == {"role": "assistant", "content": "The answer is: ("}  # the options' shared start
+    assert (body["max_tokens"], body["temperature"], body["logprobs"], body["top_logprobs"]) == (1, 0.0, True, 20)
+    assert body["continue_final_message"] and not body["add_generation_prompt"] and "echo" not in body
+
+
+def test_a_chat_without_an_assistant_lead_in_gets_one_holding_the_shared_start():
+    with Scripted(lambda *a: chat_top([("A", -1.0), ("B", -2.0)])) as srv:
+        got = http_backend(srv.url).choice_logprobs([CHATS[0]], list(CHOICE_OPTIONS))
+    assert got == [[-1.0, -2.0]]
+    assert srv.requests[0][2]["messages"] == [*CHATS[0], {"role": "assistant", "content": " ("}]
+
+
+@pytest.mark.parametrize("logprobs", [None, {"content": []}, {"content": [{"token": "A", "logprob": -1.0, "top_logprobs": []}]}])
+def test_a_chat_server_without_logprobs_says_so_in_one_sentence(logprobs):
+    answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "A"}, "logprobs": logprobs}]}
+    with Scripted(lambda *a: (200, {}, answer)) as srv:
+        with pytest.raises(LogprobsUnavailable) as err:
+            http_backend(srv.url, model="gpt-judge").choice_logprobs([judge_chat("x")], list(CHOICE_OPTIONS))
+    message = str(err.value)
+    assert message.startswith(f"the server at {srv.url} answered /chat/completions with no log-probs")
+    assert "'gpt-judge'" in message and "votes" in message and message.count(". ") == 0 and "\n" not in message
+
+
+def test_a_completions_server_without_any_logprobs_says_so_too():
+    def no_logprobs(n, path, body, headers):
+        if body.get("echo"):
+            return 400, {}, {"error": {"message": "echo is not supported"}}
+        return ok_text("A")
+
+    with Scripted(no_logprobs) as srv:
+        with pytest.raises(LogprobsUnavailable, match="neither prompt log-probs"):
+            http_backend(srv.url).choice_logprobs(["p"], ["A", "B"])
 
 
 # ---------------------------------------------------------------------------- small parts

@@ -12,7 +12,8 @@ from cai.config import LabelConfig
 from cai.constitution import sample_feedback_principles
 from cai.constitution_yaml import load_constitution
 from cai.eval.judge_check import position_bias
-from cai.stages.label import combine_orders, label_pairs, make_pairs, sigmoid
+from cai.judging import sigmoid
+from cai.stages.label import combine_orders, label_pairs, make_pairs
 
 
 def sample_rows():
@@ -82,7 +83,7 @@ def test_cot_reasoning_then_clamped_probabilities(tmp_path, small_constitution):
     pairs, _ = make_pairs(sample_rows(), "consecutive")
     fake = FakeBackend(respond=lambda text, seed: "The safe one avoids harm. The answer is: (A)",
                        score=slot_scorer(gap=4.0))
-    rows = label_pairs(pairs, constitution=constitution, backend=fake, config=LabelConfig(cot=True, chunk_size=2),
+    rows = label_pairs(pairs, constitution=constitution, backend=fake, config=LabelConfig(method="mc-cot", chunk_size=2),
                        out_path=tmp_path / "c.jsonl", show_progress=False)
     assert rows[0]["p_a"] == pytest.approx(0.6, abs=1e-6) and rows[1]["p_a"] == pytest.approx(0.4, abs=1e-6)
     entry = rows[0]["per_principle"][0]

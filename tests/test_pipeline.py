@@ -63,7 +63,7 @@ def test_whole_run_artifacts(tiny_run):
     check = results["judge_check"]
     assert check["all"]["pairs"] == 12 and 0 <= check["all"]["ci"][0] <= check["all"]["agreement"] <= check["all"]["ci"][1]
     judged = read_jsonl(run / "eval" / "judge_gold.jsonl")
-    assert all(set(e["p_first"]) == {"ab", "ba"} for r in judged for e in r["per_principle"]) and not any(r["cot"] for r in judged)
+    assert all(set(e["p_first"]) == {"ab", "ba"} for r in judged for e in r["per_principle"]) and all(r["method"] == "mc" for r in judged)
     assert [c["round"] for c in results["judged_revision_curve"]] == [1, 2][: len(results["judged_revision_curve"])]
     text = (run / "eval" / "results.md").read_text()
     assert text.index("## Verdict") < text.index("## Gold pairs") < text.index("## AI-judged")

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from cai import __version__
@@ -27,6 +28,7 @@ from cai.data import PromptRow, load_prompts, show_prompts
 from cai.data.gold import load_gold_pairs, stratified
 from cai.errors import CaiError
 from cai.eval.mc import load_mc_file, mc_eval, mc_tables
+from cai.eval.verdict import fmt_ci
 from cai.export import check_export_type, export_gguf
 from cai.io import write_json_atomic, write_text_atomic
 from cai.pipeline import run_all, run_stage
@@ -34,6 +36,7 @@ from cai.progress import progress_bar
 from cai.report.html import write_report
 from cai.runs import get_stage, library_versions, merge_stage, stage_status
 from cai.sharding import parse_shard
+from cai.stages.label import judge_check_table
 from cai.types import SamplingParams
 
 app = typer.Typer(
@@ -170,12 +173,21 @@ def _run_and_summarise(cfg, from_stage: str | None) -> None:
     peak = max((r for r in rows if r["peak_rss_gb"]), key=lambda r: r["peak_rss_gb"], default=None)
     where = f", peak memory {peak['peak_rss_gb']} GB ({peak['stage']})" if peak else ""
     out.print(_status_table(f"run '{cfg.name}' finished in {time.time() - started:.0f} s{where}", rows))
+    labels = next((r["counts"] for r in rows if r["stage"] == "label"), None) or {}
+    if labels.get("gold_agreement_ci"):
+        agreement = fmt_ci(labels["gold_agreement"], labels["gold_agreement_ci"], percent=True)
+        out.print(f"labels: method {labels.get('method')} agrees with the human gold labels on {agreement} of "
+                  f"{labels.get('gold_pairs_checked')} dev pairs" + (
+                      "" if labels.get("labels_carry_signal") else
+                      ", which includes chance: the labels carry no signal, so the PM and RL stages learned from noise"))
+    elif labels.get("method"):
+        out.print(f"labels: method {labels['method']}"
+                  + (" (no judge: preferred by construction)" if labels["method"] == "rlcd" else
+                     "; its agreement with human labels was not measured (label.gold_check is 0)"))
     out.print(f"report: {report}")
 
 
-def _status_table(title: str, rows: list[dict]):
-    from rich.table import Table
-
+def _status_table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
     for column in ("stage", "status", "attempts", "seconds", "peak GB", "counts"):
         table.add_column(column)
@@ -339,6 +351,45 @@ def mc_eval_command(
     if output is not None:
         write_json_atomic(output, [{**r.summary(), "rows": r.rows} for r in results])
         out.print(f"results written to {output}")
+
+
+@app.command("judge-check")
+def judge_check(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    split: Annotated[str, typer.Option(help="Gold pairs to check on: dev (what auto chooses on), test or all.")] = "dev",
+    limit: Annotated[Optional[int], typer.Option(help="At most N pairs, spread over kinds (default: label.gold_check).")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: label.auto_methods), e.g. mc,votes.")] = None,
+) -> None:
+    """Each judging method's agreement with the human gold pairs, to choose a feedback model before a long run."""
+    chosen = [m.strip() for m in methods.split(",")] if methods else None
+    unknown = [m for m in chosen or [] if m not in ("mc", "mc-cot", "votes")]
+    if unknown:
+        raise CaiError(f"--methods: unknown method {unknown[0]!r}; choose from mc, mc-cot, votes")
+    result = judge_check_table(_run_config(config, set_), split=split, limit=limit, methods=chosen)
+    out.print(_method_table(result))
+    best = result["best"]
+    if best is None:
+        out.print("no method could run on this feedback model")
+    else:
+        low = result["methods"][best]["all"]["ci"][0]
+        out.print(f"best: {best}" + ("" if low > 0.5 else " -- but no method clears chance: its labels would carry no signal"))
+
+
+def _method_table(result: dict) -> Table:
+    table = Table(title=f"judging methods of {result['model']} on {result['pairs']} {result['split']} gold pairs")
+    kinds = ["all", "harmful", "evasive", "unhelpful", "helpfulness"]
+    for column in ["method", *kinds, "position bias", "trusted"]:
+        table.add_column(column)
+    for method, row in result["methods"].items():
+        if "unsupported" in row:
+            table.add_row(method, f"cannot run: {row['unsupported']}")
+            continue
+        cells = [fmt_ci(row[k]["agreement"], row[k]["ci"], percent=True) + f" (n={row[k]['pairs']})" if k in row else "-"
+                 for k in kinds]
+        table.add_row(method, *cells, f"{row['position_bias']:+.2f}" if row["position_bias"] is not None else "-",
+                      "yes" if row["trusted"] else "no")
+    return table
 
 
 @app.command()

@@ -48,6 +48,9 @@ class ModelConfig(Strict):
     concurrency: StrictInt = Field(8, ge=1, description="http backend: requests in flight.")
     timeout_s: float = Field(60.0, gt=0, description="http backend: seconds per request.")
     max_retries: StrictInt = Field(5, ge=0, description="http backend: retries on 429/5xx/connection errors.")
+    cache_dir: str | None = Field(
+        None, description=("http backend: folder keeping every server answer by request (path and body, never the key), "
+                           "so a rerun sends nothing twice; null = no cache."))
     tensor_parallel: StrictInt = Field(1, ge=1, description="vllm backend: GPUs per model.")
 
     @model_validator(mode="after")
@@ -209,19 +212,44 @@ class SampleConfig(Strict):
         description="Helpfulness prompts whose pairs are labelled under the helpfulness question; null to skip.",
     )
     k: StrictInt = Field(2, ge=2, description="Responses per prompt.")
+    rlcd: bool = Field(
+        False, description=("RLCD contrast pairs (for label.method=rlcd): each red-team prompt gets one answer under a "
+                            "system turn with a feedback principle's 'follow' statement and one under its 'violate' "
+                            "statement (the constitution's rlcd pairs), the first preferred by construction; needs k=2. "
+                            "Helpfulness prompts are sampled as usual."))
     sampling: SamplingConfig = _sampling("Sampling of the K answers (needs temperature > 0 to differ).", max_new_tokens=128, temperature=1.0, top_p=0.95)
     chunk_size: StrictInt = Field(16, ge=1, description="Prompts sampled together and then written; a crash loses at most one chunk.")
 
+    @model_validator(mode="after")
+    def _rlcd_is_a_pair(self) -> "SampleConfig":
+        if self.rlcd and self.k != 2:
+            raise ValueError(f"{{key}}.rlcd samples exactly two answers per prompt (one per statement), so "
+                             f"{{key}}.k must be 2, not {self.k}")
+        return self
+
+
+LabelMethod = Literal["auto", "mc", "mc-cot", "votes", "rlcd"]
+
 
 class LabelConfig(Strict):
-    """``cai label``: soft AI preference labels from multiple-choice log-probabilities."""
+    """``cai label``: soft AI preference labels for the sampled pairs, by a judging method (`cai.judging`)."""
 
     feedback_model: ModelConfig | None = Field(None, description="Feedback model; null = the run's starting model.")
     pairing: Literal["consecutive", "all"] = Field("consecutive", description="Which response pairs to label per prompt.")
     principles_per_label: StrictInt = Field(1, ge=1, description="Ensemble size: principles drawn and averaged per pair.")
     swap: bool = Field(True, description="Ask in both orders (A,B) and (B,A) and average, cancelling position bias.")
-    cot: bool = Field(False, description="Chain of thought: reason first, then read the answer's probabilities.")
-    clamp: tuple[float, float] = Field((0.4, 0.6), description="CoT probabilities are clamped to this band.")
+    method: LabelMethod = Field(
+        "auto", description=("How the feedback model's preference is read: 'mc' = (A)/(B) log-probabilities; 'mc-cot' = "
+                             "the same after a chain of thought; 'votes' = sampled written verdicts, for servers without "
+                             "log-probs; 'rlcd' = no judge, pairs preferred by construction (needs sample.rlcd); "
+                             "'auto' = measure mc, mc-cot and votes on gold_check dev pairs and use the best."))
+    auto_methods: list[Literal["mc", "mc-cot", "votes"]] = Field(
+        default_factory=lambda: ["mc", "mc-cot", "votes"], min_length=1,
+        description="The methods 'auto' measures (those the backend can run), cheapest first on a tie.")
+    clamp: tuple[float, float] = Field((0.4, 0.6), description="mc-cot probabilities are clamped to this band.")
+    votes: StrictInt = Field(5, ge=1, description="votes: verdicts sampled per question and order.")
+    vote_cot: bool = Field(False, description="votes: each verdict follows a chain of thought of its own.")
+    vote_sampling: SamplingConfig = _sampling("votes: sampling of each written verdict.", max_new_tokens=8, temperature=0.7)
     hard: bool = Field(False, description="Round labels to 0/1.")
     cot_sampling: SamplingConfig = _sampling("Sampling of the chain-of-thought reasoning.", max_new_tokens=96, temperature=0.0)
     prompt_format: Literal["auto", "chat", "text"] = Field(
@@ -233,7 +261,8 @@ class LabelConfig(Strict):
     )
     chunk_size: StrictInt = Field(16, ge=1, description="Pairs labelled together and then written; a crash loses at most one chunk.")
     gold_check: StrictInt = Field(
-        32, ge=0, description="Before labelling, check the feedback model on this many gold dev pairs by the same procedure (0 = skip)."
+        32, ge=0, description=("Before labelling, check the feedback model on this many gold dev pairs by the same "
+                               "procedure; 'auto' measures every method on them (0 = skip; 'auto' then uses mc).")
     )
 
 
@@ -438,6 +467,9 @@ class EvalConfig(Strict):
     helpfulness: PromptSetConfig = Field(default_factory=lambda: PromptSetConfig(source="helpfulness", split="test", limit=32),
                                          description="Held-out helpfulness prompts every model answers.")
     judge: ModelConfig | None = Field(None, description="Judge model; null = the feedback model (label.feedback_model, else model).")
+    judge_methods: Literal["all", "used"] = Field(
+        "all", description=("Check the judge on the test gold pairs by every method of label.auto_methods ('all', the "
+                            "report's method table) or only by the one the run labelled with ('used', cheaper)."))
     sampling: SamplingConfig = _sampling("Sampling of the models' answers (greedy by default).", max_new_tokens=96, temperature=0.0)
     bootstrap: StrictInt = Field(200, ge=0, description="Bootstrap resamples for the Elo intervals.")
     transcripts: StrictInt = Field(6, ge=0, description="Sample transcripts (prompt -> critique -> revision -> RL answer) for the report.")

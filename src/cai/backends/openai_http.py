@@ -21,6 +21,12 @@ OpenAI API). Pass ``tokenizer`` and the prompt is sent as token ids, so the resu
 `HFBackend.choice_logprobs` computes; without it the text is sent and the option's tokens are found
 by their character offsets. Servers that refuse ``echo`` (llama.cpp) still work when every option is
 a single token: its log-prob is read from the top-20 candidates for the next token.
+
+A chat prompt (in ``mode="chat"``) is scored on ``/chat/completions`` instead, where the server
+applies its own template and nothing needs rendering here: one token is asked for with
+``logprobs=true, top_logprobs=20`` after the chat continued by the options' shared start, and each
+option is read off those 20 candidates (`cai.backends.top_logprobs`). This is what OpenAI's API,
+most hosted gateways, vLLM's chat route and llama.cpp's server offer.
 """
 
 from __future__ import annotations
@@ -31,14 +37,16 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, cut_at_stop, encode_rendered, render_with_template, seeds_per_row
 from cai.backends.http_transport import HTTPRequestError, HTTPTransport
-from cai.errors import CaiError
+from cai.backends.top_logprobs import fill_absent, fold_common_prefix, read_options
+from cai.errors import CaiError, LogprobsUnavailable, NoChoiceInTopLogprobs
 from cai.models import resolve_model_path
-from cai.types import SamplingParams
+from cai.types import Chat, SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-TOP_LOGPROBS_FALLBACK = 20
+TOP_LOGPROBS = 20
+"""Next-token candidates asked for where options are read off them: the most OpenAI and vLLM allow."""
 
 
 def _load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
@@ -77,6 +85,12 @@ class OpenAIHTTPBackend:
     The connection arguments (``base_urls``, ``api_key_env``, ``concurrency``, ``timeout_s`` and the
     retry ones) go to `HTTPTransport` as they are.
 
+    Attributes:
+        can_render_chats: whether `render` works on chats (a local tokenizer with a chat template).
+        scores_chats: whether `choice_logprobs` takes chats: in ``chat`` mode they are scored on
+            ``/chat/completions`` from the top-20 next tokens; in ``completion`` mode they are
+            rendered here (needs ``can_render_chats``) and scored on ``/completions``.
+
     Raises:
         CaiError: ``httpx`` is missing, or an argument is out of range.
     """
@@ -111,6 +125,8 @@ class OpenAIHTTPBackend:
         self.context_length = context_length
         template = self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None) is not None
         self.has_chat_template = mode == "chat" or template
+        self.can_render_chats = template
+        self.scores_chats = mode == "chat" or template
         self._echo_ok: bool | None = None  # learnt on the first choice_logprobs call
 
     def __repr__(self) -> str:
@@ -217,12 +233,26 @@ class OpenAIHTTPBackend:
 
     # ---------------------------------------------------------------------- choice scoring
 
-    def choice_logprobs(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
-        """``result[i][j]`` = log P(options[j] | prompts[i]), exact, from the server's echoed prompt log-probs.
+    def choice_logprobs(self, prompts: Sequence[Prompt], options: Sequence[str]) -> list[list[float]]:
+        """``result[i][j]`` = log P(options[j] | prompts[i]), by the best route the server offers.
+
+        - A string goes to ``/completions``: exact, from the server's echoed prompt log-probs, or,
+          where the server refuses ``echo``, read off its top-20 next tokens (single-token options).
+        - A chat in ``chat`` mode goes to ``/chat/completions`` (`_chat_scores`): the options'
+          shared start continues the chat's final assistant message (or opens one), one token is
+          asked for with its top-20 candidates, and each option's log-prob is that of the first
+          token of what is left of it (`cai.backends.top_logprobs`). An option missing from the
+          top-20 while another is listed gets a stand-in below every listed log-prob (the smallest
+          minus log 2, `fill_absent`): an upper bound, not a measurement.
+        - A chat in ``completion`` mode is rendered with the local tokenizer and goes as a string.
 
         Raises:
-            CaiError: the server returns no prompt log-probs and the options are not all single
-                tokens among its top-20 next-token candidates, or a request failed.
+            NoChoiceInTopLogprobs: for some chats no option was among the top-20; raised after all
+                prompts are scored, with the whole result (``-inf`` for those chats' options).
+            LogprobsUnavailable: the server answered a chat with no log-probs at all (judge by votes).
+            CaiError: the options are empty or can't be told apart by one token; the server returns
+                no prompt log-probs and the options are not all single tokens among its top-20; or a
+                request failed.
         """
         if not prompts:
             return []
@@ -231,21 +261,75 @@ class OpenAIHTTPBackend:
         for j, option in enumerate(options):
             if not option:
                 raise CaiError(f"option {j} ({option!r}) is empty")
+        if self.mode == "completion":
+            prompts = [self.render(p) for p in prompts]
+        texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+        chats = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        result: list[list[float]] = [[] for _ in prompts]
+        if texts:
+            for i, row in zip(texts, self._text_scores([prompts[i] for i in texts], options, texts)):
+                result[i] = row
+        if chats:
+            abstained = []
+            for i, row in zip(chats, self._chat_scores([prompts[i] for i in chats], options)):
+                if row is None:
+                    abstained.append(i)
+                    row = [-math.inf] * len(options)
+                result[i] = row
+            if abstained:
+                shown = ", ".join(map(str, abstained[:10])) + (", ..." if len(abstained) > 10 else "")
+                raise NoChoiceInTopLogprobs(
+                    f"for {len(abstained)} of {len(prompts)} prompts (rows {shown}) none of the options "
+                    f"{', '.join(map(repr, options))} was among the server's top-{TOP_LOGPROBS} next tokens, "
+                    "so those prompts are abstentions", result, abstained)
+        return result
+
+    def _text_scores(self, prompts: Sequence[str], options: Sequence[str], rows: Sequence[int]) -> list[list[float]]:
+        """Scores of plain-text prompts on ``/completions`` (``rows``: their indices in the caller's list)."""
         if self._echo_ok is not False:
             try:
-                first = self._echo_score(prompts[0], options[0], 0, 0)
+                first = self._echo_score(prompts[0], options[0], rows[0], 0)
                 self._echo_ok = True
             except _EchoRefused:
                 self._echo_ok = False
             else:
                 pairs = [(i, j) for i in range(len(prompts)) for j in range(len(options))][1:]
-                scores = self.http.run_all([lambda i=i, j=j: self._echo_score(prompts[i], options[j], i, j) for i, j in pairs])
+                scores = self.http.run_all(
+                    [lambda i=i, j=j: self._echo_score(prompts[i], options[j], rows[i], j) for i, j in pairs])
                 result = [[0.0] * len(options) for _ in prompts]
                 result[0][0] = first
                 for (i, j), score in zip(pairs, scores):
                     result[i][j] = score
                 return result
         return self._top_logprobs_scores(prompts, options)
+
+    def _chat_scores(self, chats: Sequence[Chat], options: Sequence[str]) -> list[list[float] | None]:
+        """Each chat's option log-probs from ``/chat/completions``'s top-20 next tokens; None where none is listed."""
+        prefix, remainders = fold_common_prefix(options)
+
+        def score(chat: Chat) -> list[float] | None:
+            if not chat:
+                raise CaiError("a chat prompt has no messages")
+            messages = [{"role": m["role"], "content": m["content"]} for m in chat]
+            if messages[-1]["role"] == "assistant":
+                messages[-1]["content"] += prefix
+            elif prefix:
+                messages.append({"role": "assistant", "content": prefix})
+            body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0.0,
+                                    "logprobs": True, "top_logprobs": TOP_LOGPROBS}
+            if messages[-1]["role"] == "assistant":
+                body["continue_final_message"] = True
+                body["add_generation_prompt"] = False
+            top = _chat_top_logprobs(self.http.post("/chat/completions", body))
+            if not top:
+                raise LogprobsUnavailable(
+                    f"the server at {', '.join(self.base_urls)} answered /chat/completions with no log-probs "
+                    f"(asked for logprobs=true, top_logprobs={TOP_LOGPROBS}), so '{self.model}' can't score "
+                    "answers there; judge it by sampled votes instead")
+            scores = read_options(top, remainders)
+            return None if all(s is None for s in scores) else fill_absent(scores, top)
+
+        return self.http.run_all([lambda c=c: score(c) for c in chats])
 
     def _echo_score(self, prompt: str, option: str, i: int, j: int) -> float:
         """log P(option | prompt) from one ``echo=true`` request over prompt + option."""
@@ -299,16 +383,20 @@ class OpenAIHTTPBackend:
 
         def score(prompt: str) -> list[float]:
             body = {"model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
-                    "logprobs": TOP_LOGPROBS_FALLBACK}
+                    "logprobs": TOP_LOGPROBS}
             if self.tokenizer is not None:
                 body["prompt"] = self._encode(prompt)
             logprobs = _first_choice(self.http.post("/completions", body)).get("logprobs") or {}
             top = (logprobs.get("top_logprobs") or [None])[0] or {}
+            if not top:
+                raise LogprobsUnavailable(
+                    f"the server at {', '.join(self.base_urls)} answered /completions with neither prompt log-probs "
+                    f"(echo) nor top log-probs, so '{self.model}' can't score answers there; judge it by sampled votes instead")
             missing = [o for o in options if o not in top]
             if missing:
                 raise CaiError(
                     f"the server can't return the log-probs needed for labels: it gives no prompt log-probs (echo), "
-                    f"and option {missing[0]!r} is not among its top-{TOP_LOGPROBS_FALLBACK} next tokens (it may be "
+                    f"and option {missing[0]!r} is not among its top-{TOP_LOGPROBS} next tokens (it may be "
                     "more than one token); use a server that supports echo=true with logprobs, e.g. vLLM"
                 )
             return [float(top[o]) for o in options]
@@ -318,6 +406,15 @@ class OpenAIHTTPBackend:
 
 class _EchoRefused(CaiError):
     """The server won't return log-probs of prompt tokens; switch to the top-logprobs fallback."""
+
+
+def _chat_top_logprobs(answer: dict[str, Any]) -> list[tuple[str, float]]:
+    """The ``(token, log-prob)`` candidates listed for a chat answer's first token; empty when none came."""
+    logprobs = _first_choice(answer).get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    first = content[0] if isinstance(content, list) and content and isinstance(content[0], dict) else {}
+    return [(str(e["token"]), float(e["logprob"])) for e in first.get("top_logprobs") or []
+            if isinstance(e, dict) and "token" in e and isinstance(e.get("logprob"), (int, float))]
 
 
 def _first_choice(answer: dict[str, Any]) -> dict[str, Any]:

@@ -36,8 +36,9 @@ from cai.eval.mc import load_mc_file, mc_eval
 from cai.eval.verdict import fmt_ci, verdict
 from cai.io import JsonlWriter, read_jsonl, write_json_atomic, write_text_atomic
 from cai.progress import progress_bar
-from cai.runs import RL_STAGES, StageRun, is_done, stage_dir
-from cai.stages.label import check_judge, label_pairs
+from cai.judging import JUDGE_METHODS
+from cai.runs import RL_STAGES, StageRun, is_done, read_manifest, stage_dir
+from cai.stages.label import best_method, label_pairs, measure_methods, method_table
 from cai.train.pm import RewardScorer
 
 
@@ -245,11 +246,19 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
     gold_scores = G.score_models(models, stratified(gold, ecfg.gold_limit), out / "gold_scores.jsonl",
                                  device=cfg.model.device, show_progress=show_progress)
     judge = load_backend(ecfg.judge or cfg.label.feedback_model or cfg.model)
-    plain = plain_judging(cfg.label)
-    # The judge is checked on the gold pairs first, by exactly the procedure it then judges with.
-    judge_check = check_judge(stratified(gold, ecfg.judge_gold_limit), constitution=constitution, backend=judge,
-                              config=plain, out_path=out / "judge_gold.jsonl", seed=cfg.seed,
-                              show_progress=show_progress)
+    # The judge is checked on the gold pairs first, by exactly the procedure it then judges with:
+    # every judging method when asked, so the report can set them side by side.
+    used = run_judge_method(cfg)
+    methods = list(dict.fromkeys([*([used] if used else []), *(cfg.label.auto_methods if ecfg.judge_methods == "all" else [])]))
+    table = measure_methods(stratified(gold, ecfg.judge_gold_limit), methods or list(cfg.label.auto_methods),
+                            constitution=constitution, backend=judge, config=plain_judging(cfg.label), folder=out,
+                            seed=cfg.seed, show_progress=show_progress)
+    method = used if used in table and "all" in table[used] else best_method(table)
+    if method is None:
+        raise CaiError("eval: no judging method can run on this judge: "
+                       + "; ".join(f"{m}: {r.get('unsupported')}" for m, r in table.items()))
+    judge_check = table[method]
+    plain = plain_judging(cfg.label, method)
     curve_traces = traces[: ecfg.revision_curve_traces]
     judged_curve = judged_revision_curve(curve_traces, constitution=constitution, judge=judge, label_config=plain,
                                          out_path=out / "revision_judgements.jsonl", seed=cfg.seed,
@@ -259,7 +268,9 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
     results: dict[str, Any] = {"models": list(models), "model_specs": models,
                                "judge": f"the judge ({(ecfg.judge or cfg.label.feedback_model or cfg.model).name})",
                                "gold": gold_results(gold_scores, ecfg.bootstrap * 5, cfg.seed),
-                               "judge_check": judge_check,
+                               "judge_check": judge_check, "judge_method": method,
+                               "judge_method_chosen_by": "the label stage" if used else "eval (best on these pairs)",
+                               "judge_methods": method_table(table),
                                "elo": elo_by_axis(judgements, "base", ecfg.bootstrap, cfg.seed)}
     pm_folder = stage_dir(cfg, "pm")
     scorer = None
@@ -314,13 +325,24 @@ def judged_revision_curve(traces: list[dict[str, Any]], *, constitution: Constit
     return [{"round": r, "p_revision_better": round(sum(v) / len(v), 4), "n": len(v)} for r, v in sorted(by_round.items())]
 
 
-def plain_judging(label_config: LabelConfig) -> LabelConfig:
-    """The label settings the judge uses in eval: the same prompts, but never CoT-clamped or hard.
+def plain_judging(label_config: LabelConfig, method: str | None = None) -> LabelConfig:
+    """The label settings the judge uses in eval: the same prompts and method, but never clamped or hard.
 
-    Clamping to 0.4-0.6 (or rounding) is a choice for training labels; a judge's verdict should be
-    read as it comes out, whatever ``label.cot`` and ``label.hard`` say.
+    Clamping mc-cot's probabilities to 0.4-0.6 (or rounding) is a choice for training labels; a
+    judge's verdict should be read as it comes out, whatever ``label.clamp`` and ``label.hard`` say.
     """
-    return label_config.model_copy(update={"cot": False, "hard": False})
+    update: dict[str, Any] = {"clamp": (0.0, 1.0), "hard": False}
+    if method is not None:
+        update["method"] = method
+    return label_config.model_copy(update=update)
+
+
+def run_judge_method(cfg: RunConfig) -> str | None:
+    """The judging method this run labelled with: the label stage's choice, else the one the config names."""
+    chosen = ((read_manifest(stage_dir(cfg, "label")) or {}).get("counts") or {}).get("method")
+    if chosen in JUDGE_METHODS:
+        return chosen
+    return cfg.label.method if cfg.label.method in JUDGE_METHODS else None
 
 
 def _transcripts(traces: list, models: dict[str, str], load: Any, params: Any) -> list[dict[str, Any]]:

@@ -31,15 +31,17 @@ def judge_pairs_from_gold(pairs: Sequence[GoldPair]) -> list[dict[str, Any]]:
 def position_bias(rows: list[dict[str, Any]]) -> float | None:
     """Mean P(first option) - 0.5 over labels asked in both orders (0 = no bias; >0 favours first)."""
     values = [(e["p_first"]["ab"] + e["p_first"]["ba"]) / 2 for r in rows for e in r["per_principle"]
-              if "ab" in e["p_first"] and "ba" in e["p_first"]]
+              if e["p_first"].get("ab") is not None and e["p_first"].get("ba") is not None]
     return round(sum(values) / len(values) - 0.5, 6) if values else None
 
 
 def judge_agreement(labelled: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """How often the judge's soft label favours the gold better answer, overall and by kind.
 
-    A label of exactly 0.5 counts as half a success. Also the judge's position bias (mean P(first
-    slot) - 0.5 over both orders) and its mean confidence.
+    A label of exactly 0.5 counts as half a success, and so does a pair the judge abstained on (it
+    named neither answer): an abstention is a coin flip's worth, never a guess. Also the judge's
+    position bias (mean P(first slot) - 0.5 over both orders), its mean confidence over the pairs
+    it answered, and the number of abstentions.
     """
 
     def agree(r: dict[str, Any]) -> float:
@@ -57,5 +59,7 @@ def judge_agreement(labelled: Sequence[dict[str, Any]]) -> dict[str, Any]:
     total = out.get("all", {})
     out["trusted"] = bool(total) and total["ci"][0] > 0.5
     out["position_bias"] = position_bias(list(labelled))
-    out["mean_confidence"] = (sum(max(r["p_a"], 1 - r["p_a"]) for r in labelled) / len(labelled)) if labelled else None
+    answered = [r for r in labelled if not r.get("abstained")]
+    out["mean_confidence"] = (sum(max(r["p_a"], 1 - r["p_a"]) for r in answered) / len(answered)) if answered else None
+    out["abstentions"] = len(labelled) - len(answered)
     return out

@@ -22,7 +22,8 @@ from cai import prompts as P
 from cai.backends.base import Backend
 from cai.constitution import Constitution, FeedbackPrinciple
 from cai.errors import CaiError
-from cai.stages.label import combine_orders, first_option_probability, sigmoid
+from cai.judging import first_option_probability, sigmoid
+from cai.stages.label import combine_orders
 from cai.stats import wilson_interval
 from cai.types import SamplingParams
 

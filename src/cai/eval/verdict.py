@@ -99,6 +99,8 @@ def verdict(results: dict[str, Any], *, judge_name: str = "the judge") -> list[s
                          f"{'; '.join(parts)}).")
     check = results.get("judge_check") or {}
     total = check.get("all")
+    if results.get("judge_method"):
+        judge_name = f"{judge_name}, judging by {results['judge_method']},"
     if total:
         agreement = fmt_ci(total["agreement"], total["ci"], percent=True)
         if check.get("trusted"):

@@ -190,14 +190,36 @@ def _evidence_section(results: dict[str, Any]) -> list[str]:
                               "accuracy": fmt_ci(r["accuracy"], r["accuracy_ci"], percent=True),
                               "margin": fmt_ci(r["margin"], r["margin_ci"], sign=True)}
                              for m, rows in gold["summary"].items() for r in rows]))
+    methods = results.get("judge_methods") or {}
     check = results.get("judge_check") or {}
-    if check.get("all"):
+    if methods:
+        used = results.get("judge_method")
+        parts.append("<h2>Judge check</h2><p class='sub'>The judge labels the test gold pairs by the same procedure "
+                     "as the AI feedback labels (both orders), by each judging method: agreement with the human label "
+                     "by kind (Wilson 95% interval), position bias (mean P(first slot) - 0.5) and mean confidence. "
+                     f"The AI-judged numbers below use <b>{_e(used)}</b>, chosen by {_e(results.get('judge_method_chosen_by', '?'))}.</p>")
+        parts.append(_table([_method_row(m, row, m == used) for m, row in methods.items()]))
+    elif check.get("all"):
         parts.append("<h2>Judge check</h2><p class='sub'>The judge labels the gold pairs by the same procedure as "
                      "the AI feedback labels (both orders, (A)/(B) log-probabilities): agreement with the human label, "
                      "Wilson 95% interval.</p>")
         parts.append(_table([{"group": g, "pairs": v["pairs"], "agreement": fmt_ci(v["agreement"], v["ci"], percent=True)}
                              for g, v in check.items() if isinstance(v, dict)]))
     return parts
+
+
+def _method_row(method: str, row: dict[str, Any], used: bool) -> dict[str, Any]:
+    """One judging method's line of the judge check: agreement by kind, position bias, confidence."""
+    if "unsupported" in row:
+        return {"method": method, "all": f"cannot run: {row['unsupported']}"}
+    kinds = ("all", "harmful", "evasive", "unhelpful", "helpfulness")
+    cells = {k: f"{fmt_ci(row[k]['agreement'], row[k]['ci'], percent=True)} (n={row[k]['pairs']})" if k in row else "-"
+             for k in kinds}
+    bias, confidence = row.get("position_bias"), row.get("mean_confidence")
+    return {"method": method + (" (used)" if used else ""), **cells,
+            "position bias": "-" if bias is None else f"{bias:+.2f}",
+            "mean confidence": "-" if confidence is None else f"{confidence:.2f}",
+            "clears chance": "yes" if row.get("trusted") else "no"}
 
 
 def _ai_judged_section(results: dict[str, Any]) -> list[str]:

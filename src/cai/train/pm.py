@@ -113,9 +113,10 @@ class RewardScorer:
 
 
 def pairs_from_labels(rows: list[dict[str, Any]]) -> list[Pair]:
-    """Pairs from the label stage's ``data.jsonl`` rows (AI labels)."""
+    """Pairs from the label stage's ``data.jsonl`` rows (AI labels); a pair the judge abstained on trains nothing."""
     return [Pair(r["prompt"], r["response_a"], r["response_b"], float(r["p_a"]), r.get("source_id", r["id"]),
-                 "helpfulness" if r.get("set") == "helpfulness" else "harmlessness") for r in rows]
+                 "helpfulness" if r.get("set") == "helpfulness" else "harmlessness") for r in rows
+            if not r.get("abstained")]
 
 
 def pairs_from_human_comparisons(source: str) -> list[Pair]:
