@@ -238,6 +238,21 @@ def rewrite_text(conversation: Chat, response: str, principle: CritiquePrinciple
     return f"System: {system}\n\n{format_conversation(turns)}\n\nAssistant:{' ' + lead if lead else ''}"
 
 
+# --------------------------------------------------------------------------- RLCD contrast answers
+
+
+def contrast_chat(conversation: Chat, statement: str) -> Chat:
+    """``conversation`` with an RLCD statement (`cai.constitution.RlcdStatements`) as its system turn.
+
+    The model answers the user's conversation as usual, under an instruction to follow (or to
+    violate) a principle. A system turn the conversation already has is kept, after the statement.
+    """
+    if conversation and conversation[0]["role"] == "system":
+        first = _msg("system", f"{statement}\n\n{conversation[0]['content']}")
+        return [first, *conversation[1:]]
+    return [_msg("system", statement), *conversation]
+
+
 # --------------------------------------------------------------------------- AI feedback
 
 
