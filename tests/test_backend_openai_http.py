@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from cai.backends.base import Backend
-from cai.backends.http_transport import backoff_delay, parse_retry_after
+from cai.backends.http_transport import backoff_delay, cache_key, parse_retry_after
 from cai.backends.openai_http import OpenAIHTTPBackend, from_config
 from cai.errors import CaiError, LogprobsUnavailable, NoChoiceInTopLogprobs
 from cai.prompts import CHOICE_OPTIONS
@@ -328,6 +328,55 @@ def test_a_completions_server_without_any_logprobs_says_so_too():
     with Scripted(no_logprobs) as srv:
         with pytest.raises(LogprobsUnavailable, match="neither prompt log-probs"):
             http_backend(srv.url).choice_logprobs(["p"], ["A", "B"])
+
+
+def answer_by_request(n, path, body, headers):
+    """Answers that depend only on the request, with token usage."""
+    if path.endswith("/chat/completions"):
+        return chat_top([("A", -1.0), ("B", -2.0)])
+    return 200, {}, {"choices": [{"index": 0, "text": f"re {body['prompt']}"}],
+                     "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+
+
+def test_a_cached_rerun_sends_nothing_and_answers_the_same(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAI_TEST_KEY", "sk-cache-secret")
+    params = SamplingParams(max_new_tokens=4)
+    with Scripted(answer_by_request) as first:
+        backend = http_backend(first.url, cache_dir=tmp_path, api_key_env="CAI_TEST_KEY")
+        texts = backend.generate(["a", "b", "c"], params)
+        scores = backend.choice_logprobs([judge_chat("one")], list(CHOICE_OPTIONS))
+        assert backend.usage == {"requests": 4, "cache_hits": 0, "prompt_tokens": 3 * 3 + 30, "completion_tokens": 2 * 3 + 1}
+    monkeypatch.setenv("CAI_TEST_KEY", "sk-another-key")  # neither the key nor the server's URL is part of the cache key
+    with Scripted(answer_by_request) as second:
+        again = from_config(second.url, "tiny", cache_dir=str(tmp_path), api_key_env="CAI_TEST_KEY")
+        assert again.generate(["a", "b", "c"], params) == texts == ["re a", "re b", "re c"]
+        assert again.choice_logprobs([judge_chat("one")], list(CHOICE_OPTIONS)) == scores
+        assert again.usage == {"requests": 0, "cache_hits": 4, "prompt_tokens": 0, "completion_tokens": 0}
+    assert second.requests == []
+    files = sorted((tmp_path / "http_cache").rglob("*.json"))
+    keys = sorted(cache_key(path.removeprefix("/v1"), body) for path, _, body in first.requests)
+    assert [f.stem for f in files] == keys and all(f.parent.name == f.stem[:2] for f in files)
+    for text in [*(f.read_text() for f in files), repr(backend), str(backend.usage), str(vars(backend.http))]:
+        assert "sk-cache-secret" not in text and "sk-another-key" not in text
+
+
+def test_a_5xx_storm_stops_in_one_sentence_and_the_cache_keeps_what_finished(tmp_path):
+    def storm_after_two(n, path, body, headers):
+        return ok_text(f"re {body['prompt']}") if n <= 2 else (503, {}, {"error": {"message": "overloaded"}})
+
+    prompts = ["a", "b", "c", "d"]
+    with Scripted(storm_after_two) as srv:
+        backend = http_backend(srv.url, concurrency=1, max_retries=2, cache_dir=tmp_path)
+        with pytest.raises(CaiError) as err:
+            backend.generate(prompts, SamplingParams())
+    assert str(err.value) == (f"request to {srv.url}/completions failed after 3 attempts; "
+                              "the last error was HTTP 503: overloaded")
+    assert len(list((tmp_path / "http_cache").rglob("*.json"))) == 2
+    with Scripted(answer_by_request) as healthy:
+        rerun = http_backend(healthy.url, concurrency=1, cache_dir=tmp_path)
+        assert rerun.generate(prompts, SamplingParams()) == ["re a", "re b", "re c", "re d"]
+    assert [b["prompt"] for _, _, b in healthy.requests] == ["c", "d"]
+    assert rerun.usage["cache_hits"] == 2
 
 
 # ---------------------------------------------------------------------------- small parts

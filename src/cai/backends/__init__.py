@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cai.backends.base import Backend, Prompt
@@ -15,14 +16,20 @@ if TYPE_CHECKING:
 __all__ = ["Backend", "Prompt", "load_backend"]
 
 
-def load_backend(config: ModelConfig) -> Backend:
-    """The backend a model config asks for, with its model loaded."""
+def load_backend(config: ModelConfig, *, cache_dir: str | Path | None = None) -> Backend:
+    """The backend a model config asks for, with its model loaded.
+
+    Args:
+        cache_dir: http backend: where server answers are kept (a stage passes its own folder);
+            it wins over ``config.cache_dir``, so the config (and its hash) need not change.
+    """
     if config.backend == "fake":
         return FakeBackend()
     if config.backend == "http":
         return from_config(config.base_urls, config.name, api_key_env=config.api_key_env, mode=config.http_mode,
                            concurrency=config.concurrency, timeout_s=config.timeout_s,
-                           max_retries=config.max_retries, tokenizer=config.tokenizer)
+                           max_retries=config.max_retries, tokenizer=config.tokenizer,
+                           cache_dir=cache_dir if cache_dir is not None else config.cache_dir)
     if config.backend == "vllm":
         return VLLMBackend.from_spec(config.name, dtype=config.dtype, tensor_parallel=config.tensor_parallel,
                                      trust_remote_code=config.trust_remote_code)

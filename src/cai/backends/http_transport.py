@@ -5,25 +5,48 @@ one ``httpx`` connection pool), spread round-robin over one or more servers. Rat
 server errors (5xx), dropped connections and timeouts are retried with exponential backoff and
 jitter (or the server's ``Retry-After``); any other 4xx means the request itself is wrong, so it
 fails at once with the server's message. `cai.backends.openai_http` builds the request bodies.
+
+With a ``cache_dir``, every answered request is kept on disk under a key made of the endpoint
+path and the JSON body only (never the API key or the server's URL, so servers taken round-robin
+share it): a request answered before, by this run or an earlier one, is not sent again. ``usage``
+counts what was sent and what the servers said it cost.
 """
 
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import itertools
+import json
 import os
 import random
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 from cai.errors import CaiError
+from cai.io import write_json_atomic
 
 RETRY_STATUSES = frozenset({429}) | frozenset(range(500, 600))
 MAX_RETRY_AFTER_S = 120.0
 """A ``Retry-After`` longer than this is cut to it, so a misconfigured server can't stall a run for hours."""
+
+
+USAGE_KEYS = ("requests", "cache_hits", "prompt_tokens", "completion_tokens")
+"""The counters of `HTTPTransport.usage`."""
+
+
+def cache_key(path: str, body: dict[str, Any]) -> str:
+    """The cache key of a request: sha256 of the endpoint path and the body as sorted-key JSON.
+
+    Neither the API key nor the server's URL is part of it, so servers taken round-robin (and a
+    key that changes) share one cache.
+    """
+    text = path + "\n" + json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 class HTTPRequestError(CaiError):
@@ -102,6 +125,9 @@ class HTTPTransport:
         max_retries: retries after the first attempt, for 429, 5xx, connection errors and timeouts.
         backoff_s: delay before the first retry; it doubles after each (with jitter).
         max_backoff_s: longest delay between two retries (unless the server's ``Retry-After`` asks for more).
+        cache_dir: a folder keeping every successful answer (None: no cache). An answer lives in
+            ``<cache_dir>/http_cache/<first 2 hex digits>/<key>.json``, the server's JSON as it
+            came, written atomically; ``key`` is the sha256 of the path and the body (`cache_key`).
 
     Raises:
         CaiError: ``httpx`` is missing, or an argument is out of range.
@@ -117,6 +143,7 @@ class HTTPTransport:
         max_retries: int,
         backoff_s: float,
         max_backoff_s: float,
+        cache_dir: str | Path | None = None,
     ) -> None:
         try:
             import httpx  # an optional dependency (the http extra)
@@ -144,6 +171,36 @@ class HTTPTransport:
         self._turn_lock = threading.Lock()
         self.sleep: Callable[[float], None] = time.sleep
         """How the retries wait; tests replace it to record the delays."""
+        self.cache_dir = None if cache_dir is None else Path(cache_dir) / "http_cache"
+        self._usage = dict.fromkeys(USAGE_KEYS, 0)
+        self._usage_lock = threading.Lock()
+
+    def usage(self) -> dict[str, int]:
+        """What was sent so far, a copy fit for a manifest.
+
+        Keys: ``requests`` (POSTs sent, retries included), ``cache_hits`` (requests answered from
+        ``cache_dir`` instead), ``prompt_tokens`` and ``completion_tokens`` (summed from the answers'
+        ``usage``, 0 where a server gives none; answers from the cache add nothing).
+        """
+        with self._usage_lock:
+            return dict(self._usage)
+
+    def _count(self, **amounts: int) -> None:
+        with self._usage_lock:
+            for name, amount in amounts.items():
+                self._usage[name] += amount
+
+    def _cached(self, path: str, body: dict[str, Any]) -> tuple[Path | None, dict[str, Any] | None]:
+        """Where this request's answer is kept, and the answer when it was kept before."""
+        if self.cache_dir is None:
+            return None, None
+        key = cache_key(path, body)
+        file = self.cache_dir / key[:2] / f"{key}.json"
+        try:
+            answer = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # not there yet; an unreadable file is asked again and rewritten
+            return file, None
+        return file, answer if isinstance(answer, dict) else None
 
     def close(self) -> None:
         """Close the pooled connections."""
@@ -158,16 +215,21 @@ class HTTPTransport:
             return self.base_urls[next(self._turn) % len(self.base_urls)]
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST ``body`` to ``path`` on the next server, retrying what a retry can fix.
+        """POST ``body`` to ``path`` on the next server, retrying what a retry can fix; the cached answer if kept.
 
         Raises:
             HTTPRequestError: a 4xx other than 429 (no retry).
             CaiError: every attempt failed; names the last URL and error.
         """
+        file, answer = self._cached(path, body)
+        if answer is not None:
+            self._count(cache_hits=1)
+            return answer
         last_error, url = "", ""
         for attempt in range(self.max_retries + 1):
             url = self._next_url() + path
             retry_after = None
+            self._count(requests=1)
             try:
                 response = self._client.post(url, json=body, headers=self._headers())
             except self._httpx.TransportError as err:  # refused, reset, DNS, timeouts
@@ -175,9 +237,11 @@ class HTTPTransport:
             else:
                 if response.status_code < 300:
                     try:
-                        return response.json()
+                        answer = response.json()
                     except ValueError as err:
                         raise CaiError(f"{url} answered 200 with a body that is not JSON: {response.text[:200]!r}") from err
+                    self._record(answer, file)
+                    return answer
                 message = _error_message(response)
                 if response.status_code in (401, 403):
                     message += f"; check the API key in the environment variable {self.api_key_env} (model.api_key_env)"
@@ -190,6 +254,15 @@ class HTTPTransport:
             if attempt < self.max_retries:
                 self.sleep(backoff_delay(attempt, retry_after, self.backoff_s, self.max_backoff_s))
         raise CaiError(f"request to {url} failed after {self.max_retries + 1} attempts; the last error was {last_error}")
+
+    def _record(self, answer: Any, file: Path | None) -> None:
+        """Count an answer's tokens and keep it in the cache."""
+        usage = answer.get("usage") if isinstance(answer, dict) else None
+        if isinstance(usage, dict):
+            counts = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens")}
+            self._count(**{k: v for k, v in counts.items() if type(v) is int})
+        if file is not None and isinstance(answer, dict):
+            write_json_atomic(file, answer)
 
     def run_all(self, jobs: Sequence[Callable[[], Any]], on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
         """Run the jobs ``concurrency`` at a time; results in input order. The first failure cancels the rest."""

@@ -27,12 +27,16 @@ applies its own template and nothing needs rendering here: one token is asked fo
 ``logprobs=true, top_logprobs=20`` after the chat continued by the options' shared start, and each
 option is read off those 20 candidates (`cai.backends.top_logprobs`). This is what OpenAI's API,
 most hosted gateways, vLLM's chat route and llama.cpp's server offer.
+
+``cache_dir`` keeps every answer on disk by request (`cai.backends.http_transport`), so a rerun
+sends nothing twice; ``usage`` counts what was sent and paid for.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, cut_at_stop, encode_rendered, render_with_template, seeds_per_row
@@ -81,9 +85,11 @@ class OpenAIHTTPBackend:
             needed for choice scoring of chats), ``count_tokens`` exact and ``choice_logprobs``
             send token ids.
         context_length: the served model's context, when known (None: unknown).
+        cache_dir: a folder keeping every server answer by request (None: no cache); a request
+            answered before is not sent again. See `HTTPTransport`.
 
-    The connection arguments (``base_urls``, ``api_key_env``, ``concurrency``, ``timeout_s`` and the
-    retry ones) go to `HTTPTransport` as they are.
+    The connection arguments (``base_urls``, ``api_key_env``, ``concurrency``, ``timeout_s``, the
+    retry ones and ``cache_dir``) go to `HTTPTransport` as they are.
 
     Attributes:
         can_render_chats: whether `render` works on chats (a local tokenizer with a chat template).
@@ -109,13 +115,15 @@ class OpenAIHTTPBackend:
         max_backoff_s: float = 30.0,
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         context_length: int | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         if isinstance(base_urls, str):
             base_urls = [base_urls]
         if mode not in ("chat", "completion"):
             raise CaiError(f"mode must be 'chat' or 'completion', got {mode!r}")
         self.http = HTTPTransport(base_urls, api_key_env=api_key_env, concurrency=concurrency, timeout_s=timeout_s,
-                                  max_retries=max_retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
+                                  max_retries=max_retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s,
+                                  cache_dir=cache_dir)
         self.base_urls = self.http.base_urls
         self.model = model
         self.api_key_env = api_key_env
@@ -134,6 +142,11 @@ class OpenAIHTTPBackend:
             f"OpenAIHTTPBackend(base_urls={self.base_urls!r}, model={self.model!r}, mode={self.mode!r}, "
             f"api_key_env={self.api_key_env!r}, concurrency={self.concurrency})"
         )
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """What this backend has cost so far: `HTTPTransport.usage` (requests, cache hits, tokens in and out)."""
+        return self.http.usage()
 
     def close(self) -> None:
         """Close the pooled connections."""
@@ -434,13 +447,13 @@ def from_config(base_urls: str | Sequence[str], model: str, **kwargs: Any) -> Op
         **kwargs: any of ``api_key_env`` (default ``OPENAI_API_KEY``), ``mode`` (``chat`` |
             ``completion``), ``concurrency`` (8), ``timeout_s`` (60), ``max_retries`` (5),
             ``backoff_s`` (0.5), ``max_backoff_s`` (30), ``tokenizer`` (a model spec; None),
-            ``context_length`` (None). See `OpenAIHTTPBackend`.
+            ``context_length`` (None), ``cache_dir`` (None). See `OpenAIHTTPBackend`.
 
     Raises:
         CaiError: an unknown keyword or a bad value, named.
     """
     allowed = {"api_key_env", "mode", "concurrency", "timeout_s", "max_retries", "backoff_s", "max_backoff_s",
-               "tokenizer", "context_length"}
+               "tokenizer", "context_length", "cache_dir"}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise CaiError(f"unknown HTTP backend option {unknown[0]!r}; known options are {', '.join(sorted(allowed))}")
