@@ -360,6 +360,18 @@ def test_a_cached_rerun_sends_nothing_and_answers_the_same(tmp_path, monkeypatch
         assert "sk-cache-secret" not in text and "sk-another-key" not in text
 
 
+def test_an_answer_that_lost_its_logprobs_is_not_cached(tmp_path):
+    """A server that loses its log-probs mid-run stops the run; once it is fixed, the rerun asks again."""
+    lost = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "A"}, "logprobs": None}]}
+    with Scripted(lambda *a: (200, {}, lost)) as broken:
+        with pytest.raises(LogprobsUnavailable):
+            http_backend(broken.url, cache_dir=tmp_path).choice_logprobs([judge_chat("x")], list(CHOICE_OPTIONS))
+    assert not list(tmp_path.rglob("*.json"))
+    with Scripted(lambda *a: chat_top([("A", -1.0), ("B", -2.0)])) as fixed:
+        assert http_backend(fixed.url, cache_dir=tmp_path).choice_logprobs([judge_chat("x")], list(CHOICE_OPTIONS)) == [[-1.0, -2.0]]
+    assert len(fixed.requests) == 1 and len(list(tmp_path.rglob("*.json"))) == 1
+
+
 def test_a_5xx_storm_stops_in_one_sentence_and_the_cache_keeps_what_finished(tmp_path):
     def storm_after_two(n, path, body, headers):
         return ok_text(f"re {body['prompt']}") if n <= 2 else (503, {}, {"error": {"message": "overloaded"}})

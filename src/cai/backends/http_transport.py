@@ -214,15 +214,20 @@ class HTTPTransport:
         with self._turn_lock:
             return self.base_urls[next(self._turn) % len(self.base_urls)]
 
-    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def post(self, path: str, body: dict[str, Any], keep: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
         """POST ``body`` to ``path`` on the next server, retrying what a retry can fix; the cached answer if kept.
+
+        Args:
+            keep: whether an answer is worth keeping (None: every one). An answer it rejects (a
+                server that lost its log-probs, say) is returned but not cached, and a cached one it
+                rejects is asked again, so a rerun after the server is fixed gets a real answer.
 
         Raises:
             HTTPRequestError: a 4xx other than 429 (no retry).
             CaiError: every attempt failed; names the last URL and error.
         """
         file, answer = self._cached(path, body)
-        if answer is not None:
+        if answer is not None and (keep is None or keep(answer)):
             self._count(cache_hits=1)
             return answer
         last_error, url = "", ""
@@ -240,7 +245,7 @@ class HTTPTransport:
                         answer = response.json()
                     except ValueError as err:
                         raise CaiError(f"{url} answered 200 with a body that is not JSON: {response.text[:200]!r}") from err
-                    self._record(answer, file)
+                    self._record(answer, file if keep is None or keep(answer) else None)
                     return answer
                 message = _error_message(response)
                 if response.status_code in (401, 403):
@@ -256,7 +261,7 @@ class HTTPTransport:
         raise CaiError(f"request to {url} failed after {self.max_retries + 1} attempts; the last error was {last_error}")
 
     def _record(self, answer: Any, file: Path | None) -> None:
-        """Count an answer's tokens and keep it in the cache."""
+        """Count an answer's tokens and keep it in ``file`` (None: don't)."""
         usage = answer.get("usage") if isinstance(answer, dict) else None
         if isinstance(usage, dict):
             counts = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens")}

@@ -213,11 +213,11 @@ class OpenAIHTTPBackend:
             if prompt[-1]["role"] == "assistant":
                 body["continue_final_message"] = True
                 body["add_generation_prompt"] = False
-            answer = self.http.post("/chat/completions", body)
+            answer = self.http.post("/chat/completions", body, keep=_has_choice)
             text = _first_choice(answer).get("message", {}).get("content") or ""
         else:
             body["prompt"] = self.render(prompt)
-            answer = self.http.post("/completions", body)
+            answer = self.http.post("/completions", body, keep=_has_choice)
             text = _first_choice(answer).get("text") or ""
         text = cut_at_stop(text, params.stop)[0]
         used = (answer.get("usage") or {}).get("completion_tokens")
@@ -333,7 +333,9 @@ class OpenAIHTTPBackend:
             if messages[-1]["role"] == "assistant":
                 body["continue_final_message"] = True
                 body["add_generation_prompt"] = False
-            top = _chat_top_logprobs(self.http.post("/chat/completions", body))
+            answer = self.http.post("/chat/completions", body, keep=lambda a: bool(_chat_top_logprobs(a)))
+            _first_choice(answer)  # an answer with no choices at all is broken, not merely without log-probs
+            top = _chat_top_logprobs(answer)
             if not top:
                 raise LogprobsUnavailable(
                     f"the server at {', '.join(self.base_urls)} answered /chat/completions with no log-probs "
@@ -356,7 +358,7 @@ class OpenAIHTTPBackend:
         else:
             body["prompt"] = prompt + option
         try:
-            answer = self.http.post("/completions", body)
+            answer = self.http.post("/completions", body, keep=_has_prompt_logprobs)
         except HTTPRequestError as err:
             if 400 <= err.status < 500 and err.status not in (401, 403, 404):
                 raise _EchoRefused(str(err)) from err
@@ -399,7 +401,7 @@ class OpenAIHTTPBackend:
                     "logprobs": TOP_LOGPROBS}
             if self.tokenizer is not None:
                 body["prompt"] = self._encode(prompt)
-            logprobs = _first_choice(self.http.post("/completions", body)).get("logprobs") or {}
+            logprobs = _first_choice(self.http.post("/completions", body, keep=_has_top_logprobs)).get("logprobs") or {}
             top = (logprobs.get("top_logprobs") or [None])[0] or {}
             if not top:
                 raise LogprobsUnavailable(
@@ -423,18 +425,44 @@ class _EchoRefused(CaiError):
 
 def _chat_top_logprobs(answer: dict[str, Any]) -> list[tuple[str, float]]:
     """The ``(token, log-prob)`` candidates listed for a chat answer's first token; empty when none came."""
-    logprobs = _first_choice(answer).get("logprobs")
+    logprobs = _choice(answer).get("logprobs")
     content = logprobs.get("content") if isinstance(logprobs, dict) else None
     first = content[0] if isinstance(content, list) and content and isinstance(content[0], dict) else {}
     return [(str(e["token"]), float(e["logprob"])) for e in first.get("top_logprobs") or []
             if isinstance(e, dict) and "token" in e and isinstance(e.get("logprob"), (int, float))]
 
 
+def _choice(answer: dict[str, Any]) -> dict[str, Any]:
+    """The answer's first choice; empty when it has none."""
+    choices = answer.get("choices")
+    return choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+
+
 def _first_choice(answer: dict[str, Any]) -> dict[str, Any]:
-    choices = answer.get("choices") or []
-    if not choices or not isinstance(choices[0], dict):
+    choice = _choice(answer)
+    if not choice:
         raise CaiError(f"the server's answer has no choices: {str(answer)[:200]}")
-    return choices[0]
+    return choice
+
+
+# What makes an answer worth caching (`HTTPTransport.post`'s ``keep``): one that lacks what was asked
+# for is asked again on a rerun, when the server may have been fixed.
+
+def _has_choice(answer: dict[str, Any]) -> bool:
+    return bool(_choice(answer))
+
+
+def _legacy_logprobs(answer: dict[str, Any]) -> dict[str, Any]:
+    logprobs = _choice(answer).get("logprobs")
+    return logprobs if isinstance(logprobs, dict) else {}
+
+
+def _has_prompt_logprobs(answer: dict[str, Any]) -> bool:
+    return bool(_legacy_logprobs(answer).get("token_logprobs"))
+
+
+def _has_top_logprobs(answer: dict[str, Any]) -> bool:
+    return bool((_legacy_logprobs(answer).get("top_logprobs") or [None])[0])
 
 
 def from_config(base_urls: str | Sequence[str], model: str, **kwargs: Any) -> OpenAIHTTPBackend:
