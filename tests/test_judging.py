@@ -12,7 +12,7 @@ from cai.config import LabelConfig, RunConfig
 from cai.config_loader import load_config
 from cai.constitution_yaml import load_constitution
 from cai.data.gold import load_gold_pairs, stratified
-from cai.errors import LogprobsUnavailable
+from cai.errors import CaiError, LogprobsUnavailable
 from cai.pipeline import run_stage
 from cai.prompts import vote_probability
 from cai.stages.label import best_method, label_pairs, make_pairs, measure_methods
@@ -132,3 +132,26 @@ def test_judge_check_command_prints_the_method_table(tmp_path, small_constitutio
     assert len(saved) == 1 and set(json.loads(saved[0].read_text())["methods"]) == {"mc", "votes"}
     bad = cai_cli("judge-check", *sets, "--methods", "mc,telepathy")
     assert bad.code == 1 and "unknown method 'telepathy'" in bad.err
+
+
+def test_rlcd_pairs_are_labelled_by_construction_without_a_judge(tmp_path, small_constitution):
+    cfg = fake_run(tmp_path, small_constitution, "constitution=default", "sample.rlcd=true", "label.method=rlcd",
+                   "sample.helpfulness={source: helpfulness, limit: 2}", "label.feedback_model={name: missing, backend: hf}")
+    for stage in ("sample", "label"):  # the label stage would fail to load the missing feedback model if it asked one
+        run_stage(cfg, stage, show_progress=False)
+    samples = {r["id"]: r for r in map(json.loads, (cfg.run_dir / "sample" / "red-team.jsonl").read_text().splitlines())}
+    rows = [json.loads(line) for line in (cfg.run_dir / "label" / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == len(samples) == 4
+    for row in rows:
+        preferred = samples[row["source_id"]]["rlcd"]["preferred"]
+        assert row["p_a"] == (1.0 if preferred == 0 else 0.0) and row["method"] == "rlcd"
+        assert row["chosen"][0]["content"] == samples[row["source_id"]]["responses"][preferred]
+    counts = json.loads((cfg.run_dir / "label" / "manifest.json").read_text())["counts"]
+    assert counts["method"] == "rlcd" and counts["helpfulness_pairs_left_out"] == 2
+
+
+def test_rlcd_labels_need_rlcd_samples(tmp_path, small_constitution):
+    from cai.pipeline import check_inputs
+
+    with pytest.raises(CaiError, match=r"label.method is rlcd.*set sample.rlcd=true"):
+        check_inputs(fake_run(tmp_path, small_constitution, "label.method=rlcd"))

@@ -266,7 +266,7 @@ def test_generation_stages_close_their_models(small_constitution, tmp_path, monk
 
     opened: list[FakeBackend] = []
 
-    def load(config):
+    def load(config, **options):  # options: cache_dir, which a fake backend has no use for
         opened.append(FakeBackend())
         return opened[-1]
 

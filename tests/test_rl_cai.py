@@ -294,3 +294,15 @@ def test_a_progress_rate_without_tokens_shows_no_token_rate():
 
     assert rate_text(3, 0, 2.0) == "1.50 rows/s"
     assert rate_text(3, 100, 2.0) == "1.50 rows/s 50.0 tok/s"
+
+
+def test_eval_sets_the_judging_methods_side_by_side_and_checks_the_pm_on_gold(tiny_run):
+    results = json.loads((tiny_run.run_dir / "eval" / "results.json").read_text())
+    label_counts = manifest(tiny_run, "label")["counts"]
+    assert set(results["judge_methods"]) == {"mc", "mc-cot", "votes"}
+    assert results["judge_method"] == label_counts["method"] and results["judge_method_chosen_by"] == "the label stage"
+    assert results["judge_check"]["all"]["pairs"] == results["judge_methods"][results["judge_method"]]["all"]["pairs"]
+    pm = results["pm_gold"]["all"]
+    assert pm["pairs"] == 12 and 0 <= pm["ci"][0] <= pm["agreement"] <= pm["ci"][1] <= 1
+    page = (tiny_run.run_dir / "report.html").read_text()
+    assert f"{results['judge_method']} (used)" in page and "The preference model against the human gold pairs" in page

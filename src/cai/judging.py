@@ -27,7 +27,7 @@ from cai import prompts as P
 from cai.backends.base import Backend, stable_seed
 from cai.config import LabelConfig
 from cai.constitution import Constitution, FeedbackPrinciple
-from cai.errors import CaiError
+from cai.errors import CaiError, NoChoiceInTopLogprobs
 from cai.types import Chat
 
 JudgeMethod = Literal["mc", "mc-cot", "votes"]
@@ -102,10 +102,14 @@ def choice_logprobs(backend: Backend, prompts: Sequence[Any]) -> list[list[float
     """Log-probs of `cai.prompts.CHOICE_OPTIONS` after each prompt: rendered text where the backend
     can render it, else the chat itself (a chat server applies its own template)."""
     rendered = [_render_or_keep(backend, p) for p in prompts]
-    return backend.choice_logprobs(rendered, list(P.CHOICE_OPTIONS))
+    try:
+        return backend.choice_logprobs(rendered, list(P.CHOICE_OPTIONS))
+    except NoChoiceInTopLogprobs as err:  # some questions had neither option among the server's top log-probs
+        return err.scores  # [-inf, -inf] there: abstentions (`first_option_probability`)
 
 
 def _render_or_keep(backend: Backend, prompt: Any) -> Any:
+    """Render a chat locally where the backend can; a chat server without a local template gets the chat."""
     if isinstance(prompt, str) or getattr(backend, "can_render_chats", True):
         return backend.render(prompt)
     return prompt
@@ -129,8 +133,8 @@ def _votes(questions, constitution, backend, config, chat, seed, progress) -> tu
     cannot continue an assistant turn everywhere, gets the question as the last user turn.
     """
     cot = config.vote_cot
+    prefill = getattr(backend, "can_render_chats", True)
     if chat:
-        prefill = getattr(backend, "can_render_chats", True)
         prompts = [P.verdict_chat(constitution, q.conversation, q.first, q.second, q.principle, cot=cot, prefill=prefill)
                    for q in questions]
     else:
@@ -138,8 +142,11 @@ def _votes(questions, constitution, backend, config, chat, seed, progress) -> tu
                    for q in questions]
     n = config.votes
     sampling = config.vote_sampling
-    if cot:  # the reasoning comes first, in the same reply
-        sampling = sampling.model_copy(update={"max_new_tokens": sampling.max_new_tokens + config.cot_sampling.max_new_tokens})
+    extra = config.cot_sampling.max_new_tokens if cot else 0  # the reasoning comes first, in the same reply
+    if chat and not prefill:
+        extra += 24  # a reply not started for the judge ("The answer is: (B), because ...") needs room to name it
+    if extra:
+        sampling = sampling.model_copy(update={"max_new_tokens": sampling.max_new_tokens + extra})
     params = sampling.model_copy(update={"stop": list(dict.fromkeys((*sampling.stop, *P.VERDICT_STOP_STRINGS)))}).params()
     seeds = [stable_seed(seed, q.key[0], "vote", *q.key[1:], v) for q in questions for v in range(n)]
     texts = backend.generate([p for p in prompts for _ in range(n)], params, seeds=seeds, progress=progress)

@@ -21,6 +21,7 @@ from cai.locks import acquire_folder, release_all, release_folder
 from cai.models import check_model_spec
 from cai.report.html import write_report
 from cai.runs import RL_STAGES, STAGES, changed_keys, first_stage_reading, get_stage, refuse_legacy_run
+from cai.stages.sample import missing_rlcd_statements
 
 console = Console(stderr=True)
 
@@ -36,7 +37,12 @@ def stages_of_run(cfg: RunConfig) -> list[str]:
 def check_inputs(cfg: RunConfig) -> None:
     """Everything checkable without a model, before the first stage starts: constitution, prompt
     sources, extra data files, that every stage's model exists, and that the run folder is writable."""
-    load_constitution(cfg.constitution)
+    constitution = load_constitution(cfg.constitution)
+    if cfg.label.method == "rlcd" and not cfg.sample.rlcd:
+        raise CaiError("label.method is rlcd, which labels contrast pairs by construction, but sample.rlcd is false; "
+                       "set sample.rlcd=true so the sample stage draws them")
+    if cfg.sample.rlcd and (missing := missing_rlcd_statements(constitution, cfg.constitution)):
+        raise CaiError(missing)
     rl = [cfg.rl.ppo] + [getattr(cfg.rl, algo) for algo in ("rloo", "grpo") if algo in cfg.rl.algo]
     sources = [cfg.critique.prompts, cfg.critique.helpfulness, cfg.sample.prompts, cfg.sample.helpfulness,
                *[s for section in rl for s in (section.prompts, section.helpfulness, section.eval_prompts)],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from cai import prompts as P
 from cai.backends import load_backend
@@ -26,7 +26,7 @@ from cai.config import LabelConfig, RunConfig
 from cai.constitution import Constitution, FeedbackPrinciple
 from cai.constitution_yaml import load_constitution
 from cai.data import PromptRow
-from cai.data.gold import load_gold_pairs, stratified
+from cai.data.gold import GROUPS, GoldPair, load_gold_pairs, stratified
 from cai.data.prompt_sets import load_prompt_set
 from cai.errors import CaiError
 from cai.eval import gold as G
@@ -36,6 +36,7 @@ from cai.eval.mc import load_mc_file, mc_eval
 from cai.eval.verdict import fmt_ci, verdict
 from cai.io import JsonlWriter, read_jsonl, write_json_atomic, write_text_atomic
 from cai.progress import progress_bar
+from cai.stats import wilson_interval
 from cai.judging import JUDGE_METHODS
 from cai.runs import RL_STAGES, StageRun, is_done, read_manifest, stage_dir
 from cai.stages.label import best_method, label_pairs, measure_methods, method_table
@@ -245,7 +246,7 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
     # The judge-free measure: each policy's own preference on the human-labelled pairs.
     gold_scores = G.score_models(models, stratified(gold, ecfg.gold_limit), out / "gold_scores.jsonl",
                                  device=cfg.model.device, show_progress=show_progress)
-    judge = load_backend(ecfg.judge or cfg.label.feedback_model or cfg.model)
+    judge = load_backend(ecfg.judge or cfg.label.feedback_model or cfg.model, cache_dir=out)
     # The judge is checked on the gold pairs first, by exactly the procedure it then judges with:
     # every judging method when asked, so the report can set them side by side.
     used = run_judge_method(cfg)
@@ -277,17 +278,40 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
     if is_done(pm_folder):
         scorer = RewardScorer.from_folder(pm_folder)
     pm_scores = dict(enumerate(scorer.score([a["prompt"] for a in answers], [a["response"] for a in answers]))) if scorer else None
+    if scorer:
+        results["pm_gold"] = pm_gold_agreement(scorer, stratified(gold, ecfg.judge_gold_limit))
     results["answers"] = answer_stats(answers, pm_scores)
     results["revision_curve"] = revision_curve(curve_traces, scorer) if scorer and curve_traces else {}
     results["judged_revision_curve"] = judged_curve
     results["transcripts"] = transcripts
     if mc:
         results["mc_eval"] = [mc_eval(rows, judge, file=f).summary() for f, rows in mc]
+    if getattr(judge, "usage", None):
+        results["judge_usage"] = judge.usage  # a server judge's requests and tokens
     judge.close()
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", results_markdown(results))
     Console(stderr=True).print(results_markdown(results))
     st.done(models=len(models), answers=len(answers), judgements=len(judgements))
+    return out
+
+
+def pm_gold_agreement(scorer: RewardScorer, pairs: Sequence[GoldPair]) -> dict[str, Any]:
+    """How often the preference model scores the gold better answer above the worse one, by kind.
+
+    The PM's own check against the human labels, whatever labelled its training pairs (a judge,
+    or RLCD's construction). A tie counts half; Wilson 95% intervals.
+    """
+    better = scorer.score([p.messages for p in pairs], [p.better for p in pairs])
+    worse = scorer.score([p.messages for p in pairs], [p.worse for p in pairs])
+    out: dict[str, Any] = {}
+    for group in GROUPS:
+        idx = [i for i, p in enumerate(pairs) if group == "all" or p.kind == group]
+        if not idx:
+            continue
+        hits = sum(1.0 if better[i] > worse[i] else 0.5 if better[i] == worse[i] else 0.0 for i in idx)
+        low, high = wilson_interval(hits, len(idx))
+        out[group] = {"pairs": len(idx), "agreement": round(hits / len(idx), 4), "ci": [round(low, 4), round(high, 4)]}
     return out
 
 

@@ -110,6 +110,11 @@ def verdict(results: dict[str, Any], *, judge_name: str = "the judge") -> list[s
             lines.append(f"{judge_name} agrees with the human gold labels on {agreement} of {total['pairs']} pairs, "
                          "which includes chance (50%): the AI-judged numbers below (Elo, judged revisions) are not "
                          "evidence at this scale.")
+    pm = (results.get("pm_gold") or {}).get("all")
+    if pm:
+        lines.append(f"The preference model scores the better gold answer higher on {fmt_ci(pm['agreement'], pm['ci'], percent=True)} "
+                     f"of {pm['pairs']} pairs" + (", above chance." if pm["ci"][0] > 0.5 else
+                                                  ", which includes chance: the reward PPO climbed is not evidence of harmlessness."))
     nxt = []
     if total and not check.get("trusted"):
         nxt.append("a larger feedback and judge model (label.feedback_model, eval.judge) and critic (critique.critic)")

@@ -281,6 +281,14 @@ def _training_section(run_dir: Path, results: dict[str, Any]) -> list[str]:
         m = json.loads(metrics_path.read_text())
         parts.append(f"<p>Preference model: {_e(describe_pm(m))}, "
                      f"{_e(m.get('train_pairs'))} training pairs.</p>")
+    pm_gold = (results or {}).get("pm_gold") or {}
+    if pm_gold.get("all"):
+        total = pm_gold["all"]
+        by_kind = "; ".join(f"{k} {fmt_ci(v['agreement'], v['ci'], percent=True)} (n={v['pairs']})"
+                            for k, v in pm_gold.items() if k != "all")
+        parts.append(f"<p>The preference model against the human gold pairs (it scores the better answer higher): "
+                     f"{_e(fmt_ci(total['agreement'], total['ci'], percent=True))} of {_e(total['pairs'])} test pairs"
+                     f"{'' if total['ci'][0] > 0.5 else ', which includes chance'}; {_e(by_kind)}.</p>")
     return parts
 
 

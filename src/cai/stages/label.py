@@ -254,7 +254,8 @@ def run_label(cfg: RunConfig, *, shard: str | None = None, show_progress: bool =
     if not pairs:  # a small set can leave a hash shard empty: nothing to label is a finished shard
         st.done(pairs=0)
         return st.dir
-    backend = load_backend(model_cfg)
+    # A server's answers are cached in the stage folder, so a resumed run pays for nothing twice.
+    backend = load_backend(model_cfg, cache_dir=st.dir)
     try:
         config, found = choose_method(cfg, constitution, backend, st.dir, show_progress)
         st.update(**found)
@@ -262,11 +263,12 @@ def run_label(cfg: RunConfig, *, shard: str | None = None, show_progress: bool =
                                out_path=st.dir / "data.jsonl", seed=cfg.seed,
                                helpfulness_principle=FeedbackPrinciple("helpfulness", cfg.label.helpfulness_question),
                                show_progress=show_progress)
+        usage = getattr(backend, "usage", None)  # requests and tokens, for a server
     finally:
         backend.close()
     p = [r["p_a"] for r in labelled if not r.get("abstained")]
     st.done(pairs=len(labelled), identical_pairs_dropped=identical, position_bias=position_bias(labelled),
-            abstentions=len(labelled) - len(p), **found,
+            abstentions=len(labelled) - len(p), **found, **({"server_usage": usage} if usage else {}),
             mean_p_a=round(sum(p) / len(p), 4) if p else None,
             mean_confidence=round(sum(abs(x - 0.5) for x in p) / len(p) + 0.5, 4) if p else None)
     return st.dir
@@ -382,7 +384,7 @@ def judge_check_table(cfg: RunConfig, *, split: str = "dev", limit: int | None =
     acquire_folder(folder, "judge-check")
     try:
         constitution = load_constitution(cfg.constitution)
-        backend = load_backend(model_cfg)
+        backend = load_backend(model_cfg, cache_dir=folder)
         try:
             table = measure_methods(gold, list(dict.fromkeys(methods or cfg.label.auto_methods)),
                                     constitution=constitution, backend=backend, config=cfg.label, folder=folder,
