@@ -76,18 +76,23 @@ def test_best_method_takes_the_highest_agreement_and_never_one_that_only_abstain
 
 
 class NoLogprobs(FakeBackend):
-    """A chat server that writes but returns no log-probabilities."""
+    """A chat server that writes but returns no log-probabilities (or refuses the scoring request)."""
+
+    error = LogprobsUnavailable("http://judge:8000/v1 returned no log-probs")
 
     def choice_logprobs(self, prompts, options):
-        raise LogprobsUnavailable("http://judge:8000/v1 returned no log-probs")
+        raise self.error
 
 
-def test_a_judge_without_log_probs_is_measured_by_votes_only(tmp_path, small_constitution):
+@pytest.mark.parametrize("error", [LogprobsUnavailable("http://judge:8000/v1 returned no log-probs"),
+                                   CaiError("http://judge:8000/v1 answered 400: Unrecognized request argument")])
+def test_a_judge_without_log_probs_is_measured_by_votes_only(error, tmp_path, small_constitution):
     judge = NoLogprobs(respond=lambda text, seed: f" ({safe_slot(text) if 'Options:' in text else 'A'})")
+    judge.error = error
     gold = stratified(load_gold_pairs("gold", "dev"), 8)
     table = measure_methods(gold, ["mc", "mc-cot", "votes"], constitution=load_constitution(str(small_constitution)),
                             backend=judge, config=LabelConfig(votes=2), folder=tmp_path, seed=0, show_progress=False)
-    assert table["mc"] == {"unsupported": "http://judge:8000/v1 returned no log-probs"}
+    assert table["mc"] == {"unsupported": str(error)}
     assert "unsupported" in table["mc-cot"] and table["votes"]["all"]["pairs"] == 8
     assert best_method(table) == "votes"
 
@@ -130,6 +135,10 @@ def test_judge_check_command_prints_the_method_table(tmp_path, small_constitutio
     assert "judging methods of" in result.out and "6 dev gold pairs" in result.out and "best: " in result.out
     saved = list((tmp_path / "runs").glob("*/judge-check/dev-*/table.json"))
     assert len(saved) == 1 and set(json.loads(saved[0].read_text())["methods"]) == {"mc", "votes"}
+    # Fewer pairs than an earlier check on the same settings: its rows are reused, but only the asked ones count.
+    fewer = cai_cli("judge-check", *sets, "--limit", "4", "--methods", "mc,votes")
+    assert fewer.code == 0 and "(n=4)" in fewer.out
+    assert json.loads(saved[0].read_text())["methods"]["mc"]["all"]["pairs"] == 4
     bad = cai_cli("judge-check", *sets, "--methods", "mc,telepathy")
     assert bad.code == 1 and "unknown method 'telepathy'" in bad.err
 
@@ -155,3 +164,24 @@ def test_rlcd_labels_need_rlcd_samples(tmp_path, small_constitution):
 
     with pytest.raises(CaiError, match=r"label.method is rlcd.*set sample.rlcd=true"):
         check_inputs(fake_run(tmp_path, small_constitution, "label.method=rlcd"))
+
+
+def test_label_shards_merge_with_their_method(tmp_path, small_constitution):
+    from cai.runs import merge_stage
+
+    cfg = fake_run(tmp_path, small_constitution)
+    for stage in ("critique", "sample"):
+        run_stage(cfg, stage, show_progress=False)
+    for shard in ("0/2", "1/2"):
+        run_stage(cfg, "label", shard=shard, show_progress=False)
+    counts = json.loads((merge_stage(cfg, "label", 2) / "manifest.json").read_text())["counts"]
+    assert counts["method"] in ("mc", "mc-cot", "votes") and set(counts["judge_methods"]) == {"mc", "mc-cot", "votes"}
+    # Shards that chose different methods cannot pass as one set of labels.
+    shard = cfg.run_dir / "label" / "shards" / "1-of-2" / "manifest.json"
+    manifest = json.loads(shard.read_text())
+    manifest["counts"]["method"] = "votes" if counts["method"] != "votes" else "mc"
+    shard.write_text(json.dumps(manifest))
+    for name in ("manifest.json", "data.jsonl"):
+        (cfg.run_dir / "label" / name).unlink()
+    with pytest.raises(CaiError, match="shards labelled by different methods"):
+        merge_stage(cfg, "label", 2)

@@ -365,7 +365,7 @@ def merge_stage(cfg: RunConfig, stage: str, count: int) -> Path:
                        f"cannot merge {stage}: shard(s) made with a different {stage} config: {', '.join(other)}")
     try:
         st.start(model=(read_manifest(shards[0]) or {}).get("model", ""))
-        counts = {}
+        counts = _shared_counts(stage, shards)
         for name in spec.data_files:
             paths = [s / name for s in shards if (s / name).is_file()]
             if paths:
@@ -374,6 +374,27 @@ def merge_stage(cfg: RunConfig, stage: str, count: int) -> Path:
     finally:
         st.release()
     return st.dir
+
+
+SHARED_COUNTS = {"label": ("method", "method_chosen_by", "judge_methods", "labels_carry_signal", "gold_agreement",
+                             "gold_agreement_ci", "gold_pairs_checked")}
+"""Manifest counts every shard of a stage computes alike (the label stage's judging method and its
+measurement, made on the same dev gold pairs), carried into the merged manifest."""
+
+
+def _shared_counts(stage: str, shards: list[Path]) -> dict[str, Any]:
+    """The shards' `SHARED_COUNTS`, which must agree: labels by two methods must not pass as one set.
+
+    Raises:
+        CaiError: the shards chose different methods.
+    """
+    keys = SHARED_COUNTS.get(stage, ())
+    found = [{k: v for k, v in ((read_manifest(s) or {}).get("counts") or {}).items() if k in keys} for s in shards]
+    methods = sorted({str(f.get("method")) for f in found if f.get("method")})
+    if len(methods) > 1:
+        raise CaiError(f"cannot merge {stage}: its shards labelled by different methods ({', '.join(methods)}); "
+                       f"redo them with one named method (--set {stage}.method={methods[0]})")
+    return dict(found[0]) if found else {}
 
 
 def stage_status(run_dir: Path, rl_algo: str | list[str] | None = None) -> list[dict[str, Any]]:

@@ -25,8 +25,10 @@ a single token: its log-prob is read from the top-20 candidates for the next tok
 A chat prompt (in ``mode="chat"``) is scored on ``/chat/completions`` instead, where the server
 applies its own template and nothing needs rendering here: one token is asked for with
 ``logprobs=true, top_logprobs=20`` after the chat continued by the options' shared start, and each
-option is read off those 20 candidates (`cai.backends.top_logprobs`). This is what OpenAI's API,
-most hosted gateways, vLLM's chat route and llama.cpp's server offer.
+option is read off those 20 candidates (`cai.backends.top_logprobs`). Continuing the assistant
+turn uses vLLM's ``continue_final_message`` fields, which vLLM's chat route and cai serve read and
+llama.cpp's server does on its own; a server that refuses unknown fields (OpenAI's own API answers
+400) cannot score choices this way, and the label stage's ``auto`` then measures ``votes`` alone.
 
 ``cache_dir`` keeps every answer on disk by request (`cai.backends.http_transport`), so a rerun
 sends nothing twice; ``usage`` counts what was sent and paid for.

@@ -256,6 +256,7 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
                             seed=cfg.seed, show_progress=show_progress)
     method = used if used in table and "all" in table[used] else best_method(table)
     if method is None:
+        judge.close()
         raise CaiError("eval: no judging method can run on this judge: "
                        + "; ".join(f"{m}: {r.get('unsupported')}" for m, r in table.items()))
     judge_check = table[method]

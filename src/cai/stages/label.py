@@ -41,7 +41,7 @@ from cai.config import LabelConfig, RunConfig
 from cai.constitution import Constitution, FeedbackPrinciple, sample_feedback_principles
 from cai.constitution_yaml import load_constitution
 from cai.data.gold import GoldPair, load_gold_pairs, stratified
-from cai.errors import CaiError, LogprobsUnavailable
+from cai.errors import CaiError
 from cai.eval.judge_check import judge_agreement, judge_pairs_from_gold, position_bias
 from cai.config_loader import config_hash_of
 from cai.io import JsonlWriter, iter_batches, read_jsonl, write_json_atomic, write_text_atomic
@@ -224,11 +224,13 @@ def check_judge(
         `cai.eval.judge_check.judge_agreement` of the labelled pairs: per kind, agreement with a
         Wilson interval; ``trusted``, ``position_bias`` and ``mean_confidence``.
     """
-    labelled = label_pairs(judge_pairs_from_gold(gold), constitution=constitution, backend=backend, config=config,
+    pairs = judge_pairs_from_gold(gold)
+    labelled = label_pairs(pairs, constitution=constitution, backend=backend, config=config,
                            out_path=out_path, seed=seed,
                            helpfulness_principle=FeedbackPrinciple("helpfulness", config.helpfulness_question),
                            show_progress=show_progress)
-    return judge_agreement(labelled)
+    asked = {p["id"] for p in pairs}  # the file may hold more pairs, from an earlier, larger check
+    return judge_agreement([r for r in labelled if r["id"] in asked])
 
 
 def run_label(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
@@ -278,8 +280,9 @@ def measure_methods(gold: Sequence[GoldPair], methods: Sequence[str], *, constit
                     config: LabelConfig, folder: Path, seed: int, show_progress: bool) -> dict[str, dict[str, Any]]:
     """Each judging method's agreement with ``gold``, by `check_judge` (the labelling procedure itself).
 
-    A method the backend cannot run (a server without log-probs, for ``mc``) is recorded with the
-    reason instead of a figure. Rows resume from ``folder/gold_check.<method>.jsonl``.
+    A method the backend cannot run (a server without log-probs, or one that refuses the request,
+    for ``mc``) is recorded with the reason instead of a figure; if none can run, `choose_method`
+    stops with every reason. Rows resume from ``folder/gold_check.<method>.jsonl``.
     """
     table: dict[str, dict[str, Any]] = {}
     for method in methods:
@@ -288,7 +291,7 @@ def measure_methods(gold: Sequence[GoldPair], methods: Sequence[str], *, constit
                                         config=config.model_copy(update={"method": method}),
                                         out_path=folder / f"gold_check.{method}.jsonl", seed=seed,
                                         show_progress=show_progress)
-        except LogprobsUnavailable as err:
+        except CaiError as err:  # no log-probs, or a server that refuses the request this method needs
             table[method] = {"unsupported": str(err)}
     return table
 
@@ -407,7 +410,7 @@ def _label_by_construction(st: StageRun, rows: list[dict[str, Any]], source: Pat
     human helpfulness comparisons (``pm.human_data``).
     """
     contrast = [r for r in rows if r.get("rlcd")]
-    if not contrast and rows:
+    if any(r.get("set", "red-team") != "helpfulness" and not r.get("rlcd") for r in rows):
         raise CaiError(f"label.method is rlcd but the samples in {source} were not drawn as contrast pairs; "
                        "set sample.rlcd=true and redo the sample stage (--from sample)")
     st.start(model="none (rlcd: preferred by construction)", pairs=len(contrast))
