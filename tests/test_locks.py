@@ -22,7 +22,7 @@ from cai.pipeline import prepare_run, run_stage
 from conftest import PIPELINE_OVERRIDES, SMALL_CONSTITUTION, tiny_run_overrides
 
 # `cai ARGS` whose JSONL writes and optimizer steps each take longer (as with a slow model), so a
-# stage of a few rows or steps lasts seconds.
+# stage of a few rows or steps lasts several seconds: longer than a second process takes to start.
 SLOW_CAI = """
 import sys, time
 import torch
@@ -30,9 +30,9 @@ import cai.io
 _write, _step = cai.io.JsonlWriter.write, torch.optim.AdamW.step
 def _slow_write(self, row):
     _write(self, row)
-    time.sleep(0.25)
+    time.sleep(0.6)
 def _slow_step(self, *args, **kwargs):
-    time.sleep(1.0)
+    time.sleep(2.0)
     return _step(self, *args, **kwargs)
 cai.io.JsonlWriter.write, torch.optim.AdamW.step = _slow_write, _slow_step
 from cai.cli import main
