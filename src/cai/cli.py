@@ -168,7 +168,7 @@ def _run_and_summarise(cfg, from_stage: str | None) -> None:
 
     started = time.time()
     report = run_all(cfg, from_stage=from_stage)
-    rows = stage_status(cfg.run_dir, cfg.rl.algo)
+    rows = stage_status(cfg.run_dir, cfg.rl.algo, cfg.baselines)
     # Each stage records its own peak (the process's high-water mark is reset per stage): the run's is the largest.
     peak = max((r for r in rows if r["peak_rss_gb"]), key=lambda r: r["peak_rss_gb"], default=None)
     where = f", peak memory {peak['peak_rss_gb']} GB ({peak['stage']})" if peak else ""
@@ -204,7 +204,8 @@ def status(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs
         raise CaiError(f"run folder {run_dir} does not exist")
     saved = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
     algo = (saved.get("rl") or {}).get("algo") if isinstance(saved, dict) else None
-    out.print(_status_table(f"run {run_dir}", stage_status(run_dir, algo)))
+    baselines = saved.get("baselines") if isinstance(saved, dict) and isinstance(saved.get("baselines"), list) else []
+    out.print(_status_table(f"run {run_dir}", stage_status(run_dir, algo, baselines)))
     report = run_dir / "report.html"
     out.print(f"report: {report}" if report.is_file() else "report: not written yet (cai report RUN)")
 

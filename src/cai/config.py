@@ -485,6 +485,43 @@ class EvalConfig(Strict):
     )
 
 
+Baseline = Literal["distill", "rlhf"]
+"""The comparison rows a reviewer asks for, each one stage and model folder (``baselines: [distill, rlhf]``)."""
+
+
+class DistillConfig(Strict):
+    """``cai distill`` (a baseline): SFT on the critic's own answers, no critique and no revision.
+
+    The critic answers the same red-team and helpfulness prompts as SL-CAI (``critique.prompts``,
+    ``critique.helpfulness``) with the constitution's principles in its system turn, and the model is
+    trained with the same settings (``sft``): only the data differs, so the row measures what the
+    critique-and-revise loop adds over asking the critic to be careful (Sharma et al. 2024).
+    """
+
+    system: str | None = Field(
+        None, description="System turn the critic answers under; null = the constitution's critique principles, listed.")
+    response: SamplingConfig | None = Field(None, description="Sampling of the critic's answers; null = critique.response.")
+
+
+class RLHFConfig(Strict):
+    """``cai rlhf`` (a baseline): a preference model on human comparisons only, then the same RL as RL-CAI.
+
+    Comparisons are hh-rlhf rows (``chosen``/``rejected`` transcripts that share all but the last
+    turn), ``prompt``/``chosen``/``rejected`` rows, or ``gold:dev`` / ``gold:test`` (the built-in
+    gold pairs of that split, the helpfulness pairs as helpful data and the rest as harmless data).
+    The preference model uses ``pm``'s settings and the RL uses ``rl.ppo`` / ``rl.dpo``'s: same budget.
+    """
+
+    variant: Literal["helpful", "helpful-harmless"] = Field(
+        "helpful-harmless", description="'helpful' trains on helpful_data only (the paper's helpful-only RLHF); "
+                                        "'helpful-harmless' on both.")
+    helpful_data: str | None = Field("gold:dev", description="Helpfulness comparisons: a file, saved dataset, hf: id or gold:<split>.")
+    harmless_data: str | None = Field("gold:dev", description="Harmlessness comparisons (used by 'helpful-harmless'); same forms.")
+    algo: Literal["ppo", "dpo"] = Field("ppo", description="RL against the human-label PM (ppo) or DPO on the comparisons.")
+    policy: Literal["base", "sft"] = Field(
+        "base", description="Where RL starts: the base model (RLHF as usually run) or the SL-CAI model (only the labels differ).")
+
+
 class RunConfig(Strict):
     """One whole pipeline run: ``cai run CONFIG`` and each stage command read this."""
 
@@ -499,6 +536,10 @@ class RunConfig(Strict):
     label: LabelConfig = Field(default_factory=LabelConfig, description="Stage 'label'.")
     pm: PMConfig = Field(default_factory=PMConfig, description="Stage 'pm'.")
     rl: RLConfig = Field(default_factory=RLConfig, description="Stages 'ppo', 'dpo', 'rloo' and 'grpo'.")
+    baselines: list[Baseline] = Field(
+        default_factory=list, description="Baseline stages to train beside RL-CAI and compare in eval: distill, rlhf.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Stage 'distill' (a baseline).")
+    rlhf: RLHFConfig = Field(default_factory=RLHFConfig, description="Stage 'rlhf' (a baseline).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Stage 'eval'.")
 
     @property

@@ -20,7 +20,7 @@ from cai.io import ensure_dir, write_text_atomic
 from cai.locks import acquire_folder, release_all, release_folder
 from cai.models import check_model_spec
 from cai.report.html import write_report
-from cai.runs import RL_STAGES, STAGES, changed_keys, first_stage_reading, get_stage, refuse_legacy_run
+from cai.runs import BASELINE_STAGES, RL_STAGES, STAGES, changed_keys, first_stage_reading, get_stage, refuse_legacy_run
 from cai.stages.sample import missing_rlcd_statements
 
 console = Console(stderr=True)
@@ -30,8 +30,10 @@ REPORT = "report"
 
 
 def stages_of_run(cfg: RunConfig) -> list[str]:
-    """The stages this run executes, in order: every stage, with only the RL ones ``rl.algo`` picks."""
-    return [s.name for s in STAGES if s.name not in RL_STAGES or s.name in cfg.rl.algo]
+    """The stages this run executes, in order: every stage, with only the RL ones ``rl.algo`` picks
+    and the baselines ``baselines`` names."""
+    return [s.name for s in STAGES if (s.name not in RL_STAGES or s.name in cfg.rl.algo)
+            and (s.name not in BASELINE_STAGES or s.name in cfg.baselines)]
 
 
 def check_inputs(cfg: RunConfig) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Callable, get_args
 from rich.console import Console
 
 from cai import __version__
-from cai.config import RLAlgo, RunConfig, rl_algorithms
+from cai.config import Baseline, RLAlgo, RunConfig, rl_algorithms
 from cai.config_loader import config_hash_of, config_to_yaml, read_yaml
 from cai.errors import CaiError
 from cai.io import ensure_dir, write_json_atomic, write_text_atomic
@@ -73,6 +73,9 @@ STAGES: tuple[Stage, ...] = (
           "SL-CAI data: answers to red-team prompts, critiqued and revised"),
     Stage("sft", "cai.train.sft:run_sft", ("sft",), ("train_data.jsonl",), False,
           "SL-CAI model: fine-tuned on the revisions"),
+    Stage("distill", "cai.train.distill:run_distill", ("distill", "critique.prompts", "critique.helpfulness",
+          "critique.response", "critique.critic", "sft"), ("answers.jsonl", "train_data.jsonl"), False,
+          "baseline: fine-tuned on the critic's own careful answers, no critique or revision"),
     Stage("sample", "cai.stages.sample:run_sample", ("sample",), ("red-team.jsonl", "helpfulness.jsonl"), True,
           "RL-CAI data: K answers per prompt from the SL-CAI model"),
     Stage("label", "cai.stages.label:run_label", ("label",), ("data.jsonl",), True,
@@ -87,11 +90,15 @@ STAGES: tuple[Stage, ...] = (
           "RL-CAI model: RLOO (TRL) against the preference model"),
     Stage("grpo", "cai.train.online_rl:run_grpo", ("rl.grpo", "sample.policy"), ("train_log.jsonl",), False,
           "RL-CAI model: GRPO (TRL) against the preference model"),
+    Stage("rlhf", "cai.train.rlhf:run_rlhf", ("rlhf", "pm", "rl.ppo", "rl.dpo"), ("train_log.jsonl",), False,
+          "baseline: a preference model on human comparisons only, then the same RL"),
     Stage("eval", "cai.eval.evaluate:run_eval", ("eval", "label"), ("responses.jsonl", "judgements.jsonl"), False,
           "the models side by side: gold pairs, judged pairs, Elo"),
 )
 STAGE: dict[str, Stage] = {s.name: s for s in STAGES}
 RL_STAGES: tuple[str, ...] = get_args(RLAlgo)
+BASELINE_STAGES: tuple[str, ...] = get_args(Baseline)
+"""The baseline stages, run only when ``baselines`` names them."""
 """The stages `rl.algo` chooses between: one, several (``[ppo, rloo]``) or ``both`` (= ppo and dpo)."""
 
 LEGACY_FOLDERS = {"critique_revision": "critique", "sl_cai": "sft", "samples": "sample", "feedback": "label",
@@ -397,7 +404,8 @@ def _shared_counts(stage: str, shards: list[Path]) -> dict[str, Any]:
     return dict(found[0]) if found else {}
 
 
-def stage_status(run_dir: Path, rl_algo: str | list[str] | None = None) -> list[dict[str, Any]]:
+def stage_status(run_dir: Path, rl_algo: str | list[str] | None = None,
+                 baselines: list[str] | None = None) -> list[dict[str, Any]]:
     """Each stage's state for ``cai status``, the end-of-run summary and the report.
 
     Args:
@@ -414,6 +422,8 @@ def stage_status(run_dir: Path, rl_algo: str | list[str] | None = None) -> list[
         status = manifest.get("status", "not started")
         if not manifest and picked and stage.name in RL_STAGES and stage.name not in picked:
             status = f"not in this run (rl.algo: {', '.join(picked)})"
+        if not manifest and stage.name in BASELINE_STAGES and stage.name not in (baselines or []):
+            status = "not in this run (baselines)"
         counts = manifest.get("counts", {})
         rows.append({"stage": stage.name, "status": status, "attempts": manifest.get("attempts"),
                      "elapsed_s": manifest.get("elapsed_s"), "peak_rss_gb": manifest.get("peak_rss_gb"),

@@ -38,7 +38,7 @@ from cai.io import JsonlWriter, read_jsonl, write_json_atomic, write_text_atomic
 from cai.progress import progress_bar
 from cai.stats import wilson_interval
 from cai.judging import JUDGE_METHODS
-from cai.runs import RL_STAGES, StageRun, is_done, read_manifest, stage_dir
+from cai.runs import BASELINE_STAGES, RL_STAGES, StageRun, is_done, read_manifest, stage_dir
 from cai.stages.label import best_method, label_pairs, measure_methods, method_table
 from cai.train.pm import RewardScorer
 
@@ -204,12 +204,12 @@ def eval_models(cfg: RunConfig) -> dict[str, str]:
     """The models to compare: ``eval.models``, else the run's models that exist, in pipeline order.
 
     Each trained model is named after the stage that made it (``sft``, then the RL stages: ``ppo``,
-    ``dpo``, ``rloo``, ``grpo``).
+    ``dpo``, ``rloo``, ``grpo``, then the baselines: ``distill``, ``rlhf``).
     """
     if cfg.eval.models:
         return dict(cfg.eval.models)
     models = {"base": cfg.model.name}
-    for stage in ("sft", *RL_STAGES):
+    for stage in ("sft", *RL_STAGES, *BASELINE_STAGES):
         if is_done(stage_dir(cfg, stage)):
             models[stage] = str(stage_dir(cfg, stage))
     return models
