@@ -64,6 +64,26 @@ def test_prefix_reuse_gives_identical_greedy_text(backend, batch_size):
     assert backend.stats["prefix_reused_tokens"] > before
 
 
+@pytest.mark.parametrize("reuse_prefix", [False, True])
+def test_identical_prompts_are_prefilled_once_with_the_same_samples(backend, reuse_prefix):
+    """K samples of one prompt (or N votes on one question) prefill it once; each row still draws
+    from its own seed exactly as it would alone."""
+    backend.reuse_prefix = reuse_prefix
+    backend.batch_size = 9  # one batch: rows split over two batches are prefilled once in each
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    prompts = [c for c in chats()[:3] for _ in range(3)]  # three prompts, three samples each
+    seeds = list(range(100, 109))
+    alone = [backend.generate([p], params, seeds=[s])[0] for p, s in zip(prompts, seeds)]
+    prefilled, shared = backend.stats["prefill_tokens"], backend.stats["prefill_shared_rows"]
+    together = backend.generate(prompts, params, seeds=seeds)
+    assert together == alone
+    assert backend.stats["prefill_shared_rows"] - shared == 6
+    suffixes = [len(backend.encode([backend.render(c)])[0]) for c in chats()[:3]]
+    # Prefilled: each distinct prompt once (less its cached prefix, when there is one).
+    assert backend.stats["prefill_tokens"] - prefilled <= sum(suffixes)
+    assert len(set(together)) > 3  # different seeds really sample differently
+
+
 def test_prefix_cache_is_kept_across_calls(backend):
     params = SamplingParams(max_new_tokens=4)
     backend.generate(chats(), params)

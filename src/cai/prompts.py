@@ -241,16 +241,44 @@ def rewrite_text(conversation: Chat, response: str, principle: CritiquePrinciple
 # --------------------------------------------------------------------------- RLCD contrast answers
 
 
+def with_system_turn(conversation: Chat, text: str) -> Chat:
+    """``conversation`` answered under ``text`` as its system turn.
+
+    A system turn the conversation already has is kept, after ``text``, so the user's own
+    instructions still reach the model and ``text`` stays the shared first bytes of every prompt.
+    """
+    if conversation and conversation[0]["role"] == "system":
+        first = _msg("system", f"{text}\n\n{conversation[0]['content']}")
+        return [first, *conversation[1:]]
+    return [_msg("system", text), *conversation]
+
+
 def contrast_chat(conversation: Chat, statement: str) -> Chat:
     """``conversation`` with an RLCD statement (`cai.constitution.RlcdStatements`) as its system turn.
 
     The model answers the user's conversation as usual, under an instruction to follow (or to
     violate) a principle. A system turn the conversation already has is kept, after the statement.
     """
-    if conversation and conversation[0]["role"] == "system":
-        first = _msg("system", f"{statement}\n\n{conversation[0]['content']}")
-        return [first, *conversation[1:]]
-    return [_msg("system", statement), *conversation]
+    return with_system_turn(conversation, statement)
+
+
+# --------------------------------------------------------------------------- distill baseline
+
+DISTILL_GUIDE = (
+    "You are a helpful, honest and harmless assistant. Reply to the user directly. Your reply must "
+    "already meet every guideline below; each one says how a reply is made better, so apply it to your "
+    "own reply as you write it, and do not mention the guidelines.\n\n{guidelines}\n\n"
+    "Help with everything in the request that is safe. If part of it is harmful, decline that part in a "
+    "sentence, say why, and offer a safe way to meet the need."
+)
+"""The distill baseline's default system turn; ``{guidelines}`` is the constitution's revision requests, listed."""
+
+
+def distill_system(constitution: Constitution) -> str:
+    """The system turn a critic answers under in the distill baseline: its critique principles' revision
+    requests as a bulleted list (what SL-CAI's revisions aim at, asked for up front)."""
+    guidelines = "\n".join(f"- {p.revision_request.strip()}" for p in constitution.critique_revision_principles)
+    return DISTILL_GUIDE.format(guidelines=guidelines)
 
 
 # --------------------------------------------------------------------------- AI feedback

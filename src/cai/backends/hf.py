@@ -94,7 +94,8 @@ class HFBackend:
         layer_types = getattr(text_config, "layer_types", None)
         self._n_layers = int(getattr(text_config, "num_hidden_layers", 0) or 0)
         self._can_preallocate = bool(self._n_layers) and (layer_types is None or set(layer_types) <= {"full_attention"})
-        self.stats = {"prompt_tokens": 0, "prefill_tokens": 0, "generated_tokens": 0, "prefix_reused_tokens": 0}
+        self.stats = {"prompt_tokens": 0, "prefill_tokens": 0, "generated_tokens": 0, "prefix_reused_tokens": 0,
+                      "prefill_shared_rows": 0}
 
     @classmethod
     def from_spec(
@@ -270,11 +271,22 @@ class HFBackend:
         params: SamplingParams,
         seeds: list[int],
     ) -> list[tuple[str, list[int], bool, int | None]]:
-        """(text, generated token ids, whether it ended by EOS/stop, the EOS id sampled) per row."""
-        ids, mask, positions, cache = self._batch_inputs(rows, prefix_len, prefix_kv, extra=params.max_new_tokens)
+        """(text, generated token ids, whether it ended by EOS/stop, the EOS id sampled) per row.
+
+        Identical prompts in the batch (K samples of one prompt, N votes on one question) are
+        prefilled once and their cache copied to each row, so only decoding is paid per sample.
+        """
+        unique = list(dict.fromkeys(tuple(r) for r in rows))
+        ids, mask, positions, cache = self._batch_inputs(unique, prefix_len, prefix_kv, extra=params.max_new_tokens)
         logits = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
         ).logits[:, -1, :]
+        if len(unique) < len(rows):
+            where = {row: i for i, row in enumerate(unique)}
+            index = torch.tensor([where[tuple(r)] for r in rows], device=self.device)
+            cache.batch_select_indices(index)
+            logits, mask, positions = logits[index], mask[index], positions[index]
+            self.stats["prefill_shared_rows"] += len(rows) - len(unique)
         next_pos = positions[:, -1] + 1
         generators = None
         if not params.greedy:

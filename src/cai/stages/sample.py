@@ -84,6 +84,7 @@ def sample_responses(
     description: str = "sampling",
     set_name: str = "",
     contrast: Constitution | None = None,
+    system: str | None = None,
 ) -> list[dict[str, Any]]:
     """Write ``{"id", "set", "category", "split", "prompt", "responses": [k texts], "messages"}`` rows.
 
@@ -94,6 +95,8 @@ def sample_responses(
         contrast: sample RLCD pairs under this constitution's statements (`draw_contrast`): ``k``
             must be 2, and each row also records ``"rlcd": {"principle_id", "preferred"}``, where
             ``responses[preferred]`` is the answer written under the ``follow`` statement.
+        system: a system turn every answer is written under (`P.with_system_turn`). Like a contrast
+            statement it stays out of the row: ``prompt`` and ``messages`` hold the user's conversation.
 
     Raises:
         ValueError: ``contrast`` with ``k`` other than 2.
@@ -105,7 +108,8 @@ def sample_responses(
     with JsonlWriter(out_path) as writer, progress_bar(description, len(todo), enabled=show_progress) as advance:
         for chunk in iter_batches(todo, chunk_size):
             draws = [draw_contrast(contrast, seed, row.id) if contrast else None for row in chunk]
-            prompts = [_prompt(row.messages, draw, j) for row, draw in zip(chunk, draws) for j in range(k)]
+            prompts = [_prompt(P.with_system_turn(row.messages, system) if system else row.messages, draw, j)
+                       for row, draw in zip(chunk, draws) for j in range(k)]
             seeds = [stable_seed(seed, row.id, "sample", j) for row in chunk for j in range(k)]
             texts = backend.generate(prompts, params, seeds=seeds, progress=lambda _r, n: advance(0, n))
             for i, (row, draw) in enumerate(zip(chunk, draws)):
