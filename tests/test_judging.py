@@ -63,14 +63,19 @@ def test_a_pair_whose_every_verdict_names_neither_is_an_abstention_that_trains_n
     assert pairs_from_labels(rows) == []
 
 
-def test_best_method_takes_the_highest_agreement_and_never_one_that_only_abstained():
+def test_best_method_takes_the_best_that_clears_chance_else_the_cheapest():
     def row(agreement, low, pairs=10, abstentions=0):
         return {"all": {"agreement": agreement, "ci": (low, 0.9), "pairs": pairs}, "abstentions": abstentions}
 
-    assert best_method({"mc": row(0.5, 0.3), "mc-cot": row(0.7, 0.4), "votes": row(0.6, 0.35)}) == "mc-cot"
-    assert best_method({"mc": row(0.6, 0.3), "votes": row(0.6, 0.35)}) == "votes"  # the higher floor
-    assert best_method({"mc": row(0.6, 0.3), "votes": row(0.6, 0.3)}) == "mc"  # then the cheaper
-    assert best_method({"mc": row(0.4, 0.2), "votes": row(0.5, 0.2, abstentions=10)}) == "mc"
+    assert best_method({"mc": row(0.6, 0.52), "mc-cot": row(0.8, 0.6), "votes": row(0.7, 0.55)}) == "mc-cot"
+    assert best_method({"mc": row(0.7, 0.52), "votes": row(0.7, 0.55)}) == "votes"  # the higher floor
+    assert best_method({"mc": row(0.7, 0.55), "votes": row(0.7, 0.55)}) == "mc"  # then the cheaper
+    # Only a method whose interval clears chance can win on agreement ...
+    assert best_method({"mc": row(0.55, 0.3), "mc-cot": row(0.9, 0.45), "votes": row(0.6, 0.51)}) == "votes"
+    # ... and when none does, the cheapest that answered labels: nothing measured is worth paying for.
+    assert best_method({"mc": row(0.5, 0.3), "mc-cot": row(0.7, 0.4), "votes": row(0.6, 0.35)}) == "mc"
+    assert best_method({"mc-cot": row(0.7, 0.4), "votes": row(0.6, 0.35)}) == "mc-cot"
+    assert best_method({"mc": row(0.4, 0.2, abstentions=10), "votes": row(0.5, 0.2)}) == "votes"
     assert best_method({"mc": {"unsupported": "no log-probs"}, "votes": row(0.5, 0.2, abstentions=10)}) == "votes"
     assert best_method({"mc": {"unsupported": "no log-probs"}}) is None
 

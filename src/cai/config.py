@@ -242,7 +242,8 @@ class LabelConfig(Strict):
         "auto", description=("How the feedback model's preference is read: 'mc' = (A)/(B) log-probabilities; 'mc-cot' = "
                              "the same after a chain of thought; 'votes' = sampled written verdicts, for servers without "
                              "log-probs; 'rlcd' = no judge, pairs preferred by construction (needs sample.rlcd); "
-                             "'auto' = measure mc, mc-cot and votes on gold_check dev pairs and use the best."))
+                             "'auto' = measure mc, mc-cot and votes on gold_check dev pairs and use the best of those "
+                             "that clear chance, or the cheapest when none does."))
     auto_methods: list[Literal["mc", "mc-cot", "votes"]] = Field(
         default_factory=lambda: ["mc", "mc-cot", "votes"], min_length=1,
         description="The methods 'auto' measures (those the backend can run), cheapest first on a tie.")

@@ -297,15 +297,21 @@ def measure_methods(gold: Sequence[GoldPair], methods: Sequence[str], *, constit
 
 
 def best_method(table: dict[str, dict[str, Any]]) -> str | None:
-    """The measured method with the highest agreement (then the higher interval floor, fewer
-    abstentions, the cheaper). A method that abstained on every pair measured nothing and is
-    taken only when no other could run."""
+    """The method to judge with: of those whose interval clears chance, the one with the highest
+    agreement (then the higher interval floor, fewer abstentions, the cheaper); when none clears
+    chance, the cheapest that answered, because a costlier method that is just as indistinguishable
+    from a coin buys nothing. A method that abstained on every pair measured nothing and is taken
+    only when no other could run."""
     measured = [m for m, r in table.items() if "all" in r]
     answering = [m for m in measured if table[m].get("abstentions", 0) < table[m]["all"]["pairs"]]
     if not measured:
         return None
-    return max(answering or measured, key=lambda m: (table[m]["all"]["agreement"], table[m]["all"]["ci"][0],
-                                                     -table[m].get("abstentions", 0), -JUDGE_METHODS.index(m)))
+    candidates = answering or measured
+    cleared = [m for m in candidates if table[m]["all"]["ci"][0] > 0.5]
+    if not cleared:
+        return min(candidates, key=JUDGE_METHODS.index)
+    return max(cleared, key=lambda m: (table[m]["all"]["agreement"], table[m]["all"]["ci"][0],
+                                       -table[m].get("abstentions", 0), -JUDGE_METHODS.index(m)))
 
 
 def method_table(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -329,7 +335,7 @@ def choose_method(cfg: RunConfig, constitution: Constitution, backend: Backend, 
     """The label config to label with (its method concrete) and what the choice rests on, for the manifest.
 
     ``auto`` measures every method of ``label.auto_methods`` on ``label.gold_check`` dev gold pairs
-    and takes the best; a named method is measured alone. Says the result in one line, and whether
+    and takes the best of those that clear chance, or the cheapest when none does; a named method is measured alone. Says the result in one line, and whether
     the labels carry any signal (the chosen method's interval clears chance) or not.
 
     Raises:
@@ -358,8 +364,8 @@ def choose_method(cfg: RunConfig, constitution: Constitution, backend: Backend, 
         f"label: method {chosen}{' (auto)' if config.method == 'auto' else ''} agrees with the human gold labels on "
         f"{result['agreement']:.0%} [{low:.0%}, {high:.0%}] of {result['pairs']} dev pairs"
         + (f" ({others})" if others else "")
-        + ("" if low > 0.5 else "; no method clears chance, so these labels carry no signal"
-           if config.method == "auto" else "; not distinguishable from chance, so these labels carry no signal"))
+        + ("" if low > 0.5 else f"; no method clears chance, so the cheapest, {chosen}, labels and the labels carry "
+           "no signal" if config.method == "auto" else "; not distinguishable from chance, so these labels carry no signal"))
     return config.model_copy(update={"method": chosen}), {
         "method": chosen, "method_chosen_by": "auto" if config.method == "auto" else "config",
         "judge_methods": method_table(table), "labels_carry_signal": low > 0.5,

@@ -11,6 +11,7 @@ user who prefers SFTTrainer can point it at ``runs/<name>/critique/data.jsonl`` 
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import time
@@ -73,6 +74,22 @@ def build_sft_examples(
                     harmless.append([*row["prompt"], {"role": "assistant", "content": rnd["revision"]}])
         else:
             harmless.append(row["messages"])
+    mix, counts = mix_with_helpfulness(harmless, helpful_chats, helpfulness_ratio=helpfulness_ratio, seed=seed)
+    return mix, {**counts, "unrevised_rows_skipped": unrevised}
+
+
+def mix_with_helpfulness(
+    harmless: list[Chat], helpful_chats: list[Chat], *, helpfulness_ratio: float, seed: int = 0,
+) -> tuple[list[Chat], dict[str, int]]:
+    """Harmlessness chats plus a seeded sample of helpfulness chats, so that these are
+    ``helpfulness_ratio`` of the mix (capped by how many exist), shuffled.
+
+    SL-CAI and the distill baseline both train on this mix, so only their harmlessness data differs.
+    Chats with an empty answer are left out of both parts.
+
+    Returns:
+        (chats, counts) with counts of harmlessness and helpfulness examples.
+    """
     harmless = [c for c in harmless if c[-1]["content"].strip()]
     rng = random.Random(f"{seed}:sft-mix")
     wanted = round(helpfulness_ratio / (1 - helpfulness_ratio) * len(harmless)) if helpfulness_ratio else 0
@@ -80,8 +97,12 @@ def build_sft_examples(
     helpful = rng.sample(pool, min(wanted, len(pool)))
     mix = harmless + helpful
     rng.shuffle(mix)
-    return mix, {"harmlessness_examples": len(harmless), "helpfulness_examples": len(helpful),
-                 "unrevised_rows_skipped": unrevised}
+    return mix, {"harmlessness_examples": len(harmless), "helpfulness_examples": len(helpful)}
+
+
+def write_train_data(path: Path, examples: list[Chat]) -> None:
+    """The chats a model is trained on, as TRL-ready ``messages`` rows (written whole, atomically)."""
+    write_text_atomic(path, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in examples))
 
 
 def train_sft(
@@ -94,20 +115,22 @@ def train_sft(
     device: str = "auto",
     trust_remote_code: bool = False,
     show_progress: bool = True,
+    stage: str = "sft",
 ) -> dict[str, Any]:
     """Fine-tune ``model_spec`` on ``examples`` (loss on the final assistant turn only).
 
     Saves an HF model folder to ``out_dir`` (LoRA merged when asked) plus ``train_log.jsonl``;
     keeps a resumable checkpoint in ``out_dir/checkpoint`` every ``save_every`` steps, which a
-    rerun picks up. Returns metrics (steps, losses, tokens/s).
+    rerun picks up. Returns metrics (steps, losses, tokens/s). ``stage`` names the progress bar
+    and the trackers' project (``cai-<stage>``), for the stages other than ``sft`` that train this way.
     """
     out_dir = Path(out_dir)
     run = _setup(examples, model_spec, out_dir / "checkpoint", config, seed, device, trust_remote_code)
     main = run.accelerator.is_main_process
     started = time.perf_counter()
     log = JsonlWriter(out_dir / "train_log.jsonl", fsync=False)
-    trackers = make_trackers(config.report_to, out_dir, "cai-sft", config.model_dump(mode="json")) if main else []
-    with progress_bar("sft", run.total_steps, enabled=show_progress and main) as advance:
+    trackers = make_trackers(config.report_to, out_dir, f"cai-{stage}", config.model_dump(mode="json")) if main else []
+    with progress_bar(stage, run.total_steps, enabled=show_progress and main) as advance:
         advance(run.step, 0)
         for epoch in range(config.epochs):
             for group in _untrained_groups(run, epoch):
@@ -263,8 +286,6 @@ def _metrics(run: _SFTRun, elapsed: float) -> dict[str, Any]:
 
 def run_sft(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``sft``: fine-tune the starting model on its revisions (+ helpfulness answers), into ``sft/``."""
-    import json
-
     st = StageRun(cfg, "sft", shard)
     extra = read_sft_file(cfg.sft.extra_data) if cfg.sft.extra_data else []
     source = st.require("critique")
@@ -277,8 +298,7 @@ def run_sft(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = T
     if not examples:
         raise CaiError(f"no usable revisions in {source / 'data.jsonl'}; the critique stage produced nothing to train on")
     st.start(model=cfg.model.name, **counts)
-    write_text_atomic(st.dir / "train_data.jsonl",
-                      "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in examples))
+    write_train_data(st.dir / "train_data.jsonl", examples)
     metrics = train_sft(examples, model_spec=cfg.model.name, out_dir=st.dir, config=cfg.sft, seed=cfg.seed,
                         device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code,
                         show_progress=show_progress)
