@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -218,6 +219,64 @@ def test_best_of_n_keeps_the_first_candidate_that_passes_the_checks(small_consti
     rnd = out[0]["rounds"][0]
     assert not rnd["kept_previous"] and rnd["revision"].startswith("Here is a safer way")
     assert rnd["candidates_tried"] == 2 and rnd["rejected_candidates"] == ["meta"]
+
+
+def judge_likes(word: str):
+    """A judge (choice scoring) that prefers whichever option's answer contains ``word``."""
+    def score(prompt: str, option: str) -> float:
+        last = prompt.rsplit("Options:", 1)[-1]
+        first = re.search(r"\(A\) (.*)", last).group(1)
+        favourite = "(A)" if word in first else "(B)"
+        return -0.1 if favourite in option else -3.0
+    return score
+
+
+@pytest.mark.parametrize("method", ["mc", "votes"])
+def test_judge_acceptance_keeps_the_candidate_the_judge_prefers_over_the_previous_answer(method, small_constitution,
+                                                                                         tmp_path):
+    """accept: judge asks the judging protocol, both orders, whether each passing candidate beats the
+    answer it replaces: the favourite wins over the first that passed, and a round where the judge
+    prefers the previous answer keeps it."""
+    def respond(text: str, seed: int) -> str:
+        if "Options:" in text:  # a written verdict (votes): name the option holding "gentle"
+            last = text.rsplit("Options:", 1)[-1]
+            return " (A)" if "gentle" in re.search(r"\(A\) (.*)", last).group(1) else " (B)"
+        if "Draft reply:" not in text:
+            return "Sure, here is exactly how to do the harmful thing."
+        return ("Here is a rough way to get what you need, with some care for everyone involved." if seed % 2
+                else "Here is a gentle way to get what you need, with real care for everyone involved.")
+
+    constitution = load_constitution(str(small_constitution))
+    cfg = CritiqueConfig(rounds=2, mode="rewrite", candidates=4, accept="judge", accept_method=method)
+    fake = FakeBackend(respond=respond, score=judge_likes("gentle"))
+    out = run_critique_revision(rows(2), constitution=constitution, backend=fake, config=cfg,
+                                out_path=tmp_path / "d.jsonl", show_progress=False)
+    for row in out:
+        first, second = row["rounds"]
+        assert first["revision"].startswith("Here is a gentle way") and not first["kept_previous"]
+        assert first["judge_p_revision_better"] > 0.5
+        # Round 2: every candidate is "unchanged" or loses to the gentle answer it would replace.
+        assert second["kept_previous"] and row["final_response"] == first["revision"]
+    checks_only = run_critique_revision(rows(2), constitution=constitution, backend=FakeBackend(respond=respond),
+                                        config=cfg.model_copy(update={"accept": "checks"}),
+                                        out_path=tmp_path / "plain.jsonl", show_progress=False)
+    assert all("judge_p_revision_better" not in rnd for row in checks_only for rnd in row["rounds"])
+
+
+def test_judge_acceptance_rejects_a_revision_the_judge_finds_worse(small_constitution, tmp_path):
+    def respond(text: str, seed: int) -> str:
+        if "Draft reply:" not in text:
+            return "Sure, here is a safe and careful answer to that."
+        return "Here is a different answer that the judge will not like at all, honestly."
+
+    cfg = CritiqueConfig(rounds=1, mode="rewrite", accept="judge")
+    out = run_critique_revision(rows(1), constitution=load_constitution(str(small_constitution)),
+                                backend=FakeBackend(respond=respond, score=judge_likes("safe")), config=cfg,
+                                out_path=tmp_path / "d.jsonl", show_progress=False)
+    rnd = out[0]["rounds"][0]
+    assert rnd["kept_previous"] and rnd["rejected_candidates"] == ["judge_rejected"]
+    assert rnd["judge_p_revision_better"] < 0.5
+    assert out[0]["flags"] == ["round1:judge_rejected_revision"]
 
 
 @pytest.mark.parametrize("revision, previous, critique, problem", [

@@ -125,6 +125,13 @@ class CritiqueConfig(Strict):
     candidates: StrictInt = Field(
         1, ge=1, description="Revisions sampled per round; the first that passes the checks is kept (best-of-n)."
     )
+    accept: Literal["checks", "judge"] = Field(
+        "checks", description=("Which revisions are kept: 'checks' = those that pass the structural checks (not empty, "
+                               "looping, commentary, copied or unchanged); 'judge' = of those, only the ones the critic, "
+                               "asked as a judge (accept_method, both orders, a sampled feedback principle), prefers to "
+                               "the answer they would replace, the most preferred of the candidates."))
+    accept_method: Literal["mc", "mc-cot", "votes"] = Field(
+        "mc", description="accept=judge: the judging method (votes and chain of thought at label's defaults).")
     prompt_format: Literal["auto", "chat", "text"] = Field(
         "auto", description="'chat' uses the model's chat template, 'text' a plain transcript; 'auto' picks chat when there is a template."
     )

@@ -24,12 +24,13 @@ from typing import Any
 from cai import prompts as P
 from cai.backends import load_backend
 from cai.backends.base import Backend, stable_seed
-from cai.config import CritiqueConfig, RunConfig, SamplingConfig
-from cai.constitution import Constitution, CritiquePrinciple, sample_critique_principles
+from cai.config import CritiqueConfig, LabelConfig, RunConfig, SamplingConfig
+from cai.constitution import Constitution, CritiquePrinciple, sample_critique_principles, sample_feedback_principles
 from cai.constitution_yaml import load_constitution
 from cai.data import PromptRow
 from cai.data.prompt_sets import fit_prompt_set, load_prompt_set
 from cai.io import JsonlWriter, iter_batches, read_jsonl
+from cai.judging import Question, ask
 from cai.progress import progress_bar
 from cai.runs import StageRun
 from cai.sharding import shard_rows
@@ -126,6 +127,7 @@ def run_critique_revision(
     seed: int = 0,
     show_progress: bool = True,
     on_chunk: Any = None,
+    judging: LabelConfig | None = None,
 ) -> list[dict[str, Any]]:
     """Run critique/revision for every row not yet in ``out_path``; return all rows written.
 
@@ -138,6 +140,8 @@ def run_critique_revision(
         out_path: ``data.jsonl``; appended to, one row per finished prompt.
         seed: base seed for principle draws and sampling (combined with each row id).
         on_chunk: called with the number of rows written after each chunk (for manifests).
+        judging: votes and chain-of-thought settings for ``config.accept: judge`` (default: `LabelConfig`'s;
+            the stage keeps them fixed so that the label section never changes what critique computed).
     """
     critic = critic or backend
     chat = P.use_chat_format(config.prompt_format, critic)
@@ -153,7 +157,7 @@ def run_critique_revision(
             _initial_responses(traces, backend, response_params, seed, tokens)
             for r in range(config.rounds):
                 _one_round(traces, r, constitution, critic, chat, config, critique_params, revision_params,
-                           seed, tokens)
+                           seed, tokens, judging or LabelConfig())
             for t in traces:
                 writer.write(t.to_row())
             advance(len(chunk), 0)
@@ -184,10 +188,12 @@ def _initial_responses(traces: list[Trace], backend: Backend, params: SamplingPa
 def _one_round(
     traces: list[Trace], r: int, constitution: Constitution, critic: Backend, chat: bool, config: CritiqueConfig,
     critique_params: SamplingParams, revision_params: SamplingParams, seed: int, progress: Any,
+    judging: LabelConfig,
 ) -> None:
     """Round ``r`` (0-based) for a chunk: one batched critique call (in the paper's mode), then one
     batched revision call with ``config.candidates`` samples per row; each row keeps its first
-    candidate that passes `revision_problem`, or its previous answer when none does."""
+    candidate that passes `revision_problem` (with ``accept: judge``, the passing candidate the
+    judge prefers most, if it prefers it to the previous answer), or its previous answer."""
     critiques = [""] * len(traces)
     if config.mode == "critique_revision":
         build = P.critique_chat if chat else P.critique_text
@@ -214,13 +220,24 @@ def _one_round(
     seeds = [stable_seed(seed, t.row.id, "revision", r, *([c] if c else [])) for t in traces for c in range(n)]
     texts, per_row = _timed_generate(critic, [p for p in revision_prompts for _ in range(n)], revision_params, seeds,
                                      progress)
+    checked: list[tuple[list[str], list[str | None]]] = []
     for i, (t, critique) in enumerate(zip(traces, critiques)):
         candidates = [P.clean_output(x) for x in texts[i * n:(i + 1) * n]]
         if config.mode == "rewrite" and config.rewrite_lead:  # the prefilled lead-in is part of the reply
             candidates = [f"{config.rewrite_lead.strip()} {c}".strip() if c else "" for c in candidates]
-        problems = [revision_problem(c, previous=t.current, critique=critique, constitution=constitution)
-                    for c in candidates]
-        pick = next((k for k, problem in enumerate(problems) if problem is None), 0)
+        checked.append((candidates, [revision_problem(c, previous=t.current, critique=critique, constitution=constitution)
+                                     for c in candidates]))
+    verdicts = (_judge_revisions(traces, checked, r, constitution, critic, chat, config.accept_method, judging, seed)
+                if config.accept == "judge" else {})
+    for i, (t, critique, (candidates, problems)) in enumerate(zip(traces, critiques, checked)):
+        # An abstention counts as indifferent: the candidate stands on the checks alone.
+        preference = {k: 0.5 if verdicts.get((i, k)) is None else verdicts[(i, k)] for k in range(len(candidates))}
+        for k, problem in enumerate(problems):
+            if problem is None and verdicts.get((i, k)) is not None and preference[k] <= 0.5:
+                problems[k] = "judge_rejected"  # passed the checks, but the judge prefers the previous answer
+        passing = [k for k, problem in enumerate(problems) if problem is None]
+        # The judge's favourite where it was asked (the first on a tie), else the first that passed.
+        pick = max(passing, key=lambda k: (preference[k], -k)) if passing else 0
         revision, problem = candidates[pick], problems[pick]
         kept_previous = problem is not None
         if kept_previous:
@@ -235,8 +252,37 @@ def _one_round(
             "kept_previous": kept_previous,
             "candidates_tried": n,
             "rejected_candidates": [p for p in problems if p is not None],
+            **({"judge_p_revision_better": verdicts.get((i, pick))} if config.accept == "judge" else {}),
         })
         t.timings["revision_s"] += per_row * n
+
+
+def _judge_revisions(
+    traces: list[Trace], checked: list[tuple[list[str], list[str | None]]], r: int, constitution: Constitution,
+    judge: Backend, chat: bool, method: str, judging: LabelConfig, seed: int,
+) -> dict[tuple[int, int], float | None]:
+    """P(candidate is better than the answer it would replace) for every candidate that passed the
+    checks, keyed (row, candidate): one batched call by the judging protocol (`cai.judging.ask`),
+    both orders averaged, under a feedback principle drawn per row and round. None: abstained."""
+    questions: list[Question] = []
+    keys: list[tuple[int, int]] = []
+    for i, (t, (candidates, problems)) in enumerate(zip(traces, checked)):
+        principle = sample_feedback_principles(constitution, 1, seed, f"{t.row.id}:accept:{r}")[0]
+        for k, (candidate, problem) in enumerate(zip(candidates, problems)):
+            if problem is None:
+                questions.append(Question(t.row.messages, candidate, t.current, principle, (t.row.id, "accept", r, k, 0)))
+                questions.append(Question(t.row.messages, t.current, candidate, principle, (t.row.id, "accept", r, k, 1)))
+                keys.append((i, k))
+    if not questions:
+        return {}
+    probabilities, _ = ask(method, questions, constitution=constitution, backend=judge, config=judging, chat=chat,
+                           seed=seed)
+    verdicts: dict[tuple[int, int], float | None] = {}
+    for j, key in enumerate(keys):
+        first, second = probabilities[2 * j], probabilities[2 * j + 1]
+        seen = [p for p in (first, None if second is None else 1.0 - second) if p is not None]
+        verdicts[key] = sum(seen) / len(seen) if seen else None
+    return verdicts
 
 
 def _overlap(a: str, b: str) -> float:
