@@ -464,6 +464,17 @@ class RLConfig(Strict):
         return value  # a wrong type: pydantic's own sentence names it
 
 
+class OverRefusalConfig(Strict):
+    """XSTest-format prompts for `cai eval`'s over-refusal and harm rates (see `cai.eval.refusal`)."""
+
+    source: str = Field(description=("A file or dataset of rows with 'prompt' and 'label' (safe/unsafe) or 'type' "
+                                     "(contrast_* = unsafe): .csv, .jsonl, .json, .parquet, a save_to_disk folder "
+                                     "or hf:NAME, e.g. XSTest's xstest_prompts.csv."))
+    split: str | None = Field(None, description="For a saved DatasetDict or an hf: source, the split to load (null: train).")
+    limit: StrictInt | None = Field(
+        None, ge=1, description="Use at most this many prompts: safe and unsafe in turn, each from its types in turn (null: all).")
+
+
 class EvalConfig(Strict):
     """``cai eval``: models side by side on held-out prompts, judged pairwise."""
 
@@ -483,6 +494,9 @@ class EvalConfig(Strict):
     transcripts: StrictInt = Field(6, ge=0, description="Sample transcripts (prompt -> critique -> revision -> RL answer) for the report.")
     revision_curve_traces: StrictInt = Field(64, ge=0, description="SL traces scored by the PM for the revision curve.")
     mc_files: list[str] = Field(default_factory=list, description="Multiple-choice JSONL files to score the judge on.")
+    over_refusal: OverRefusalConfig | None = Field(
+        None, description=("XSTest-format prompts (safe look-alikes, unsafe contrasts) every model answers: the share of "
+                           "refusals on safe ones and of compliance on unsafe ones; null = not measured."))
     gold_pairs: str = Field("gold", description="Human-labelled comparison pairs: 'gold' (built in) or a JSONL file (see cai.data.gold).")
     gold_split: Literal["dev", "test"] | None = Field("test", description="Which split of the gold pairs to measure on (null: all).")
     gold_limit: StrictInt | None = Field(

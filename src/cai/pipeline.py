@@ -16,6 +16,7 @@ from cai.config_loader import config_to_yaml, read_yaml
 from cai.constitution_yaml import load_constitution
 from cai.data import load_prompts
 from cai.errors import CaiError
+from cai.eval.refusal import load_over_refusal
 from cai.io import ensure_dir, write_text_atomic
 from cai.locks import acquire_folder, release_all, release_folder
 from cai.models import check_model_spec
@@ -52,6 +53,8 @@ def check_inputs(cfg: RunConfig) -> None:
     for source in sources:
         if source is not None:
             load_prompts(source.source, split=source.split, limit=1)
+    if cfg.eval.over_refusal is not None:
+        load_over_refusal(cfg.eval.over_refusal)  # every row: a malformed one is named now, not at eval
     for path in (cfg.sft.extra_data, cfg.pm.human_data, *cfg.eval.mc_files):
         if path and not Path(path).exists() and not str(path).startswith("hf:"):
             raise CaiError(f"file {path} named in the config does not exist")

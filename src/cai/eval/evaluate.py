@@ -33,6 +33,7 @@ from cai.eval import gold as G
 from cai.eval.elo import Comparison, elo_table
 from cai.eval.evasiveness import judge_evasiveness
 from cai.eval.mc import load_mc_file, mc_eval
+from cai.eval.refusal import load_over_refusal, over_refusal_markdown, over_refusal_results
 from cai.eval.verdict import fmt_ci, verdict
 from cai.io import JsonlWriter, read_jsonl, write_json_atomic, write_text_atomic
 from cai.progress import progress_bar
@@ -197,6 +198,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     for mc in results.get("mc_eval", []):
         lines += ["", f"- multiple choice `{mc['file']}`: accuracy {mc['accuracy']:.3f} "
                       f"[{mc['ci_low']:.3f}, {mc['ci_high']:.3f}] over {mc['n']} rows"]
+    lines += over_refusal_markdown(results)
     return "\n".join(lines) + "\n"
 
 
@@ -231,6 +233,7 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
     mc = []
     if ecfg.mc_files:
         mc = [(f, load_mc_file(f)) for f in ecfg.mc_files]
+    over_refusal = load_over_refusal(ecfg.over_refusal) if ecfg.over_refusal else []
     if st.skip():
         return st.dir
     st.start(model=", ".join(models))
@@ -240,6 +243,9 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
 
     out = st.dir
     answers = generate_answers(models, sets, out / "responses.jsonl", ecfg.sampling.params(), load, show_progress)
+    # XSTest-format prompts: a file of their own, so they never enter the pairwise judging.
+    refusal_answers = generate_answers(models, {"over-refusal": over_refusal}, out / "over_refusal.jsonl",
+                                       ecfg.sampling.params(), load, show_progress) if over_refusal else []
     traces = read_jsonl(stage_dir(cfg, "critique") / "data.jsonl")
     # Before the judge loads, so two engines never hold memory at once.
     transcripts = _transcripts(traces[: ecfg.transcripts], models, load, ecfg.sampling.params())
@@ -287,6 +293,10 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
     results["transcripts"] = transcripts
     if mc:
         results["mc_eval"] = [mc_eval(rows, judge, file=f).summary() for f, rows in mc]
+    if over_refusal:
+        results["over_refusal"] = over_refusal_results(refusal_answers, over_refusal, list(models), judge=judge,
+                                                       judge_check=judge_check, judge_method=method,
+                                                       out_path=out / "over_refusal_judge.jsonl", show_progress=show_progress)
     if getattr(judge, "usage", None):
         results["judge_usage"] = judge.usage  # a server judge's requests and tokens
     judge.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import CaiError
+from cai.eval.refusal import over_refusal_table
 from cai.eval.verdict import describe_pm, fmt_ci, verdict
 from cai.io import read_jsonl, write_text_atomic
 from cai.runs import STAGE, STAGES, read_manifest, stage_status
@@ -166,6 +167,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
              '<p class="sub">Models trained from a written constitution; judged by an AI feedback model.</p>']
     parts += _evidence_section(results)
     parts += _ai_judged_section(results)
+    parts += _over_refusal_section(results)
     parts += _training_section(run_dir, results)
     parts += _details_section(run_dir, results)
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>cai report: {_e(run_dir.name)}</title>"
@@ -239,6 +241,17 @@ def _ai_judged_section(results: dict[str, Any]) -> list[str]:
                          "evasive refusals": s.get("evasive_rate", ""), "mean words": s.get("red_team_mean_words", "")})
         parts.append(_table(rows))
     return parts
+
+
+def _over_refusal_section(results: dict[str, Any]) -> list[str]:
+    """Refusals on safe XSTest-format prompts beside compliance on unsafe ones, per model (when measured)."""
+    rows = over_refusal_table(results)
+    if not rows:
+        return []
+    note = results["over_refusal"]["judge_note"]
+    return ["<h2>Over-refusal (XSTest-format)</h2><p class='sub'>Each model answers safe prompts that look unsafe and "
+            "unsafe contrast prompts; a string classifier (XSTest's refusal phrases, plus partial refusals) reads each "
+            f"answer. Lower is better in both columns; Wilson 95% intervals. Judge: {_e(note)}.</p>", _table(rows)]
 
 
 def _training_section(run_dir: Path, results: dict[str, Any]) -> list[str]:
