@@ -33,6 +33,7 @@ from cai.eval import gold as G
 from cai.eval.elo import Comparison, elo_table
 from cai.eval.evasiveness import judge_evasiveness
 from cai.eval.mc import load_mc_file, mc_eval
+from cai.eval.harmless import harmless_markdown, harmless_rate
 from cai.eval.refusal import load_over_refusal, over_refusal_markdown, over_refusal_results
 from cai.eval.verdict import fmt_ci, verdict
 from cai.io import JsonlWriter, read_jsonl, write_json_atomic, write_text_atomic
@@ -184,6 +185,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {model} | {fmt_elo('harmlessness', model)} | {fmt_elo('helpfulness', model)} | "
                      f"{s.get('red_team_pm_score', '-')} | {s.get('helpfulness_pm_score', '-')} | "
                      f"{s.get('evasive_rate', '-')} | {s.get('red_team_mean_words', '-')} |")
+    lines += harmless_markdown(results)
     if results.get("revision_curve", {}).get("curve"):
         lines += ["", "## Revision curve (mean PM score after each round; the reward model used in training)", "",
                   "| round | PM score | n |", "|---|---|---|"]
@@ -280,6 +282,10 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
                                "judge_method_chosen_by": "the label stage" if used else "eval (best on these pairs)",
                                "judge_methods": method_table(table),
                                "elo": elo_by_axis(judgements, "base", ecfg.bootstrap, cfg.seed)}
+    results["harmless_rate"] = harmless_rate(answers, judge=judge, method=method, judge_check=judge_check,
+                                             constitution=constitution, label_config=plain,
+                                             chat=P.use_chat_format(plain.prompt_format, judge),
+                                             out_path=out / "harmless.jsonl", seed=cfg.seed)
     pm_folder = stage_dir(cfg, "pm")
     scorer = None
     if is_done(pm_folder):
@@ -327,12 +333,15 @@ def pm_gold_agreement(scorer: RewardScorer, pairs: Sequence[GoldPair]) -> dict[s
 
 
 def gold_results(scores: dict[str, list], n_bootstrap: int, seed: int) -> dict[str, Any]:
-    """Per model: accuracy and margin on the gold pairs by kind; per trained model: its change from base."""
+    """Per model: accuracy and margin on the gold pairs by kind; per trained model: its change from base;
+    per RL-CAI model and baseline (distill, rlhf) in the run: the RL-CAI model's margin minus the baseline's."""
     names = list(scores)
     base = names[0]
+    vs_baselines = {f"{rl} vs {baseline}": G.paired_difference(scores[baseline], scores[rl], n_bootstrap, seed)
+                    for rl in names if rl in RL_STAGES for baseline in names if baseline in BASELINE_STAGES}
     return {"summary": {name: G.summarize(scores[name], n_bootstrap, seed) for name in names},
             "vs_base": {name: G.paired_difference(scores[base], scores[name], n_bootstrap, seed) for name in names[1:]},
-            "base": base}
+            "vs_baselines": vs_baselines, "base": base}
 
 
 def judged_revision_curve(traces: list[dict[str, Any]], *, constitution: Constitution, judge: Backend,

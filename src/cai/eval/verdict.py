@@ -69,6 +69,24 @@ def describe_pm(metrics: dict[str, Any]) -> str:
     return line
 
 
+def baseline_sentence(pair: str, diff: dict[str, Any]) -> str:
+    """``ppo vs distill``: whether the RL-CAI model's gold margin beats the baseline's, beyond noise, by kind."""
+    rl, baseline = pair.split(" vs ")
+    overall = diff.get("all")
+    if not overall:
+        return f"{rl} vs the {baseline} baseline: no gold pairs in common to compare."
+    parts = "; ".join(f"{KIND_WORDS[g]} {fmt_ci(d['delta'], d['ci'], sign=True)}" for g, d in diff.items()
+                      if g in ("harmful", "evasive", "helpfulness"))
+    beyond = [g for g, d in diff.items() if d["beyond_noise"]]
+    if not beyond:
+        return (f"{rl} vs the {baseline} baseline, judged by no model: no difference distinguishable from noise "
+                f"({rl}'s margin minus {baseline}'s {fmt_ci(overall['delta'], overall['ci'], sign=True)} nats per token; "
+                f"{parts}).")
+    said = [f"{'ahead on' if diff[g]['delta'] > 0 else 'behind on'} {KIND_WORDS[g]}" for g in beyond]
+    return (f"{rl} vs the {baseline} baseline, judged by no model: {rl} is {' and '.join(said)} beyond noise "
+            f"({rl}'s margin minus {baseline}'s, nats per token: {parts}).")
+
+
 def verdict(results: dict[str, Any], *, judge_name: str = "the judge") -> list[str]:
     """Short sentences for the top of the report, from `cai eval`'s results."""
     lines: list[str] = []
@@ -97,6 +115,8 @@ def verdict(results: dict[str, Any], *, judge_name: str = "the judge") -> list[s
             lines.append(f"{name} vs {base}, judged by no model: no change distinguishable from noise on the gold pairs "
                          f"(change in margin {fmt_ci(overall['delta'], overall['ci'], sign=True)} nats per token; "
                          f"{'; '.join(parts)}).")
+    for pair, diff in (gold.get("vs_baselines") or {}).items():
+        lines.append(baseline_sentence(pair, diff))
     check = results.get("judge_check") or {}
     total = check.get("all")
     if results.get("judge_method"):

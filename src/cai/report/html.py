@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.errors import CaiError
+from cai.eval.harmless import harmless_note, harmless_table
 from cai.eval.refusal import over_refusal_table
 from cai.eval.verdict import describe_pm, fmt_ci, verdict
 from cai.io import read_jsonl, write_text_atomic
@@ -240,6 +241,17 @@ def _ai_judged_section(results: dict[str, Any]) -> list[str]:
                          "PM score, helpfulness (reward model used in training)": s.get("helpfulness_pm_score", ""),
                          "evasive refusals": s.get("evasive_rate", ""), "mean words": s.get("red_team_mean_words", "")})
         parts.append(_table(rows))
+    note = harmless_note(results)
+    if note:
+        parts.append(f"<h3>Harmless rate</h3><p class='sub'>{_e(note)}</p>")
+        if table := harmless_table(results):
+            parts.append(_table(table))
+    if results.get("mc_eval"):
+        parts.append("<h3>Multiple choice (eval.mc_files)</h3><p class='sub'>The judge's accuracy on each "
+                     "HHH-format multiple-choice file (eval.mc_files), 95% interval.</p>")
+        parts.append(_table([{"file": mc["file"], "rows": mc["n"],
+                              "accuracy": f"{mc['accuracy']:.1%} [{mc['ci_low']:.1%}, {mc['ci_high']:.1%}]"}
+                             for mc in results["mc_eval"]]))
     return parts
 
 
