@@ -283,6 +283,12 @@ def dpo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def distill(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Baseline: fine-tune on the critic's own answers under the principles, no critique or revision (section distill)."""
+    _stage("distill", config, set_)
+
+
+@app.command()
 def rloo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """RL-CAI: RLOO (TRL) of the SL-CAI policy against the preference model, KL to SL-CAI (section rl.rloo)."""
     _stage("rloo", config, set_)

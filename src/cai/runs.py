@@ -97,16 +97,17 @@ STAGES: tuple[Stage, ...] = (
 )
 STAGE: dict[str, Stage] = {s.name: s for s in STAGES}
 RL_STAGES: tuple[str, ...] = get_args(RLAlgo)
+"""The stages `rl.algo` chooses between: one, several (``[ppo, rloo]``) or ``both`` (= ppo and dpo)."""
 BASELINE_STAGES: tuple[str, ...] = get_args(Baseline)
 """The baseline stages, run only when ``baselines`` names them."""
-"""The stages `rl.algo` chooses between: one, several (``[ppo, rloo]``) or ``both`` (= ppo and dpo)."""
 
 LEGACY_FOLDERS = {"critique_revision": "critique", "sl_cai": "sft", "samples": "sample", "feedback": "label",
                   "preference_model": "pm", "rl_cai": "ppo", "rl_cai_dpo": "dpo"}
 """Stage folders of cai before 0.2, when a stage had three names; such runs are refused, not mixed."""
 
 _SECTION_ROOTS = {s.split(".")[0] for stage in STAGES for s in stage.sections} | {"rl"}
-_NOT_CONTENT = ("name", "runs_dir")  # where a run lives is not what it computes
+# Where a run lives is not what it computes, and `baselines` (like `rl.algo`) only picks which stages run.
+_NOT_CONTENT = ("name", "runs_dir", "baselines")
 
 
 def get_stage(name: str) -> Stage:
