@@ -283,6 +283,12 @@ def dpo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def rlhf(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Baseline: a preference model on human comparisons only, then the same PPO (or DPO) as RL-CAI (section rlhf)."""
+    _stage("rlhf", config, set_)
+
+
+@app.command()
 def distill(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Baseline: fine-tune on the critic's own answers under the principles, no critique or revision (section distill)."""
     _stage("distill", config, set_)

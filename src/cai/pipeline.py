@@ -15,6 +15,7 @@ from cai.config import RunConfig
 from cai.config_loader import config_to_yaml, read_yaml
 from cai.constitution_yaml import load_constitution
 from cai.data import load_prompts
+from cai.data.comparisons import read_comparisons, rlhf_sources
 from cai.errors import CaiError
 from cai.eval.refusal import load_over_refusal
 from cai.io import ensure_dir, write_text_atomic
@@ -55,9 +56,15 @@ def check_inputs(cfg: RunConfig) -> None:
             load_prompts(source.source, split=source.split, limit=1)
     if cfg.eval.over_refusal is not None:
         load_over_refusal(cfg.eval.over_refusal)  # every row: a malformed one is named now, not at eval
-    for path in (cfg.sft.extra_data, cfg.pm.human_data, *cfg.eval.mc_files):
+    for path in (cfg.sft.extra_data, *cfg.eval.mc_files):
         if path and not Path(path).exists() and not str(path).startswith("hf:"):
             raise CaiError(f"file {path} named in the config does not exist")
+    # Human comparisons, every row: a malformed one is named now, not after the earlier stages.
+    comparisons = [(cfg.pm.human_data, "helpfulness")] if cfg.pm.human_data else []
+    if "rlhf" in cfg.baselines:
+        comparisons += [(source, axis) for _, source, axis in rlhf_sources(cfg.rlhf)]
+    for source, axis in comparisons:
+        read_comparisons(source, axis)
     # Every stage's model too, so a typo in a late stage's model fails now, not hours in.
     models = {"model": cfg.model, "critique.critic": cfg.critique.critic,
               "label.feedback_model": cfg.label.feedback_model, "eval.judge": cfg.eval.judge}

@@ -90,7 +90,7 @@ STAGES: tuple[Stage, ...] = (
           "RL-CAI model: RLOO (TRL) against the preference model"),
     Stage("grpo", "cai.train.online_rl:run_grpo", ("rl.grpo", "sample.policy"), ("train_log.jsonl",), False,
           "RL-CAI model: GRPO (TRL) against the preference model"),
-    Stage("rlhf", "cai.train.rlhf:run_rlhf", ("rlhf", "pm", "rl.ppo", "rl.dpo"), ("train_log.jsonl",), False,
+    Stage("rlhf", "cai.train.rlhf:run_rlhf", ("rlhf", "pm", "rl.ppo", "rl.dpo", "sample.policy"), ("train_log.jsonl",), False,
           "baseline: a preference model on human comparisons only, then the same RL"),
     Stage("eval", "cai.eval.evaluate:run_eval", ("eval", "label"), ("responses.jsonl", "judgements.jsonl"), False,
           "the models side by side: gold pairs, judged pairs, Elo"),

@@ -23,8 +23,7 @@ import torch
 
 from cai.config import PMConfig, RunConfig
 from cai.config_loader import config_to_yaml
-from cai.data.loaders import parse_transcript
-from cai.data.sources import read_source
+from cai.data.comparisons import read_comparisons
 from cai.errors import CaiError
 from cai.eval.verdict import describe_pm
 from cai.io import JsonlWriter, read_jsonl, write_json_atomic
@@ -119,20 +118,21 @@ def pairs_from_labels(rows: list[dict[str, Any]]) -> list[Pair]:
             if not r.get("abstained")]
 
 
-def pairs_from_human_comparisons(source: str) -> list[Pair]:
-    """Hard-labelled pairs from hh-rlhf style rows (``chosen``/``rejected`` transcripts, or messages)."""
-    name, raw, _ = read_source(source, "train")
-    pairs = []
-    for i, row in enumerate(raw, start=1):
-        chosen, rejected = row.get("chosen"), row.get("rejected")
-        if chosen is None or rejected is None:
-            raise CaiError(f"{name} row {i} needs 'chosen' and 'rejected' columns for human comparisons")
-        chosen = parse_transcript(chosen) if isinstance(chosen, str) else list(chosen)
-        rejected = parse_transcript(rejected) if isinstance(rejected, str) else list(rejected)
-        if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
-            raise CaiError(f"{name} row {i}: 'chosen' and 'rejected' must each end with an assistant turn")
-        pairs.append(Pair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], 1.0, f"human-{i}", "helpfulness"))
-    return pairs
+def pairs_from_human_comparisons(source: str, kind: str = "helpfulness") -> list[Pair]:
+    """Hard-labelled pairs (the preferred answer as A, p_a = 1) from human comparisons.
+
+    Args:
+        source: hh-rlhf ``chosen``/``rejected`` transcripts, ``prompt``/``chosen``/``rejected`` rows, or
+            ``gold:<split>`` (`cai.data.comparisons.read_comparisons` reads all three).
+        kind: what the pairs teach, ``helpfulness`` or ``harmlessness`` (of the gold pairs, that axis's).
+
+    Returns:
+        Pairs grouped by their conversation, so the train/eval split never puts one prompt on both sides.
+
+    Raises:
+        CaiError: an unreadable source or a malformed row (named).
+    """
+    return [Pair(c.context, c.chosen, c.rejected, 1.0, c.group, c.axis) for c in read_comparisons(source, kind)]
 
 
 def mix_and_split(ai_pairs: list[Pair], human_pairs: list[Pair], config: PMConfig,
@@ -151,16 +151,22 @@ def mix_and_split(ai_pairs: list[Pair], human_pairs: list[Pair], config: PMConfi
     from_human = min(len(human_pairs), wanted - from_ai)
     helpful = rng.sample(human_pairs, from_human) + rng.sample(ai_helpful, from_ai)
     pairs = harmless + helpful
+    train, held_out = split_by_group(pairs, config.eval_fraction, rng)
+    counts = {"harmlessness_pairs": len(harmless), "helpfulness_pairs": len(helpful), "human_helpfulness_pairs": from_human,
+              "helpfulness_source": "+".join(n for n, k in (("human", from_human), ("ai", from_ai)) if k) or "none", "train_pairs": len(train), "eval_pairs": len(held_out)}
+    return train, held_out, counts
+
+
+def split_by_group(pairs: list[Pair], eval_fraction: float, rng: random.Random) -> tuple[list[Pair], list[Pair]]:
+    """(train, held-out): about ``eval_fraction`` of the groups held out whole, the train pairs shuffled."""
     groups = sorted({p.group for p in pairs})
     rng.shuffle(groups)
-    n_eval = max(1, round(config.eval_fraction * len(groups))) if len(groups) > 1 and config.eval_fraction else 0
+    n_eval = max(1, round(eval_fraction * len(groups))) if len(groups) > 1 and eval_fraction else 0
     eval_groups = set(groups[:n_eval])
     train = [p for p in pairs if p.group not in eval_groups]
     held_out = [p for p in pairs if p.group in eval_groups]
     rng.shuffle(train)
-    counts = {"harmlessness_pairs": len(harmless), "helpfulness_pairs": len(helpful), "human_helpfulness_pairs": from_human,
-              "helpfulness_source": "+".join(n for n, k in (("human", from_human), ("ai", from_ai)) if k) or "none", "train_pairs": len(train), "eval_pairs": len(held_out)}
-    return train, held_out, counts
+    return train, held_out
 
 
 def evaluate_pm(scorer: RewardScorer, pairs: list[Pair], n_bootstrap: int = 200, seed: int = 0) -> dict[str, Any]:

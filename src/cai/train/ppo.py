@@ -37,7 +37,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -330,6 +330,46 @@ def eval_reward(backend: Any, scorer: RewardScorer, prompts: list[PromptRow], pa
 
 
 
+class PPOPrompts(NamedTuple):
+    """The prompt sets PPO reads (``rl.ppo``): rollouts' red-team and helpfulness prompts, and the held-out ones."""
+
+    red_team: list[PromptRow]
+    helpful: list[PromptRow]
+    held_out: list[PromptRow]
+
+
+def load_ppo_prompts(pcfg: PPOConfig) -> PPOPrompts:
+    """Read PPO's prompt sets (no model needed), so a bad source fails before anything loads."""
+    return PPOPrompts(load_prompt_set(pcfg.prompts, "PPO red-team prompts"),
+                      load_prompt_set(pcfg.helpfulness, "PPO helpfulness prompts") if pcfg.helpfulness else [],
+                      load_prompt_set(pcfg.eval_prompts, "PPO held-out prompts"))
+
+
+def fit_ppo_prompts(prompts: PPOPrompts, pcfg: PPOConfig, policy: str) -> PPOPrompts:
+    """Fit prompts that can't hold their answer now (tokenizer only): a resume redraws the same batches."""
+    counter = TokenCounter(policy)
+    budget = pcfg.sampling.max_new_tokens
+    red_team = fit_prompt_set(prompts.red_team, counter, budget, pcfg.prompts.too_long, "PPO red-team prompts")
+    helpful = prompts.helpful
+    if helpful:
+        helpful = fit_prompt_set(helpful, counter, budget, pcfg.helpfulness.too_long, "PPO helpfulness prompts")
+    held_out = fit_prompt_set(prompts.held_out, counter, budget, pcfg.eval_prompts.too_long, "PPO held-out prompts")
+    return PPOPrompts(red_team, helpful, held_out)
+
+
+def ppo_summary(metrics: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """A PPO run's manifest counts: steps, held-out PM reward at the start and end, largest and final KL."""
+    kls = [r["kl"] for r in read_jsonl(out_dir / "train_log.jsonl") if "kl" in r]
+    return {"steps": metrics["steps"], "eval_reward_start": metrics["eval_reward_start"],
+            "eval_reward_end": metrics["eval_reward_end"], "max_kl": max(kls) if kls else None,
+            "final_kl": kls[-1] if kls else None}
+
+
+def describe_ppo(summary: dict[str, Any]) -> str:
+    """The one line a PPO stage prints when it finishes."""
+    return f"held-out PM reward {summary['eval_reward_start']} -> {summary['eval_reward_end']}, max KL {summary['max_kl']}"
+
+
 def run_ppo(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = True) -> Path:
     """Stage ``ppo``: PPO of the SL-CAI policy against the run's preference model, into ``ppo/``."""
     from rich.console import Console
@@ -337,32 +377,20 @@ def run_ppo(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = T
     console = Console(stderr=True)
     st = StageRun(cfg, "ppo", shard)
     pcfg = cfg.rl.ppo
-    prompts = load_prompt_set(pcfg.prompts, "PPO red-team prompts")
-    helpful = load_prompt_set(pcfg.helpfulness, "PPO helpfulness prompts") if pcfg.helpfulness else []
-    eval_prompts = load_prompt_set(pcfg.eval_prompts, "PPO held-out prompts")
+    prompts = load_ppo_prompts(pcfg)
     pm = st.require("pm")
     if st.skip():
         return st.dir
     policy = policy_spec(cfg)
-    # Prompts that can't fit with their answer are fitted now (tokenizer only): a resume redraws the same batches.
-    counter = TokenCounter(policy)
-    budget = pcfg.sampling.max_new_tokens
-    prompts = fit_prompt_set(prompts, counter, budget, pcfg.prompts.too_long, "PPO red-team prompts")
-    if helpful:
-        helpful = fit_prompt_set(helpful, counter, budget, pcfg.helpfulness.too_long, "PPO helpfulness prompts")
-    eval_prompts = fit_prompt_set(eval_prompts, counter, budget, pcfg.eval_prompts.too_long, "PPO held-out prompts")
+    prompts = fit_ppo_prompts(prompts, pcfg, policy)
     st.start(model=policy)
-    metrics = train_ppo(prompts, helpful, eval_prompts, policy_spec=policy, pm_folder=pm, out_dir=st.dir, config=pcfg,
+    metrics = train_ppo(*prompts, policy_spec=policy, pm_folder=pm, out_dir=st.dir, config=pcfg,
                         seed=cfg.seed, device=cfg.model.device, show_progress=show_progress)
-    kls = [r["kl"] for r in read_jsonl(st.dir / "train_log.jsonl") if "kl" in r]
-    summary = {"steps": metrics["steps"], "eval_reward_start": metrics["eval_reward_start"],
-               "eval_reward_end": metrics["eval_reward_end"], "max_kl": max(kls) if kls else None,
-               "final_kl": kls[-1] if kls else None}
+    summary = ppo_summary(metrics, st.dir)
     write_model_card(st.dir, title=f"RL-CAI (PPO) model of run '{cfg.name}'", base_model=policy,
                      summary=("Policy optimised with PPO against a preference model trained on AI feedback "
                               f"under the `{cfg.constitution}` constitution, with a KL penalty to the SL-CAI model."),
                      facts=summary, config_yaml=config_to_yaml(cfg))
-    console.print(f"ppo: held-out PM reward {summary['eval_reward_start']} -> {summary['eval_reward_end']}, "
-                  f"max KL {summary['max_kl']}")
+    console.print(f"ppo: {describe_ppo(summary)}")
     st.done(**summary)
     return st.dir
