@@ -102,7 +102,9 @@ def prepare_run(cfg: RunConfig, *, from_stage: str | None = None) -> None:
             raise CaiError(f"{saved} no longer matches this version of cai ({err.errors()[0]['msg']}); "
                            "use another run name, or --from STAGE to redo it with the new config") from err
         # Where the run lives is not what it computes: a copied or renamed run folder is the same run.
-        changed = [k for k in changed_keys(previous.model_dump(), cfg.model_dump()) if k not in ("name", "runs_dir")]
+        # Naming a baseline only adds a stage: finished stages stay valid, and eval sees the new model.
+        changed = [k for k in changed_keys(previous.model_dump(), cfg.model_dump())
+                   if k not in ("name", "runs_dir", "baselines")]
         first = min((order.index(first_stage_reading(key)) for key in changed), default=len(order))
         if from_stage is not None and changed and order.index(from_stage) > first:
             raise CaiError(

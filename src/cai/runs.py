@@ -287,6 +287,13 @@ class StageRun:
     def finished(self) -> bool:
         return is_done(self.dir)
 
+    def reopen(self, reason: str) -> None:
+        """Treat a finished stage as unfinished (say why): its next run resumes from the rows it kept."""
+        previous = read_manifest(self.dir)
+        if previous and previous.get("status") == "done":
+            console.print(f"{self.name}: {reason}; running it again (rows already written are kept)")
+            write_json_atomic(self.dir / "manifest.json", {**previous, "status": "running"})
+
     def skip(self) -> bool:
         """True (and says so) when this stage already finished with this same config."""
         if self.finished:

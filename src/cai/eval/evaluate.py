@@ -236,6 +236,9 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
     if ecfg.mc_files:
         mc = [(f, load_mc_file(f)) for f in ecfg.mc_files]
     over_refusal = load_over_refusal(ecfg.over_refusal) if ecfg.over_refusal else []
+    compared = (read_manifest(st.dir) or {}).get("model")
+    if compared is not None and compared != ", ".join(models):  # a baseline or RL stage finished after it
+        st.reopen(f"the run's models are now {', '.join(models)}, the finished eval compared {compared}")
     if st.skip():
         return st.dir
     st.start(model=", ".join(models))
