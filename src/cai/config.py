@@ -279,7 +279,8 @@ class PMConfig(SupervisedTrainingConfig):
 
     base: str | None = Field(None, description="Model the PM starts from; null = the run's starting model.")
     helpfulness_ratio: float = Field(0.25, ge=0, lt=1, description="Share of helpfulness comparisons in the mix.")
-    human_data: str | None = Field(None, description="hh-rlhf style chosen/rejected comparisons to mix into the helpfulness pairs.")
+    human_data: str | None = Field(None, description=("Human comparisons to mix into the helpfulness pairs: hh-rlhf chosen/"
+                                                      "rejected transcripts, prompt/chosen/rejected rows or gold:<split>."))
     human_ratio: float = Field(
         0.5, ge=0, le=1, description="With human_data: share of the helpfulness pairs drawn from it (the rest are AI-labelled)."
     )

@@ -195,7 +195,8 @@ def _setup(examples: list[Chat], model_spec: str, checkpoint: Path, config: SFTC
     accelerator = Accelerator(cpu=loaded.device.type == "cpu")
     data = [t for t in (tokenize_for_answer_loss(tokenizer, c, config.max_length) for c in examples) if t]
     if not data:
-        raise CaiError("no SFT examples left after tokenizing; check the critique stage's output")
+        raise CaiError("no SFT examples left after tokenizing: every one was empty or had no answer tokens within "
+                       "max_length; check the stage's train_data.jsonl (made from critique's, or distill's, answers)")
     model = apply_lora(loaded.model, config.lora)
     if config.activation_checkpointing:
         model.activation_checkpointing_enable()
