@@ -61,7 +61,23 @@ def critics(monkeypatch) -> Critics:
 
 def _cfg(tiny_model_dir, small_constitution, tmp_path, *extra):
     overrides = tiny_run_overrides(tiny_model_dir, tmp_path / "runs", small_constitution)
-    return load_config(RunConfig, None, [*overrides, *FAST, *extra])
+    cfg = load_config(RunConfig, None, [*overrides, *FAST, *extra])
+    _finished_critique(cfg)
+    return cfg
+
+
+def _finished_critique(cfg: RunConfig) -> None:
+    """A done critique stage whose helpfulness answers (the policy's own, as SL-CAI mixes them in) distill reuses."""
+    from cai.io import JsonlWriter
+    from cai.runs import StageRun
+
+    st = StageRun(cfg, "critique")
+    st.start(model="m")
+    rows = load_prompt_set(cfg.critique.helpfulness, "helpfulness") if cfg.critique.helpfulness else []
+    with JsonlWriter(st.dir / "helpfulness.jsonl") as writer:
+        for r in rows:
+            writer.write({"id": r.id, "messages": [*r.messages, {"role": "assistant", "content": f"My own answer to {r.id}."}]})
+    st.done()
 
 
 def test_distill_trains_on_the_critics_answers_without_the_system_turn(tiny_model_dir, small_constitution, tmp_path,
@@ -74,15 +90,14 @@ def test_distill_trains_on_the_critics_answers_without_the_system_turn(tiny_mode
 
     out = distill.run_distill(cfg, show_progress=False)
 
-    # One answer per prompt of both sets, with ids that keep the sets apart.
+    # One answer per red-team prompt; the helpfulness data is SL-CAI's own (the critique stage's).
     answers = read_jsonl(out / "answers.jsonl")
-    assert [r["id"] for r in answers] == ([f"red-team/{r.id}" for r in red_team]
-                                          + [f"helpfulness/{r.id}" for r in helpful])
+    assert [r["id"] for r in answers] == [f"red-team/{r.id}" for r in red_team]
     # The critic answered every prompt under the principles, and was closed before training.
     (critic,) = critics
     system = distill_system(load_constitution(str(small_constitution)))
     prompts = [p for method, batch in critic.calls if method == "generate" for p in batch]
-    assert len(prompts) == 10 and all(p.startswith(f"<|system|>\n{system}\n<|user|>") for p in prompts)
+    assert len(prompts) == 6 and all(p.startswith(f"<|system|>\n{system}\n<|user|>") for p in prompts)
     assert "Rewrite the response to remove harm." in system and "Rewrite the response to be accurate." in system
     assert critic.closed
     assert (out / "system.txt").read_text().strip() == system.strip()
@@ -92,11 +107,13 @@ def test_distill_trains_on_the_critics_answers_without_the_system_turn(tiny_mode
     assert train and all(m["role"] != "system" for r in train for m in r["messages"])
     assert all(r["messages"][-1]["role"] == "assistant" for r in train)
     written = {r["messages"][-1]["content"] for r in answers}
-    assert {r["messages"][-1]["content"] for r in train} <= written - {""}
+    own = {f"My own answer to {r.id}." for r in helpful}
+    assert {r["messages"][-1]["content"] for r in train} <= (written - {""}) | own
+    assert {r["messages"][-1]["content"] for r in train} & own  # SL-CAI's helpfulness rows are mixed in
     assert all(r["messages"][-2]["content"] != dropped for r in train)  # the empty answer is not trained on
 
     counts = json.loads((out / "manifest.json").read_text())["counts"]
-    assert counts["answers"] == 10 and counts["red_team_rows"] == 6 and counts["helpfulness_rows"] == 4
+    assert counts["answers"] == 6 and counts["red_team_rows"] == 6 and counts["helpfulness_rows"] == 4
     assert counts["degenerate_answers"] == counts["degenerate_red_team_answers"] == 1
     # SL-CAI's mix: helpfulness is a quarter of the examples (0.25 / 0.75 * 5 red-team answers = 2).
     assert (counts["harmlessness_examples"], counts["helpfulness_examples"], counts["train_rows"]) == (5, 2, 7)
@@ -140,7 +157,7 @@ def test_only_degenerate_answers_is_a_clear_error(tiny_model_dir, small_constitu
 
 def test_cai_run_runs_distill_only_when_baselines_names_it_and_eval_lists_it(
         tiny_model_dir, small_constitution, tmp_path, critics, cai_cli, monkeypatch):
-    """`cai run` with the other stages stubbed out: distill runs after sft and before sample, only when named."""
+    """`cai run` with the other stages stubbed out: distill runs after the RL stages, only when named."""
     from cai import pipeline
     from cai.eval.evaluate import eval_models
     from cai.runs import stage_status
@@ -150,6 +167,8 @@ def test_cai_run_runs_distill_only_when_baselines_names_it_and_eval_lists_it(
 
     def run_stage(cfg, name, **kwargs):
         ran.append(name)
+        if name == "critique":
+            _finished_critique(cfg)
         return real_run_stage(cfg, name, **kwargs) if name == "distill" else cfg.run_dir / name
 
     monkeypatch.setattr(pipeline, "run_stage", run_stage)
@@ -169,7 +188,7 @@ def test_cai_run_runs_distill_only_when_baselines_names_it_and_eval_lists_it(
     ran.clear()
     result = cai_cli("run", config, *sets, "--set", "name=with", "--set", "baselines=[distill]")
     assert result.code == 0, result.err
-    assert ran == ["critique", "sft", "distill", "sample", "label", "pm", "dpo", "eval"]
+    assert ran == ["critique", "sft", "sample", "label", "pm", "dpo", "distill", "eval"]
     cfg = load_config(RunConfig, config, [*overrides, "name=with", "baselines=[distill]"])
     assert json.loads((cfg.run_dir / "distill" / "manifest.json").read_text())["status"] == "done"
     assert eval_models(cfg) == {"base": str(tiny_model_dir), "distill": str(cfg.run_dir / "distill")}

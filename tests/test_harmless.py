@@ -96,7 +96,7 @@ def test_verdict_compares_each_rl_cai_model_to_each_baseline_on_the_gold_pairs()
 
     gold = gold_results({"base": scores(0.0), "sft": scores(0.1), "ppo": scores(0.5), "distill": scores(0.5),
                          "rlhf": scores(0.1)}, n_bootstrap=200, seed=0)
-    assert set(gold["vs_baselines"]) == {"ppo vs distill", "ppo vs rlhf"}
+    assert set(gold["vs_baselines"]) == {"sft vs distill", "ppo vs distill", "ppo vs rlhf"}
     lines = verdict({"gold": gold})
     assert any(line.startswith("ppo vs the distill baseline") and "no difference distinguishable" in line for line in lines)
     assert any(line.startswith("ppo vs the rlhf baseline") and "ahead on" in line for line in lines)

@@ -137,7 +137,7 @@ def test_judge_check_command_prints_the_method_table(tmp_path, small_constitutio
             "--set", "model.backend=fake", "--set", "label.votes=2"]
     result = cai_cli("judge-check", *sets, "--limit", "6", "--methods", "mc,votes")
     assert result.code == 0, result.err
-    assert "judging methods of" in result.out and "6 dev gold pairs" in result.out and "best: " in result.out
+    assert "judging methods of" in result.out and "6 dev gold pairs" in result.out and ("best: " in result.out or "no method clears chance: auto would label with the cheapest" in result.out)
     saved = list((tmp_path / "runs").glob("*/judge-check/dev-*/table.json"))
     assert len(saved) == 1 and set(json.loads(saved[0].read_text())["methods"]) == {"mc", "votes"}
     # Fewer pairs than an earlier check on the same settings: its rows are reused, but only the asked ones count.

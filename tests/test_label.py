@@ -13,7 +13,8 @@ from cai.constitution import sample_feedback_principles
 from cai.constitution_yaml import load_constitution
 from cai.eval.judge_check import position_bias
 from cai.judging import sigmoid
-from cai.stages.label import combine_orders, label_pairs, make_pairs
+from cai.judging import combine_orders
+from cai.stages.label import label_pairs, make_pairs
 
 
 def sample_rows():

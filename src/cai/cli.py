@@ -386,7 +386,8 @@ def judge_check(
         out.print("no method could run on this feedback model")
     else:
         low = result["methods"][best]["all"]["ci"][0]
-        out.print(f"best: {best}" + ("" if low > 0.5 else " -- but no method clears chance: its labels would carry no signal"))
+        out.print(f"best: {best}" if low > 0.5 else
+                  f"no method clears chance: auto would label with the cheapest, {best}, and its labels would carry no signal")
 
 
 def _method_table(result: dict) -> Table:

@@ -542,7 +542,8 @@ class RLHFConfig(Strict):
     harmless_data: str | None = Field("gold:dev", description="Harmlessness comparisons (used by 'helpful-harmless'); same forms.")
     algo: Literal["ppo", "dpo"] = Field("ppo", description="RL against the human-label PM (ppo) or DPO on the comparisons.")
     policy: Literal["base", "sft"] = Field(
-        "base", description="Where RL starts: the base model (RLHF as usually run) or the SL-CAI model (only the labels differ).")
+        "base", description=("Where RL starts: the base model (RLHF as usually run) or 'sft', the policy RL-CAI starts "
+                             "from (the SL-CAI model, or sample.policy), so that only the labels differ."))
 
 
 class RunConfig(Strict):

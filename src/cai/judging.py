@@ -42,6 +42,26 @@ def sigmoid(x: float) -> float:
     return e / (1.0 + e)
 
 
+def logit(p: float, eps: float = 1e-6) -> float:
+    p = min(max(p, eps), 1 - eps)
+    return math.log(p / (1 - p))
+
+
+def combine_orders(p_first: dict[str, float]) -> float:
+    """P(A better) from the per-order P(first option): average in log-odds space (an order the judge
+    abstained on, None, is left out; the caller makes sure one is left).
+
+    With a constant position bias b (in log-odds), P_ab = sigmoid(d + b) and P_ba = sigmoid(-d + b)
+    for a true preference d; the average of logit(P_ab) and -logit(P_ba) is exactly d.
+    """
+    terms = []
+    if p_first.get("ab") is not None:
+        terms.append(logit(p_first["ab"]))
+    if p_first.get("ba") is not None:
+        terms.append(-logit(p_first["ba"]))
+    return sigmoid(sum(terms) / len(terms))
+
+
 def first_option_probability(logprob_a: float, logprob_b: float) -> float | None:
     """P(first option) from the two options' log-probabilities, normalised over the two.
 

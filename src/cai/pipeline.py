@@ -103,8 +103,10 @@ def prepare_run(cfg: RunConfig, *, from_stage: str | None = None) -> None:
                            "use another run name, or --from STAGE to redo it with the new config") from err
         # Where the run lives is not what it computes: a copied or renamed run folder is the same run.
         # Naming a baseline only adds a stage: finished stages stay valid, and eval sees the new model.
+        # A baseline's own section matters only to a run that names it.
         changed = [k for k in changed_keys(previous.model_dump(), cfg.model_dump())
-                   if k not in ("name", "runs_dir", "baselines")]
+                   if k not in ("name", "runs_dir", "baselines")
+                   and not (k.split(".")[0] in BASELINE_STAGES and k.split(".")[0] not in cfg.baselines)]
         first = min((order.index(first_stage_reading(key)) for key in changed), default=len(order))
         if from_stage is not None and changed and order.index(from_stage) > first:
             raise CaiError(

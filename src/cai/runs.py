@@ -73,9 +73,6 @@ STAGES: tuple[Stage, ...] = (
           "SL-CAI data: answers to red-team prompts, critiqued and revised"),
     Stage("sft", "cai.train.sft:run_sft", ("sft",), ("train_data.jsonl",), False,
           "SL-CAI model: fine-tuned on the revisions"),
-    Stage("distill", "cai.train.distill:run_distill", ("distill", "critique.prompts", "critique.helpfulness",
-          "critique.response", "critique.critic", "sft"), ("answers.jsonl", "train_data.jsonl"), False,
-          "baseline: fine-tuned on the critic's own careful answers, no critique or revision"),
     Stage("sample", "cai.stages.sample:run_sample", ("sample",), ("red-team.jsonl", "helpfulness.jsonl"), True,
           "RL-CAI data: K answers per prompt from the SL-CAI model"),
     Stage("label", "cai.stages.label:run_label", ("label",), ("data.jsonl",), True,
@@ -90,6 +87,9 @@ STAGES: tuple[Stage, ...] = (
           "RL-CAI model: RLOO (TRL) against the preference model"),
     Stage("grpo", "cai.train.online_rl:run_grpo", ("rl.grpo", "sample.policy"), ("train_log.jsonl",), False,
           "RL-CAI model: GRPO (TRL) against the preference model"),
+    Stage("distill", "cai.train.distill:run_distill", ("distill", "critique.prompts", "critique.helpfulness",
+          "critique.response", "critique.critic", "sft"), ("answers.jsonl", "train_data.jsonl"), False,
+          "baseline: fine-tuned on the critic's own careful answers, no critique or revision"),
     Stage("rlhf", "cai.train.rlhf:run_rlhf", ("rlhf", "pm", "rl.ppo", "rl.dpo", "sample.policy"), ("train_log.jsonl",), False,
           "baseline: a preference model on human comparisons only, then the same RL"),
     Stage("eval", "cai.eval.evaluate:run_eval", ("eval", "label"), ("responses.jsonl", "judgements.jsonl"), False,
@@ -275,6 +275,9 @@ class StageRun:
             return
         saved = self.dir / "config.yaml"
         old = read_yaml(saved) if saved.is_file() else {}
+        if self._same_with_new_defaults(old):
+            return
+
         keys = changed_keys(stage_view(old if isinstance(old, dict) else {}, self.name),
                             stage_view(self.cfg.model_dump(mode="json"), self.name))
         what = f"changed: {', '.join(keys[:5])}" if keys else "its config hash differs"
@@ -282,6 +285,17 @@ class StageRun:
             f"{self.name}: {self.dir} was made with a different config ({what}); restore that config to "
             f"{'resume' if previous.get('status') == 'running' else 'reuse'} it, use another run name "
             f"(--set name=NEW), or delete the folder to redo the stage")
+
+    def _same_with_new_defaults(self, old: Any) -> bool:
+        """The saved config computes the same as this one once read by this cai: the hashes differ only
+        because a newer cai added keys at their defaults (a run started before an upgrade resumes)."""
+        from pydantic import ValidationError
+
+        try:
+            upgraded = RunConfig.model_validate(old)
+        except ValidationError:
+            return False
+        return stage_config_hash(upgraded, self.name) == self.config_hash
 
     @property
     def finished(self) -> bool:
@@ -430,7 +444,7 @@ def stage_status(run_dir: Path, rl_algo: str | list[str] | None = None,
         status = manifest.get("status", "not started")
         if not manifest and picked and stage.name in RL_STAGES and stage.name not in picked:
             status = f"not in this run (rl.algo: {', '.join(picked)})"
-        if not manifest and stage.name in BASELINE_STAGES and stage.name not in (baselines or []):
+        if not manifest and baselines is not None and stage.name in BASELINE_STAGES and stage.name not in baselines:
             status = "not in this run (baselines)"
         counts = manifest.get("counts", {})
         rows.append({"stage": stage.name, "status": status, "attempts": manifest.get("attempts"),

@@ -247,7 +247,9 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
         return load_backend(cfg.model.model_copy(update={"name": spec}))
 
     out = st.dir
-    answers = generate_answers(models, sets, out / "responses.jsonl", ecfg.sampling.params(), load, show_progress)
+    # Only the models compared now: a reopened eval keeps the answers of a model since removed on disk.
+    answers = [a for a in generate_answers(models, sets, out / "responses.jsonl", ecfg.sampling.params(), load,
+                                           show_progress) if a["model"] in models]
     # XSTest-format prompts: a file of their own, so they never enter the pairwise judging.
     refusal_answers = generate_answers(models, {"over-refusal": over_refusal}, out / "over_refusal.jsonl",
                                        ecfg.sampling.params(), load, show_progress) if over_refusal else []
@@ -337,11 +339,15 @@ def pm_gold_agreement(scorer: RewardScorer, pairs: Sequence[GoldPair]) -> dict[s
 
 def gold_results(scores: dict[str, list], n_bootstrap: int, seed: int) -> dict[str, Any]:
     """Per model: accuracy and margin on the gold pairs by kind; per trained model: its change from base;
-    per RL-CAI model and baseline (distill, rlhf) in the run: the RL-CAI model's margin minus the baseline's."""
+    per baseline (distill, rlhf) in the run: each RL-CAI model's margin minus the baseline's, and SL-CAI's
+    minus distill's."""
     names = list(scores)
     base = names[0]
-    vs_baselines = {f"{rl} vs {baseline}": G.paired_difference(scores[baseline], scores[rl], n_bootstrap, seed)
-                    for rl in names if rl in RL_STAGES for baseline in names if baseline in BASELINE_STAGES}
+    # SL-CAI against distill (what critique and revision add over the critic's careful answers), and
+    # each RL-CAI model against each baseline.
+    vs_baselines = {f"{model} vs {baseline}": G.paired_difference(scores[baseline], scores[model], n_bootstrap, seed)
+                    for baseline in names if baseline in BASELINE_STAGES for model in names
+                    if model in RL_STAGES or (model == "sft" and baseline == "distill")}
     return {"summary": {name: G.summarize(scores[name], n_bootstrap, seed) for name in names},
             "vs_base": {name: G.paired_difference(scores[base], scores[name], n_bootstrap, seed) for name in names[1:]},
             "vs_baselines": vs_baselines, "base": base}
@@ -396,7 +402,7 @@ def _transcripts(traces: list, models: dict[str, str], load: Any, params: Any) -
     """prompt -> initial -> critique -> revision -> final RL answer, for the report."""
     if not traces:
         return []
-    last = list(models)[-1]
+    last = [name for name in models if name not in BASELINE_STAGES][-1]  # the run's own final model
     backend = load(models[last])
     try:
         answers = backend.generate([t["prompt"] for t in traces], params)

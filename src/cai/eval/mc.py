@@ -23,7 +23,7 @@ from cai.backends.base import Backend
 from cai.constitution import Constitution, FeedbackPrinciple
 from cai.errors import CaiError
 from cai.judging import first_option_probability, sigmoid
-from cai.stages.label import combine_orders
+from cai.judging import combine_orders
 from cai.stats import wilson_interval
 from cai.types import SamplingParams
 

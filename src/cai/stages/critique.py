@@ -30,7 +30,7 @@ from cai.constitution_yaml import load_constitution
 from cai.data import PromptRow
 from cai.data.prompt_sets import fit_prompt_set, load_prompt_set
 from cai.io import JsonlWriter, iter_batches, read_jsonl
-from cai.judging import Question, ask
+from cai.judging import Question, ask, combine_orders
 from cai.progress import progress_bar
 from cai.runs import StageRun
 from cai.sharding import shard_rows
@@ -263,7 +263,7 @@ def _judge_revisions(
 ) -> dict[tuple[int, int], float | None]:
     """P(candidate is better than the answer it would replace) for every candidate that passed the
     checks, keyed (row, candidate): one batched call by the judging protocol (`cai.judging.ask`),
-    both orders averaged, under a feedback principle drawn per row and round. None: abstained."""
+    both orders combined in log-odds as the label stage does, under a feedback principle drawn per row and round. None: abstained."""
     questions: list[Question] = []
     keys: list[tuple[int, int]] = []
     for i, (t, (candidates, problems)) in enumerate(zip(traces, checked)):
@@ -279,9 +279,8 @@ def _judge_revisions(
                            seed=seed)
     verdicts: dict[tuple[int, int], float | None] = {}
     for j, key in enumerate(keys):
-        first, second = probabilities[2 * j], probabilities[2 * j + 1]
-        seen = [p for p in (first, None if second is None else 1.0 - second) if p is not None]
-        verdicts[key] = sum(seen) / len(seen) if seen else None
+        orders = {"ab": probabilities[2 * j], "ba": probabilities[2 * j + 1]}
+        verdicts[key] = combine_orders(orders) if any(p is not None for p in orders.values()) else None
     return verdicts
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,7 +44,7 @@ from cai.errors import CaiError
 from cai.eval.judge_check import judge_agreement, judge_pairs_from_gold, position_bias
 from cai.config_loader import config_hash_of
 from cai.io import JsonlWriter, iter_batches, read_jsonl, write_json_atomic, write_text_atomic
-from cai.judging import JUDGE_METHODS, Question, ask, sigmoid
+from cai.judging import JUDGE_METHODS, Question, ask, combine_orders
 from cai.progress import progress_bar
 from cai.locks import acquire_folder, release_folder
 from cai.runs import StageRun
@@ -54,26 +53,6 @@ from cai.sharding import shard_rows
 console = Console(stderr=True)
 
 ORDERS = ("ab", "ba")
-
-
-def logit(p: float, eps: float = 1e-6) -> float:
-    p = min(max(p, eps), 1 - eps)
-    return math.log(p / (1 - p))
-
-
-def combine_orders(p_first: dict[str, float]) -> float:
-    """P(A better) from the per-order P(first option): average in log-odds space (an order the judge
-    abstained on, None, is left out; the caller makes sure one is left).
-
-    With a constant position bias b (in log-odds), P_ab = sigmoid(d + b) and P_ba = sigmoid(-d + b)
-    for a true preference d; the average of logit(P_ab) and -logit(P_ba) is exactly d.
-    """
-    terms = []
-    if p_first.get("ab") is not None:
-        terms.append(logit(p_first["ab"]))
-    if p_first.get("ba") is not None:
-        terms.append(-logit(p_first["ba"]))
-    return sigmoid(sum(terms) / len(terms))
 
 
 def clamp(p: float, band: tuple[float, float]) -> float:

@@ -4,12 +4,13 @@ A reviewer's first question about SL-CAI is whether the critique-and-revise loop
 simply asking a strong model to answer carefully and fine-tuning on what it says (Sharma et al.,
 2024). This stage is that alternative, run on the same footing as SL-CAI:
 
-- the same prompts: the red-team and helpfulness sets of ``critique.prompts`` / ``critique.helpfulness``;
-- the same teacher: the critic (``critique.critic``, else ``model``), which answers each prompt once
-  under a system turn holding the constitution's principles (``distill.system``; by default the
-  critique principles' revision requests, listed by `cai.prompts.distill_system`);
-- the same training: the answers are mixed with the helpfulness answers at ``sft.helpfulness_ratio``
-  and trained by `cai.train.sft.train_sft` with the ``sft`` settings.
+- the same red-team prompts (``critique.prompts``), answered once each by the critic (``critique.critic``,
+  else ``model``) under a system turn holding the constitution's principles (``distill.system``; by
+  default the critique principles' revision requests, listed by `cai.prompts.distill_system`);
+- the same helpfulness data: the critique stage's own ``helpfulness.jsonl`` (the model's answers
+  that SL-CAI mixes in), so that only the harmlessness data differs between the two rows;
+- the same training: mixed at ``sft.helpfulness_ratio`` and trained by `cai.train.sft.train_sft`
+  with the ``sft`` settings.
 
 The training examples hold the user's bare conversation, never the system turn: the model is
 meant to learn to answer carefully unprompted, which is what SL-CAI's revisions teach too.
@@ -93,8 +94,7 @@ def run_distill(cfg: RunConfig, *, shard: str | None = None, show_progress: bool
     extra = read_sft_file(cfg.sft.extra_data) if cfg.sft.extra_data else []
     sets: list[tuple[str, PromptSetConfig, list[PromptRow]]] = [
         (RED_TEAM, ccfg.prompts, load_prompt_set(ccfg.prompts, "red-team prompts"))]
-    if ccfg.helpfulness:
-        sets.append((HELPFULNESS, ccfg.helpfulness, load_prompt_set(ccfg.helpfulness, "helpfulness prompts")))
+    critique = st.require("critique")  # its helpfulness answers are SL-CAI's, and so are distill's
     if st.skip():
         return st.dir
     critic_config = ccfg.critic or cfg.model
@@ -119,7 +119,8 @@ def run_distill(cfg: RunConfig, *, shard: str | None = None, show_progress: bool
 
     answers = read_jsonl(answers_path)
     usable, degenerate = split_answers(answers)
-    examples, mix = mix_with_helpfulness(usable[RED_TEAM], usable[HELPFULNESS] + extra,
+    helpful = [r["messages"] for r in read_jsonl(critique / "helpfulness.jsonl")]
+    examples, mix = mix_with_helpfulness(usable[RED_TEAM], helpful + extra,
                                          helpfulness_ratio=cfg.sft.helpfulness_ratio, seed=cfg.seed)
     if not mix["harmlessness_examples"]:
         raise CaiError(f"none of the {sum(r['set'] == RED_TEAM for r in answers)} red-team answers in {answers_path} "
@@ -128,7 +129,7 @@ def run_distill(cfg: RunConfig, *, shard: str | None = None, show_progress: bool
     counts = {
         "answers": len(answers),
         "red_team_rows": sum(r["set"] == RED_TEAM for r in answers),
-        "helpfulness_rows": sum(r["set"] == HELPFULNESS for r in answers),
+        "helpfulness_rows": len(helpful),
         "degenerate_answers": sum(degenerate.values()),
         "degenerate_red_team_answers": degenerate[RED_TEAM],
         "degenerate_helpfulness_answers": degenerate[HELPFULNESS],
@@ -146,9 +147,9 @@ def run_distill(cfg: RunConfig, *, shard: str | None = None, show_progress: bool
     write_model_card(
         st.dir, title=f"Distill baseline of run '{cfg.name}'", base_model=cfg.model.name,
         summary=(f"Baseline for SL-CAI: `{cfg.model.name}` fine-tuned on `{critic_config.name}`'s own answers to the "
-                 f"same red-team and helpfulness prompts, written under a system turn holding the `{cfg.constitution}` "
-                 "constitution's principles, with no critique or revision; the training examples leave the system "
-                 "turn out. Same SFT settings as SL-CAI. Made by cai."),
+                 f"same red-team prompts, written under a system turn holding the `{cfg.constitution}` constitution's "
+                 "principles, with no critique or revision (the training examples leave the system turn out), mixed "
+                 "with SL-CAI's own helpfulness data. Same SFT settings as SL-CAI. Made by cai."),
         facts={"constitution": cfg.constitution, "critic": critic_config.name, **counts,
                **{k: v for k, v in metrics.items() if v is not None}},
         config_yaml=config_to_yaml(cfg),
