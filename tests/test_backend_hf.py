@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cai.backends import prefix_attention
 from cai.backends.base import Backend
 from cai.backends.hf import HFBackend
 from cai.backends.kv_cache import common_prefix_length
@@ -26,8 +27,23 @@ def chats(shared: str = SHARED):
 def backend(tiny_backend):
     tiny_backend.prefix_cache.clear()
     tiny_backend.reuse_prefix = True
+    tiny_backend.cascade = True
     tiny_backend.batch_size = 4
     return tiny_backend
+
+
+@pytest.fixture()
+def split_calls(monkeypatch):
+    """Counts calls of the split (shared-prefix) attention, so a test can see that cascade really ran."""
+    calls = []
+    real = prefix_attention.split_prefix_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prefix_attention, "split_prefix_attention", counted)
+    return calls
 
 
 def reference_greedy(backend: HFBackend, chat, max_new_tokens: int) -> str:
@@ -51,24 +67,30 @@ def test_greedy_matches_plain_transformers_generate(backend):
     assert len(set(got)) > 1  # the tiny model really does answer differently
 
 
+@pytest.mark.parametrize("cascade", [False, True])
 @pytest.mark.parametrize("batch_size", [1, 2, 5])
-def test_prefix_reuse_gives_identical_greedy_text(backend, batch_size):
+def test_prefix_reuse_gives_identical_greedy_text(backend, batch_size, cascade, split_calls):
     backend.batch_size = batch_size
+    backend.cascade = cascade
     params = SamplingParams(max_new_tokens=12)
     backend.reuse_prefix = False
     plain = backend.generate(chats(), params)
+    assert not split_calls  # no prefix, no cascade
     backend.reuse_prefix = True
     before = backend.stats["prefix_reused_tokens"]
     reused = backend.generate(chats(), params)
     assert reused == plain
     assert backend.stats["prefix_reused_tokens"] > before
+    assert bool(split_calls) == cascade
+    assert backend.model.config._attn_implementation == "sdpa"  # switched only inside each call
 
 
-@pytest.mark.parametrize("reuse_prefix", [False, True])
-def test_identical_prompts_are_prefilled_once_with_the_same_samples(backend, reuse_prefix):
+@pytest.mark.parametrize(("reuse_prefix", "cascade"), [(False, False), (True, False), (True, True)])
+def test_identical_prompts_are_prefilled_once_with_the_same_samples(backend, reuse_prefix, cascade):
     """K samples of one prompt (or N votes on one question) prefill it once; each row still draws
     from its own seed exactly as it would alone."""
     backend.reuse_prefix = reuse_prefix
+    backend.cascade = cascade
     backend.batch_size = 9  # one batch: rows split over two batches are prefilled once in each
     params = SamplingParams(max_new_tokens=8, temperature=1.0)
     prompts = [c for c in chats()[:3] for _ in range(3)]  # three prompts, three samples each
@@ -272,3 +294,116 @@ def test_choice_scores_use_the_prompt_plus_option_tokenisation_with_sentencepiec
             expected.append(row)
     got = backend.choice_logprobs(prompts, options)
     assert [v for row in got for v in row] == pytest.approx([v for row in expected for v in row], abs=1e-4)
+
+
+# ------------------------------------------------------------------ shared-prefix (cascade) attention
+
+
+def _left_padded_causal(lengths: list[int], width: int, past: int) -> torch.Tensor:
+    """``[b, 1, t, past + width]`` bool: row r's last ``lengths[r]`` of ``past + width`` suffix keys are real,
+    and query i (of the last ``width``) sees keys up to its own position."""
+    keys = past + width
+    real = torch.arange(keys)[None] >= keys - torch.tensor(lengths)[:, None]  # [b, keys]
+    causal = torch.arange(keys)[None] <= (past + torch.arange(width))[:, None]  # [t, keys]
+    return (real[:, None, None, :] & causal[None, None]).contiguous()
+
+
+@pytest.mark.parametrize(("t", "past"), [(1, 6), (3, 4), (6, 0)])
+def test_split_prefix_attention_is_one_softmax_over_prefix_and_suffix(t, past):
+    """The split form equals SDPA over [prefix expanded to every row; suffix], GQA and left padding
+    included, even for padding queries that see no suffix key at all."""
+    torch.manual_seed(0)
+    b, h, kvh, d, p = 3, 6, 2, 8, 7
+    q = torch.randn(b, h, t, d)
+    pk, pv = torch.randn(1, kvh, p, d), torch.randn(1, kvh, p, d)
+    k, v = torch.randn(b, kvh, past + t, d), torch.randn(b, kvh, past + t, d)
+    visible = _left_padded_causal([past + t, past + 1, max(past - 1, 1)], t, past)
+    got = prefix_attention.split_prefix_attention(q, pk, pv, k, v, visible, d ** -0.5)
+    joined_k = torch.cat([pk.expand(b, -1, -1, -1), k], 2).repeat_interleave(h // kvh, 1)
+    joined_v = torch.cat([pv.expand(b, -1, -1, -1), v], 2).repeat_interleave(h // kvh, 1)
+    mask = torch.cat([torch.ones(b, 1, t, p, dtype=torch.bool), visible], -1)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, joined_k, joined_v, attn_mask=mask)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+@torch.inference_mode()  # as the backend runs (prefix K/V are inference tensors)
+def _decode_logits(backend: HFBackend, rows: list[list[int]], steps: int) -> tuple[list[torch.Tensor], bool]:
+    """Logits of a prefill and ``steps`` greedy decoding steps through the backend's own batch
+    pieces, the first row leaving the batch after the first step; and whether cascade ran."""
+    prefix_len, prefix_kv = backend._prefix_for(rows, allow_new=True)
+    assert prefix_len > 0
+    ids, mask, positions, cache, shared = backend._batch_inputs(rows, prefix_len, prefix_kv, extra=steps)
+    logits = backend._forward(shared, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache).logits
+    out, next_pos = [logits], positions[:, -1] + 1
+    for step in range(steps):
+        tokens = logits[:, -1].argmax(-1)
+        if step == 1:
+            keep = torch.arange(1, tokens.shape[0])
+            cache.batch_select_indices(keep)
+            mask, next_pos, tokens = mask[keep], next_pos[keep], tokens[keep]
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
+        logits = backend._forward(shared, input_ids=tokens[:, None], attention_mask=mask,
+                                  position_ids=next_pos[:, None], cache=cache).logits
+        out.append(logits)
+        next_pos = next_pos + 1
+    return out, shared is not None
+
+
+@pytest.mark.parametrize("split_max_queries", [0, 10_000])
+def test_cascade_logits_match_the_prefix_copied_into_every_row(backend, monkeypatch, split_max_queries):
+    """Prefill (left padding, padding positions included) and decoding steps, with a row leaving the
+    batch: the same logits whether the prefix is copied per row or stored once. The prefill runs the
+    joined SDPA form with ``split_max_queries=0`` and the split form with a large one."""
+    monkeypatch.setattr(prefix_attention, "SPLIT_MAX_QUERIES", split_max_queries)
+    config = backend.model.config
+    assert config.num_key_value_heads < config.num_attention_heads  # grouped-query attention is exercised
+    rows = backend.encode([backend.render(c) for c in chats()])
+    assert len(set(map(len, rows))) > 1  # left padding is exercised
+    backend.cascade = False
+    copied, used = _decode_logits(backend, rows, steps=4)
+    assert not used
+    backend.cascade = True
+    shared, used = _decode_logits(backend, rows, steps=4)
+    assert used
+    for a, b in zip(copied, shared):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_cascade_sampling_gives_the_same_text(backend, split_calls):
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3)
+    prompts = chats() + chats()[:2]
+    backend.batch_size = 5
+    backend.cascade = False
+    copied = backend.generate(prompts, params, seeds=list(range(len(prompts))))
+    backend.cascade = True
+    shared = backend.generate(prompts, params, seeds=list(range(len(prompts))))
+    assert shared == copied and split_calls
+
+
+def test_cascade_choice_scores_match_the_copied_prefix(backend, split_calls):
+    """Option scoring: the first token from the prompt pass, the rest from a second pass on the cache
+    repeated per option; with cascade only the suffixes are repeated."""
+    texts = [backend.render(c + [{"role": "assistant", "content": "The answer is:"}]) for c in chats()]
+    options = [" (A)", " (B)", " Let's think"]
+    backend.cascade = False
+    copied = backend.choice_logprobs(texts, options)
+    assert not split_calls
+    backend.cascade = True
+    shared = backend.choice_logprobs(texts, options)
+    assert split_calls and any(shape[2] > 1 for shape in split_calls)  # the options' tails went the split way
+    # Float32 rounding only: these sums of log-probs reach ~70 nats here (and the cascade's sit closer
+    # to a float64 run than the copied prefix's do).
+    assert torch.allclose(torch.tensor(copied), torch.tensor(shared), rtol=1e-6, atol=1e-5)
+
+
+def test_cascade_needs_full_attention_through_the_registry():
+    from types import SimpleNamespace
+
+    def model(**config):
+        return SimpleNamespace(config=SimpleNamespace(**config), _supports_attention_backend=True)
+
+    assert prefix_attention.supported(model(layer_types=["full_attention"] * 2))
+    assert not prefix_attention.supported(model(layer_types=["full_attention", "sliding_attention"]))
+    assert not prefix_attention.supported(model(sliding_window=4096))
+    assert not prefix_attention.supported(model(attn_logit_softcapping=50.0))
+    assert not prefix_attention.supported(SimpleNamespace(config=SimpleNamespace()))  # attention not pluggable

@@ -14,6 +14,10 @@ Layout of one batch (``P`` = shared prefix, cached once; ``.`` = padding)::
 
 Padding sits between the cached prefix and each row's suffix; the attention mask hides it and
 position ids skip it, so every real token sees exactly what it would see unpadded.
+
+With ``cascade`` (the default where the model allows it) the prefix is not copied into the rows at
+all: it stays at batch 1 and each row's cache holds only its suffix, so a decoding step reads the
+prefix once instead of once per row (`cai.backends.prefix_attention`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
+from cai.backends import prefix_attention
 from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, cut_at_stop, encode_rendered, render_with_template, seeds_per_row
 from cai.backends.kv_cache import KV, PrefixCache, common_prefix_length, preallocated_layer_class
 from cai.errors import CaiError
@@ -59,6 +64,9 @@ class HFBackend:
         reuse_prefix: compute the KV cache of a shared prompt prefix once and reuse it.
         min_prefix_tokens: shorter shared prefixes are not worth caching.
         prefix_cache_entries: how many distinct prefixes to keep between calls.
+        cascade: attend to a reused prefix stored once for the whole batch instead of copied into
+            every row (same results, less memory traffic per decoding step); used where the model's
+            layers are all full attention and its attention goes through transformers' registry.
     """
 
     def __init__(
@@ -70,6 +78,7 @@ class HFBackend:
         reuse_prefix: bool = True,
         min_prefix_tokens: int = 64,
         prefix_cache_entries: int = 4,
+        cascade: bool = True,
     ) -> None:
         if batch_size < 1:
             raise CaiError(f"batch_size must be at least 1, got {batch_size}")
@@ -94,6 +103,8 @@ class HFBackend:
         layer_types = getattr(text_config, "layer_types", None)
         self._n_layers = int(getattr(text_config, "num_hidden_layers", 0) or 0)
         self._can_preallocate = bool(self._n_layers) and (layer_types is None or set(layer_types) <= {"full_attention"})
+        self.cascade = cascade
+        self._can_cascade = self._can_preallocate and prefix_attention.supported(model)
         self.stats = {"prompt_tokens": 0, "prefill_tokens": 0, "generated_tokens": 0, "prefix_reused_tokens": 0,
                       "prefill_shared_rows": 0}
 
@@ -167,11 +178,14 @@ class HFBackend:
 
     def _batch_inputs(
         self, rows: Sequence[Sequence[int]], prefix_len: int, prefix_kv: KV | None, extra: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
-        """Left-pad the rows' suffixes after the shared prefix: (ids, mask, positions, cache).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, KV | None]:
+        """Left-pad the rows' suffixes after the shared prefix: (ids, mask, positions, cache, shared prefix).
 
         The cache is preallocated for ``prefix + suffix + extra`` tokens when the model's layers
         are all full attention (the common case); otherwise transformers' default cache is used.
+        With cascade attention the prefix stays out of the cache and the mask: both cover the
+        suffix only, and the prefix K/V come back as the last item, for `_forward` (positions
+        still count the prefix, so RoPE is unchanged).
         """
         from transformers import DynamicCache
 
@@ -179,17 +193,27 @@ class HFBackend:
         ids, suffix_mask = pad_rows([r[prefix_len:] for r in rows], self.pad_id, "left")
         width = ids.shape[1]
         positions = (suffix_mask.cumsum(1) - 1).clamp(min=0) + prefix_len
-        mask = torch.cat([torch.ones((b, prefix_len), dtype=torch.long), suffix_mask], dim=1)
+        shared = prefix_kv if prefix_kv is not None and self.cascade and self._can_cascade else None
+        cached_prefix = 0 if shared is not None else prefix_len
+        mask = torch.cat([torch.ones((b, cached_prefix), dtype=torch.long), suffix_mask], dim=1)
         cache = DynamicCache()
         if self._can_preallocate:
             layer = preallocated_layer_class()
-            cache.layers = [layer(prefix_len + width + extra) for _ in range(self._n_layers)]
+            cache.layers = [layer(cached_prefix + width + extra) for _ in range(self._n_layers)]
         if prefix_kv is not None:
-            for i, (k, v) in enumerate(prefix_kv):
-                cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
+            if shared is None:
+                for i, (k, v) in enumerate(prefix_kv):
+                    cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
             self.stats["prefix_reused_tokens"] += prefix_len * b
         self.stats["prefill_tokens"] += int(suffix_mask.sum())
-        return ids.to(self.device), mask.to(self.device), positions.to(self.device), cache
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device), cache, shared
+
+    def _forward(self, shared_prefix: KV | None, **inputs: Any) -> Any:
+        """One cached forward pass; over a shared prefix kept apart from the rows when one is given."""
+        if shared_prefix is None:
+            return self.model(use_cache=True, **inputs)
+        with prefix_attention.enabled(self.model):
+            return self.model(use_cache=True, shared_prefix=shared_prefix, **inputs)
 
     def close(self) -> None:
         """Drop this backend's hold on the model and its cached prefixes, and return the memory.
@@ -277,9 +301,10 @@ class HFBackend:
         prefilled once and their cache copied to each row, so only decoding is paid per sample.
         """
         unique = list(dict.fromkeys(tuple(r) for r in rows))
-        ids, mask, positions, cache = self._batch_inputs(unique, prefix_len, prefix_kv, extra=params.max_new_tokens)
-        logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        ids, mask, positions, cache, shared = self._batch_inputs(unique, prefix_len, prefix_kv,
+                                                                 extra=params.max_new_tokens)
+        logits = self._forward(
+            shared, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1
         ).logits[:, -1, :]
         if len(unique) < len(rows):
             where = {row: i for i, row in enumerate(unique)}
@@ -319,9 +344,8 @@ class HFBackend:
                 if generators is not None:
                     generators = [generators[a] for a in keep]
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=self.device)], dim=1)
-            logits = self.model(
-                input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None], cache=cache,
-                use_cache=True,
+            logits = self._forward(
+                shared, input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None], cache=cache,
             ).logits[:, -1, :]
             next_pos = next_pos + 1
         self.stats["generated_tokens"] += sum(len(g) for g in generated)
@@ -456,23 +480,23 @@ class HFBackend:
     ) -> list[list[float]]:
         """``option_ids[b][j]``: the tokens of option j after row b."""
         n_opt, longest = len(option_ids[0]), max(len(o) for opts in option_ids for o in opts)
-        ids, mask, positions, cache = self._batch_inputs(rows, prefix_len, prefix_kv, extra=longest)
-        first = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1,
+        ids, mask, positions, cache, shared = self._batch_inputs(rows, prefix_len, prefix_kv, extra=longest)
+        first = self._forward(
+            shared, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1,
         ).logits[:, -1, :].float().log_softmax(-1)
         scores = [[float(first[b, o[0]]) for o in option_ids[b]] for b in range(len(rows))]
         if longest == 1:
             return scores
         # Row b's cache becomes rows b*n_opt + j, one per option; feed each option's tokens but the last.
+        # (A shared prefix kept apart by cascade attention stays one copy for all of them.)
         cache.batch_repeat_interleave(n_opt)
         width = longest - 1
         tail, _ = pad_rows([o[:-1] for opts in option_ids for o in opts], self.pad_id, "right", width)
         tail_positions = positions[:, -1:].repeat_interleave(n_opt, 0) + 1 + torch.arange(width, device=self.device)
         tail_mask = torch.cat([mask.repeat_interleave(n_opt, 0),
                                torch.ones((len(rows) * n_opt, width), dtype=mask.dtype, device=self.device)], dim=1)
-        logprobs = self.model(
-            input_ids=tail.to(self.device), attention_mask=tail_mask, position_ids=tail_positions, cache=cache,
-            use_cache=True,
+        logprobs = self._forward(
+            shared, input_ids=tail.to(self.device), attention_mask=tail_mask, position_ids=tail_positions, cache=cache,
         ).logits.float().log_softmax(-1)
         for b in range(len(rows)):
             for j, o in enumerate(option_ids[b]):
