@@ -68,6 +68,21 @@ def matmul_peak(size: int = 2048, repeats: int = 8) -> float:
     return best
 
 
+def matmul_peak_samples(rounds: int = 5, size: int = 2048, repeats: int = 8) -> list[float]:
+    """``rounds`` separate `matmul_peak` measurements (each the best of ``repeats``), for a median and a spread.
+
+    One best-of-8 moved from 339 to 184 GFLOP/s between two runs on the same machine; a bench
+    takes samples before and after its rows and divides by their median, printing the range.
+    """
+    return [matmul_peak(size, repeats) for _ in range(rounds)]
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def row(name: str, figure: float, unit: str, check: str, *, ratio_vs: dict[str, float] | None = None,
         target: str | None = None, met: bool | None = None) -> dict[str, Any]:
     """One result row.

@@ -14,9 +14,13 @@ and EOS ids, and every baseline's texts are compared with cai's:
   dropped from the batch.
 - **cai without prefix reuse** (ablation): the same backend built with ``reuse_prefix=False``, so
   every row prefills its whole prompt; the gap to the row above is what the prefix reuse buys.
+- **cai with the prefix copied per row** (ablation): ``cascade=False``, the prefix prefilled once
+  but its K/V copied into every row's cache, as before shared-prefix attention; the gap is what
+  reading the prefix once per decode step buys.
 
 **% of decode compute limit**: the matmul FLOPs each generated token needs, times tokens/s, over
-the fp32 matmul peak measured in this run (``common.matmul_peak``, same threads). Per token, at
+the fp32 matmul peak measured in this run: the median of 5 best-of-8 measurements before the rows
+and 5 after (``common.matmul_peak_samples``, same threads), with their range printed. Per token, at
 context length ``c`` (prompt tokens + tokens generated before it)::
 
     FLOPs(c) = 2 * N_body + 2 * V * d + 4 * n_layers * c * d
@@ -145,10 +149,11 @@ def main() -> None:
     from cai.types import SamplingParams
 
     started = time.perf_counter()
-    peak = common.matmul_peak()
+    samples = common.matmul_peak_samples()
     backend = HFBackend.from_spec(args.model, batch_size=sizes["batch_size"], dtype="float32", device="cpu")
     model, tok = backend.model, backend.tokenizer
     no_reuse = HFBackend(model, tok, batch_size=sizes["batch_size"], reuse_prefix=False)  # same weights, no prefix cache
+    copied = HFBackend(model, tok, batch_size=sizes["batch_size"], cascade=False)  # the prefix's K/V copied per row
     prefix = few_shot_prefix(tok, sizes["prefix_tokens"])
     questions, _ = load_prompts("red-team", limit=sizes["prompts"])
     chats = [[{"role": "user", "content": prefix + "Now the real request: " + q.messages[-1]["content"]}]
@@ -165,15 +170,19 @@ def main() -> None:
     sides = {"cai": timed(lambda: run_cai(backend, chats, params))}
     shared = max((len(k) for k in backend.prefix_cache.entries), default=0)
     sides["ablation"] = timed(lambda: run_cai(no_reuse, chats, params))
+    sides["copied"] = timed(lambda: run_cai(copied, chats, params))
     sides["batched"] = timed(lambda: run_hf(model, tok, ids, batch, new, eos, pad))
     sides["single"] = timed(lambda: run_hf(model, tok, ids, 1, new, eos, pad))
     cai, ablation, batched, single = (sides[k] for k in ("cai", "ablation", "batched", "single"))
+    samples += common.matmul_peak_samples()
+    peak = common.median(samples)
 
     shape = Shape.of(model)
     pct = {k: 100 * shape.decode_flops(lengths, s.tokens) / s.seconds / peak for k, s in sides.items()}
     names = {"batched": f"batched model.generate (batch {batch}) tokens/s",
              "single": "per-prompt model.generate tokens/s",
-             "ablation": "cai without prefix reuse tokens/s"}
+             "ablation": "cai without prefix reuse tokens/s",
+             "copied": "cai with the prefix copied per row (cascade off) tokens/s"}
 
     def measured(key: str) -> str:
         return f"{sum(sides[key].tokens)} tokens in {sides[key].seconds:.1f} s; {pct[key]:.1f}% of decode compute limit"
@@ -181,18 +190,23 @@ def main() -> None:
     ratio = cai.tokens_per_s / batched.tokens_per_s
     rows = [
         common.row("fp32 matmul peak", peak / 1e9, "GFLOP/s",
-                   f"2048x2048 matmul, best of 8, {torch.get_num_threads()} threads"),
+                   f"2048x2048 matmul, median of {len(samples)} best-of-8 (half before the rows, half after), range "
+                   f"{min(samples) / 1e9:.0f}-{max(samples) / 1e9:.0f}, {torch.get_num_threads()} threads"),
         common.row("cai HFBackend.generate tokens/s", cai.tokens_per_s, "tokens/s",
                    f"{measured('cai')}; identical greedy text: {common.same_count(cai.texts, batched.texts)} batched, "
                    f"{common.same_count(cai.texts, single.texts)} per-prompt, "
-                   f"{common.same_count(cai.texts, ablation.texts)} no-reuse",
+                   f"{common.same_count(cai.texts, ablation.texts)} no-reuse, "
+                   f"{common.same_count(cai.texts, sides['copied'].texts)} prefix copied",
                    ratio_vs={names["batched"]: ratio, names["single"]: cai.tokens_per_s / single.tokens_per_s,
-                             names["ablation"]: cai.tokens_per_s / ablation.tokens_per_s},
+                             names["ablation"]: cai.tokens_per_s / ablation.tokens_per_s,
+                             names["copied"]: cai.tokens_per_s / sides["copied"].tokens_per_s},
                    target=">= 6x batched model.generate", met=ratio >= 6),
         common.row(names["batched"], batched.tokens_per_s, "tokens/s", measured("batched")),
         common.row(names["single"], single.tokens_per_s, "tokens/s", measured("single")),
         common.row(names["ablation"], ablation.tokens_per_s, "tokens/s",
                    f"{measured('ablation')}; HFBackend(reuse_prefix=False) on the same model"),
+        common.row(names["copied"], sides["copied"].tokens_per_s, "tokens/s",
+                   f"{measured('copied')}; HFBackend(cascade=False) on the same model"),
         common.row("cai % of decode compute limit", pct["cai"], "%",
                    f"{shape.decode_flops(lengths, cai.tokens) / sum(cai.tokens) / 1e6:.0f} MFLOP per generated token "
                    f"(mean over cai's tokens) x tokens/s / matmul peak", target=">= 40%", met=pct["cai"] >= 40),
@@ -200,7 +214,7 @@ def main() -> None:
     notes = [
         f"Model shape for the FLOPs count: N_body {shape.body_params / 1e6:.1f}M (without the {shape.vocab}x"
         f"{shape.hidden} embedding), {shape.layers} layers, attention width {shape.hidden}.",
-        "All four rows use the same token ids (cai's chat template render + encode), batch size, max_new_tokens and "
+        "All five rows use the same token ids (cai's chat template render + encode), batch size, max_new_tokens and "
         f"EOS ids {sorted(eos)}; the baselines are timed after cai, the model and threads already warm.",
         f"Whole bench took {time.perf_counter() - started:.0f} s" + (" (--quick: not final figures)" if args.quick else ""),
     ]
