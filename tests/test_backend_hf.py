@@ -407,3 +407,13 @@ def test_cascade_needs_full_attention_through_the_registry():
     assert not prefix_attention.supported(model(sliding_window=4096))
     assert not prefix_attention.supported(model(attn_logit_softcapping=50.0))
     assert not prefix_attention.supported(SimpleNamespace(config=SimpleNamespace()))  # attention not pluggable
+
+
+def test_model_cascade_key_reaches_the_backend(tiny_model_dir):
+    from cai.backends import load_backend
+    from cai.config import ModelConfig
+
+    assert load_backend(ModelConfig(name=str(tiny_model_dir))).cascade is True
+    off = load_backend(ModelConfig(name=str(tiny_model_dir), cascade=False))
+    assert off.cascade is False
+    off.close()

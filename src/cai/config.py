@@ -39,6 +39,10 @@ class ModelConfig(Strict):
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     batch_size: StrictInt = Field(16, ge=1, description="Rows per forward pass.")
     reuse_prefix: bool = Field(True, description="Compute a shared prompt prefix's KV cache once and reuse it.")
+    cascade: bool = Field(
+        True, description=("With reuse_prefix: keep the prefix's K/V once for the whole batch and attend to it in one "
+                           "product per step, instead of a copy per row (hf backend; exact, and falls back where the "
+                           "model's attention can't take it)."))
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless you trust it.")
     allow_pickle: bool = Field(False, description="Accept pickle (.bin) weights, which can run code when loaded.")
     base_urls: list[str] = Field(default_factory=list, description="http backend: server URLs (round-robin), e.g. http://gpu1:8000/v1.")
