@@ -11,6 +11,7 @@ def test_naming_a_baseline_later_keeps_the_finished_run(tmp_path):
     cfg = RunConfig(name="r", runs_dir=str(tmp_path))
     prepare_run(cfg)
     prepare_run(cfg.model_copy(update={"baselines": ["distill", "rlhf"]}))  # no "different config" refusal
+    assert "- distill" in (cfg.run_dir / "config.yaml").read_text()  # the run now records the baselines it names
 
 
 def test_a_reopened_stage_runs_again_from_its_rows(tmp_path):
