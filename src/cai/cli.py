@@ -131,12 +131,18 @@ def chat(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    compile_decode: Annotated[bool, typer.Option(
+        "--compile", help="Compile the decoding step (static KV cache): faster replies after a one-time compile "
+                          "(tens of seconds on a small CPU) per 256/512/1024... token window.")] = False,
 ) -> None:
     """Talk to a model, multi-turn. /reset starts over, /exit (or Ctrl-D) quits."""
     from cai.backends.hf import HFBackend  # lazy: imports torch (seconds); `cai --help` and the other commands must not wait for it
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     err.print(f"loading {model} ...")
-    chat_loop(HFBackend.from_spec(model, batch_size=1), params, system=system,
+    backend = HFBackend.from_spec(model, batch_size=1, compile_decode=compile_decode)
+    if compile_decode and backend.static_decoder is None:
+        err.print("--compile: this model's decoding step can't be compiled as one graph; decoding uncompiled")
+    chat_loop(backend, params, system=system,
               say=lambda reply: out.print(Text("assistant> ", style="bold cyan") + Text(reply)), note=err.print)
 
 
@@ -433,6 +439,9 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     name: Annotated[Optional[str], typer.Option(help="Model name the API reports (default: the spec).")] = None,
     api_key_env: Annotated[Optional[str], typer.Option(help="Require the bearer key held in this environment variable.")] = None,
+    compile_decode: Annotated[bool, typer.Option(
+        "--compile", help="Compile the decoding step for a lone or streamed request (static KV cache); each "
+                          "256/512/1024... token window compiles once, on its first request.")] = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (chat, completions, streaming, log-probs)."""
     import os
@@ -444,7 +453,7 @@ def serve(
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise CaiError(f"environment variable {api_key_env} is not set")
-    run_server(model, host=host, port=port, model_name=name, api_key=api_key)
+    run_server(model, host=host, port=port, model_name=name, api_key=api_key, compile_decode=compile_decode)
 
 
 @app.command()

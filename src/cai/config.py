@@ -43,6 +43,9 @@ class ModelConfig(Strict):
         True, description=("With reuse_prefix: keep the prefix's K/V once for the whole batch and attend to it in one "
                            "product per step, instead of a copy per row (hf backend; exact, and falls back where the "
                            "model's attention can't take it)."))
+    compile_decode: bool = Field(
+        False, description=("hf backend: decode a lone row (a batch of one) on a static KV cache with a compiled step; "
+                            "faster per token after a one-time compile (tens of seconds on a small CPU) per window."))
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless you trust it.")
     allow_pickle: bool = Field(False, description="Accept pickle (.bin) weights, which can run code when loaded.")
     base_urls: list[str] = Field(default_factory=list, description="http backend: server URLs (round-robin), e.g. http://gpu1:8000/v1.")

@@ -38,5 +38,5 @@ def load_backend(config: ModelConfig, *, cache_dir: str | Path | None = None) ->
     return HFBackend.from_spec(
         config.name, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code,
         allow_pickle=config.allow_pickle, batch_size=config.batch_size, reuse_prefix=config.reuse_prefix,
-        cascade=config.cascade,
+        cascade=config.cascade, compile_decode=config.compile_decode,
     )

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from cai.backends import prefix_attention
+from cai.backends import prefix_attention, static_decode
 from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, cut_at_stop, encode_rendered, render_with_template, seeds_per_row
 from cai.backends.kv_cache import KV, PrefixCache, common_prefix_length, preallocated_layer_class
 from cai.errors import CaiError
@@ -67,6 +67,9 @@ class HFBackend:
         cascade: attend to a reused prefix stored once for the whole batch instead of copied into
             every row (same results, less memory traffic per decoding step); used where the model's
             layers are all full attention and its attention goes through transformers' registry.
+        compile_decode: decode a batch of one row (chat, a lone server request, streaming) on a
+            static cache with a compiled step (`cai.backends.static_decode`): faster per token,
+            after a one-time compile per window size; ignored where the model can't compile.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class HFBackend:
         min_prefix_tokens: int = 64,
         prefix_cache_entries: int = 4,
         cascade: bool = True,
+        compile_decode: bool = False,
     ) -> None:
         if batch_size < 1:
             raise CaiError(f"batch_size must be at least 1, got {batch_size}")
@@ -105,6 +109,8 @@ class HFBackend:
         self._can_preallocate = bool(self._n_layers) and (layer_types is None or set(layer_types) <= {"full_attention"})
         self.cascade = cascade
         self._can_cascade = self._can_preallocate and prefix_attention.supported(model)
+        self.static_decoder = (static_decode.StaticDecoder(model, self.max_context)
+                               if compile_decode and static_decode.supported(model) else None)
         self.stats = {"prompt_tokens": 0, "prefill_tokens": 0, "generated_tokens": 0, "prefix_reused_tokens": 0,
                       "prefill_shared_rows": 0}
 
@@ -299,7 +305,10 @@ class HFBackend:
 
         Identical prompts in the batch (K samples of one prompt, N votes on one question) are
         prefilled once and their cache copied to each row, so only decoding is paid per sample.
+        A lone row goes to the compiled single-row path when the backend has one.
         """
+        if self.static_decoder is not None and len(rows) == 1:
+            return [self._decode_static(rows[0], params, seeds[0])]
         unique = list(dict.fromkeys(tuple(r) for r in rows))
         ids, mask, positions, cache, shared = self._batch_inputs(unique, prefix_len, prefix_kv,
                                                                  extra=params.max_new_tokens)
@@ -351,6 +360,28 @@ class HFBackend:
         self.stats["generated_tokens"] += sum(len(g) for g in generated)
         texts = [cut_at_stop(self.tokenizer.decode(g, skip_special_tokens=True), params.stop)[0] for g in generated]
         return list(zip(texts, generated, ended, end_tokens))
+
+    def _decode_static(self, row: Sequence[int], params: SamplingParams, seed: int
+                       ) -> tuple[str, list[int], bool, int | None]:
+        """One row on a static cache with the compiled step; the same tokens as the batched loop."""
+        stream = self.static_decoder.start(row, params.max_new_tokens)
+        self.stats["prefill_tokens"] += len(row)
+        generators = None if params.greedy else [torch.Generator(device=self.device).manual_seed(seed)]
+        logits, generated, ended, end_token = stream.logits, [], False, None
+        for step in range(params.max_new_tokens):
+            tok = int(self.next_tokens(logits, params, generators)[0])
+            if tok in self.eos_ids:
+                ended, end_token = True, tok
+                break
+            generated.append(tok)
+            if params.stop and cut_at_stop(self.tokenizer.decode(generated), params.stop)[1]:
+                ended = True
+                break
+            if step < params.max_new_tokens - 1:
+                logits = stream.step(torch.tensor([tok], device=self.device))
+        self.stats["generated_tokens"] += len(generated)
+        text = cut_at_stop(self.tokenizer.decode(generated, skip_special_tokens=True), params.stop)[0]
+        return text, generated, ended, end_token
 
     @staticmethod
     def next_tokens(
@@ -534,6 +565,12 @@ class TokenStream:
         """
         backend, logits = self._backend, self._next_logits
         generators = None if params.greedy else [torch.Generator(device=backend.device).manual_seed(seed)]
+        static = None
+        if backend.static_decoder is not None and params.max_new_tokens > 1:
+            with self._lock:
+                static = backend.static_decoder.adopt([(layer.keys, layer.values) for layer in self._cache.layers],
+                                                      logits, params.max_new_tokens)
+            self._cache = None
         for step in range(params.max_new_tokens):
             token = backend.next_tokens(logits, params, generators)
             tid = int(token[0])
@@ -543,4 +580,8 @@ class TokenStream:
             yield tid, logits[0].float().log_softmax(-1)
             if step + 1 < params.max_new_tokens:
                 with self._lock, torch.inference_mode():
-                    logits = backend.model(input_ids=token[:, None], cache=self._cache, use_cache=True).logits[:, -1, :]
+                    if static is not None:
+                        logits = static.step(token)
+                    else:
+                        logits = backend.model(input_ids=token[:, None], cache=self._cache,
+                                               use_cache=True).logits[:, -1, :]
