@@ -75,3 +75,14 @@ def test_chat_session(tiny_model_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("assistant>") == 2
     assert "conversation cleared" in result.stderr
+
+
+def test_chat_with_a_compiled_decoder_says_what_the_compile_cost(tiny_model_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "cai.cli", "chat", "-m", str(tiny_model_dir), "--max-new-tokens", "6", "--compile",
+         "--temperature", "0"],
+        input="hello\nand again\n/exit\n", capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant>") == 2
+    assert result.stderr.count("compiled the decoding step for a 256-token window") == 1  # once, not per reply

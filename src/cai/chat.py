@@ -34,7 +34,12 @@ def chat_loop(backend: Any, params: SamplingParams, *, system: str | None = None
             note("(conversation cleared)")
             continue
         history.append({"role": "user", "content": text})
+        decoder = getattr(backend, "static_decoder", None)
+        compiled_before = set(decoder.compile_seconds) if decoder is not None else set()
         reply = backend.generate([history], params, seeds=[params.seed + turn])[0].strip()
+        for window in sorted(set(decoder.compile_seconds) - compiled_before) if decoder is not None else []:
+            note(f"(compiled the decoding step for a {window}-token window in {decoder.compile_seconds[window]:.0f} s; "
+                 "once per window and session)")
         turn += 1
         history.append({"role": "assistant", "content": reply})
         say(reply)

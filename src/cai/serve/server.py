@@ -187,6 +187,10 @@ def run_server(
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"serving {model_name or model_spec} at {server.url} (Ctrl-C stops)", flush=True)
+    if backend_kwargs.get("compile_decode"):
+        print("compiled decoding: " + ("on; each 256/512/1024... token window compiles on its first lone request "
+                                       "(tens of seconds on a small CPU)" if backend.static_decoder is not None
+                                       else "this model's decoding step can't be compiled as one graph; off"), flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled once it has shut down
