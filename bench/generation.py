@@ -17,6 +17,26 @@ and EOS ids, and every baseline's texts are compared with cai's:
 - **cai with the prefix copied per row** (ablation): ``cascade=False``, the prefix prefilled once
   but its K/V copied into every row's cache, as before shared-prefix attention; the gap is what
   reading the prefix once per decode step buys.
+- **llama.cpp, one prompt at a time** (optional peer, llama-cpp-python): ``Llama.generate`` on the
+  same token ids, greedy, f32 GGUF written by ``cai export``, f32 KV cache; its prompt cache keeps
+  the previous prompt's KV and evaluates only what follows the shared prefix (the check column
+  gives llama.cpp's own count of prompt tokens evaluated).
+- **llama.cpp batched decode** (optional peer): what ``llama-batched-bench`` does with a shared
+  prompt, through llama.cpp's C API: the prefix decoded once, shared by ``--batch-size``
+  sequences, each row's suffix, then one batch per step with one token per live row; timed end
+  to end, and its decode steps alone as their own row. The issue's target is cai against
+  llama.cpp's warm 16-slot server; ``llama-server`` is not part of llama-cpp-python, so the target
+  here is its fallback, cai >= 1.2x these decode steps (cai's own figure includes its prefill).
+- **batch 1**: the first red-team prompt alone, no few-shot prefix, ``--single-tokens`` new
+  tokens: cai on a fresh ``HFBackend(batch_size=1)`` (its first call timed apart), ``model.generate``
+  and llama.cpp, each the fastest of 3 calls from an empty cache (prompt eval included); target
+  cai >= 0.8x llama.cpp.
+
+Without llama-cpp-python (or with ``CAI_BENCH_NO_LLAMA=1``) the llama.cpp rows are skipped, and
+the rows holding their targets say why, with ``met`` left empty.
+llama.cpp's threads wait for each other at every operation, so it suffers more than torch from
+another busy process: with one on the same 2 cores its 2-thread decode ran ~10x slower than its
+1-thread decode. Take its figures on an otherwise idle machine.
 
 **% of decode compute limit**: the matmul FLOPs each generated token needs, times tokens/s, over
 the fp32 matmul peak measured in this run: the median of 5 best-of-8 measurements before the rows
@@ -32,7 +52,7 @@ but not this work). The figure is averaged over every token each side really gen
 seconds include the prompts' prefill, so it is a lower bound on the decode loop's own efficiency.
 Figures go to bench/results/generation.{json,md}.
 
-    HF_HUB_OFFLINE=1 python bench/generation.py           # 32 prompts x 64 tokens, ~12-15 minutes on 2 CPU cores
+    HF_HUB_OFFLINE=1 python bench/generation.py           # 32 prompts x 64 tokens, ~15-20 minutes on 2 CPU cores
     HF_HUB_OFFLINE=1 python bench/generation.py --quick   # writes generation.quick.{json,md}
     HF_HUB_OFFLINE=1 python bench/generation.py --prompts 8 --new-tokens 32 --batch-size 8 --model path/to/model
 """
@@ -48,8 +68,13 @@ from typing import Any, Callable, Sequence
 import common
 import torch
 
-FULL = {"prompts": 32, "new_tokens": 64, "batch_size": 16, "prefix_tokens": 1500}
-QUICK = {"prompts": 2, "new_tokens": 8, "batch_size": 2, "prefix_tokens": 200}
+FULL = {"prompts": 32, "new_tokens": 64, "batch_size": 16, "prefix_tokens": 1500, "single_tokens": 64}
+QUICK = {"prompts": 2, "new_tokens": 8, "batch_size": 2, "prefix_tokens": 200, "single_tokens": 8}
+REPEATS = 3
+"""Calls per side at batch 1, the fastest kept: one call there takes about a second, so noise could decide."""
+LLAMA_BATCHED_TARGET = 1.2
+"""cai over llama.cpp's batched decode steps (the issue's fallback target when llama-server can't run here)."""
+BATCH_ONE_TARGET = 0.8
 
 
 @dataclass(frozen=True)
@@ -131,6 +156,180 @@ def run_cai(backend: Any, chats: list, params: Any) -> Side:
     return Side([g.text for g in out], [len(g.token_ids) for g in out], 0.0)
 
 
+def best_of(fn: Callable[[], Side], repeats: int) -> Side:
+    """The fastest of ``repeats`` timed calls of ``fn`` (greedy, so every call gives the same texts)."""
+    return min((timed(fn) for _ in range(repeats)), key=lambda side: side.seconds)
+
+
+def run_llama(llm: Any, tokenizer: Any, ids: list[list[int]], new_tokens: int, eos: set[int]) -> tuple[Side, int]:
+    """llama.cpp one prompt at a time: ``Llama.generate`` on cai's token ids, greedy, from an empty cache.
+
+    ``generate`` keeps the previous prompt's KV cache and evaluates only what follows the longest
+    prefix the new prompt shares with it, so a shared few-shot prefix is prefilled once.
+
+    Returns:
+        The side (texts decoded by cai's tokenizer), and how many prompt tokens llama.cpp says it
+        evaluated: about the prefix once plus each prompt's own suffix when the reuse works.
+    """
+    import llama_cpp
+
+    llm.reset()
+    llama_cpp.llama_perf_context_reset(llm.ctx)
+    out = []
+    for row in ids:
+        tokens: list[int] = []
+        for token in llm.generate(row, temp=0.0, top_k=1):
+            if token in eos or len(tokens) == new_tokens:
+                break
+            tokens.append(token)
+        out.append(tokens)
+    evaluated = llama_cpp.llama_perf_context(llm.ctx).n_p_eval
+    return Side([tokenizer.decode(t, skip_special_tokens=True) for t in out], [len(t) for t in out], 0.0), evaluated
+
+
+@dataclass
+class Steps:
+    """The decode steps of a batched run alone: tokens fed through them and their seconds."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def run_llama_batched(llm: Any, tokenizer: Any, ids: list[list[int]], new_tokens: int, eos: set[int],
+                      slots: int) -> tuple[Side, Steps]:
+    """llama.cpp's batched decode through its C API, as ``llama-batched-bench`` runs a shared prompt.
+
+    One context with ``slots`` sequences and a unified KV cache (the prefix's cells are shared by
+    every sequence, not copied). The prompts' shared prefix is decoded once into sequence 0; for
+    each group of ``slots`` prompts it is copied to sequences 1.. (``llama_memory_seq_cp``: cells
+    tagged, no data moved), each row's own suffix is decoded in one batch, and then each step
+    decodes one batch holding the last token of every live row; the next token is the argmax of
+    that row's logits, and a row leaves at an EOS id or ``new_tokens``.
+
+    Returns:
+        The side (its seconds from the prefix's decode to the last step, the context's set-up
+        excluded) and the decode steps alone.
+    """
+    import llama_cpp
+    import numpy as np
+
+    from cai.backends.kv_cache import common_prefix_length
+
+    prefix = min(common_prefix_length(ids), min(map(len, ids)) - 1)
+    params = llama_cpp.llama_context_default_params()
+    needed = prefix + slots * (max(map(len, ids)) - prefix + new_tokens) + 1
+    params.n_ctx = -(-needed // 256) * 256
+    params.n_batch = params.n_ubatch = 512
+    params.n_seq_max, params.kv_unified = slots, True
+    # Flash attention off, as llama-cpp-python's Llama defaults to: on this CPU with an f32 cache it
+    # made the decode steps 3.5x slower (22 vs 77 tokens/s, 16 rows, 1 thread); a split (not
+    # unified) cache, which copies the prefix into each sequence, was 1.6x slower.
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.n_threads = params.n_threads_batch = torch.get_num_threads()
+    params.type_k = params.type_v = 0  # f32, as `common.open_llama`
+    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+    vocab = llm.n_vocab()
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> list[int]:
+        """Decode (token, position, sequence, wants logits) entries; the argmax after each that wants them."""
+        picked = []
+        for start in range(0, len(entries), params.n_batch):
+            chunk = entries[start:start + params.n_batch]
+            for k, (token, pos, seq, wants) in enumerate(chunk):
+                batch.token[k], batch.pos[k], batch.n_seq_id[k], batch.logits[k] = token, pos, 1, wants
+                batch.seq_id[k][0] = seq
+            batch.n_tokens = len(chunk)
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise RuntimeError(f"llama_decode failed on {len(chunk)} tokens (n_ctx {params.n_ctx})")
+            picked += [int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, k), shape=(vocab,)).argmax())
+                       for k, entry in enumerate(chunk) if entry[3]]
+        return picked
+
+    out: list[list[int]] = [[] for _ in ids]
+    steps = Steps()
+    try:
+        memory = llama_cpp.llama_get_memory(ctx)
+        started = time.perf_counter()
+        decode([(t, pos, 0, False) for pos, t in enumerate(ids[0][:prefix])])
+        for start in range(0, len(ids), slots):
+            group = list(range(start, min(start + slots, len(ids))))
+            llama_cpp.llama_memory_seq_rm(memory, -1, prefix, -1)  # the last group's rows; the prefix stays
+            for seq in range(1, len(group)):
+                llama_cpp.llama_memory_seq_cp(memory, 0, seq, -1, -1)
+            suffixes = [(t, pos, seq, pos == len(ids[i]) - 1) for seq, i in enumerate(group)
+                        for pos, t in enumerate(ids[i][prefix:], prefix)]
+            live = dict(zip(range(len(group)), group))  # sequence -> row
+            picked = decode(suffixes)
+            while True:
+                for (seq, i), token in zip(list(live.items()), picked):
+                    if token in eos:
+                        del live[seq]
+                    else:
+                        out[i].append(token)
+                        if len(out[i]) == new_tokens:
+                            del live[seq]
+                if not live:
+                    break
+                step = time.perf_counter()
+                picked = decode([(out[i][-1], len(ids[i]) + len(out[i]) - 1, seq, True) for seq, i in live.items()])
+                steps.seconds += time.perf_counter() - step
+                steps.tokens += len(live)
+        seconds = time.perf_counter() - started
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out]
+    return Side(texts, [len(t) for t in out], seconds), steps
+
+
+def batch_one(backend: Any, chat: list[dict[str, str]], new_tokens: int, llm: Any | None) -> tuple[dict[str, Side], float]:
+    """One short chat at batch 1: cai, ``model.generate`` and (where ``llm`` is given) llama.cpp.
+
+    cai runs on a fresh ``HFBackend(batch_size=1)`` over the same model; its first call is timed
+    apart (a one-time set-up such as compiling a decode path would land there). Every side then
+    gets `REPEATS` calls from an empty cache (prompt eval included) and keeps its fastest.
+
+    Returns:
+        The sides ("cai", "hf", "llama") and the seconds of cai's first call.
+    """
+    from cai.backends.hf import HFBackend
+    from cai.types import SamplingParams
+
+    single = HFBackend(backend.model, backend.tokenizer, batch_size=1)
+    params = SamplingParams(max_new_tokens=new_tokens)
+    ids = backend.encode([backend.render(chat)])
+    first = timed(lambda: run_cai(single, [chat], params)).seconds
+    sides = {"cai": best_of(lambda: run_cai(single, [chat], params), REPEATS),
+             "hf": best_of(lambda: run_hf(backend.model, backend.tokenizer, ids, 1, new_tokens, backend.eos_ids,
+                                          backend.pad_id), REPEATS)}
+    if llm is not None:
+        sides["llama"] = best_of(lambda: run_llama(llm, backend.tokenizer, ids, new_tokens, backend.eos_ids)[0], REPEATS)
+    single.close()
+    return sides, first
+
+
+def batch_one_rows(one: dict[str, Side], first_call: float, prompt_tokens: int,
+                   missing: str | None) -> list[dict[str, Any]]:
+    """The batch-1 rows: cai's (the target against llama.cpp) and each baseline's."""
+    names = {"hf": "model.generate batch 1 tokens/s", "llama": "llama.cpp f32 batch 1 tokens/s"}
+    labels = {"hf": "model.generate", "llama": "llama.cpp"}
+    others = [k for k in ("llama", "hf") if k in one]  # llama.cpp first: the target is about it
+    ratios = {names[k]: one["cai"].tokens_per_s / one[k].tokens_per_s for k in others}
+
+    def measured(key: str) -> str:
+        return f"{sum(one[key].tokens)} tokens in {one[key].seconds:.2f} s, best of {REPEATS} calls, prompt eval included"
+
+    check = (f"one {prompt_tokens}-token prompt, no few-shot prefix: {measured('cai')} (first call {first_call:.2f} s, "
+             "left out); identical greedy text: "
+             + ", ".join(f"{common.same_count(one['cai'].texts, one[k].texts)} {labels[k]}" for k in others)
+             + ("" if "llama" in one else f"; llama.cpp {missing}"))
+    return [common.row("cai batch 1 tokens/s", one["cai"].tokens_per_s, "tokens/s", check, ratio_vs=ratios,
+                       target=f">= {BATCH_ONE_TARGET}x llama.cpp f32 at batch 1",
+                       met=ratios[names["llama"]] >= BATCH_ONE_TARGET if "llama" in one else None),
+            *[common.row(names[k], one[k].tokens_per_s, "tokens/s", measured(k)) for k in others]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bundled")
@@ -138,6 +337,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, help=f"max new tokens per prompt (default {FULL['new_tokens']})")
     parser.add_argument("--batch-size", type=int, help=f"rows per batch on both sides (default {FULL['batch_size']})")
     parser.add_argument("--prefix-tokens", type=int, help=f"shared few-shot prefix, ~tokens (default {FULL['prefix_tokens']})")
+    parser.add_argument("--single-tokens", type=int, help=f"new tokens in the batch-1 rows (default {FULL['single_tokens']})")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the bench runs; writes generation.quick.*")
     args = parser.parse_args()
@@ -173,6 +373,22 @@ def main() -> None:
     sides["copied"] = timed(lambda: run_cai(copied, chats, params))
     sides["batched"] = timed(lambda: run_hf(model, tok, ids, batch, new, eos, pad))
     sides["single"] = timed(lambda: run_hf(model, tok, ids, 1, new, eos, pad))
+    missing, llm, versions = common.llama_cpp_missing(), None, {}
+    if missing is None:
+        import llama_cpp
+
+        gguf = common.f32_gguf(args.model)
+        llm = common.open_llama(gguf, n_ctx=-(-(max(lengths) + new + 1) // 256) * 256)
+        versions["llama_cpp"] = llama_cpp.__version__
+        run_llama(llm, tok, [ids[0][-16:]], 2, eos)  # warm: weights paged in, threads started
+        start = time.perf_counter()
+        sides["llama"], evaluated = run_llama(llm, tok, ids, new, eos)
+        sides["llama"].seconds = time.perf_counter() - start
+        sides["llama_batched"], steps = run_llama_batched(llm, tok, ids, new, eos, batch)
+    short_chat = [{"role": "user", "content": questions[0].messages[-1]["content"]}]
+    one, first_call = batch_one(backend, short_chat, sizes["single_tokens"], llm)
+    if llm is not None:
+        llm.close()
     cai, ablation, batched, single = (sides[k] for k in ("cai", "ablation", "batched", "single"))
     samples += common.matmul_peak_samples()
     peak = common.median(samples)
@@ -182,7 +398,11 @@ def main() -> None:
     names = {"batched": f"batched model.generate (batch {batch}) tokens/s",
              "single": "per-prompt model.generate tokens/s",
              "ablation": "cai without prefix reuse tokens/s",
-             "copied": "cai with the prefix copied per row (cascade off) tokens/s"}
+             "copied": "cai with the prefix copied per row (cascade off) tokens/s",
+             "llama": "llama.cpp (llama-cpp-python), one prompt at a time, prefix reused tokens/s",
+             "llama_batched": f"llama.cpp batched decode, shared prefix once, {batch} sequences tokens/s",
+             "llama_steps": "llama.cpp batched decode, decode steps only tokens/s"}
+    llama_keys = [k for k in ("llama", "llama_batched") if k in sides]  # absent where llama.cpp was skipped
 
     def measured(key: str) -> str:
         return f"{sum(sides[key].tokens)} tokens in {sides[key].seconds:.1f} s; {pct[key]:.1f}% of decode compute limit"
@@ -196,10 +416,13 @@ def main() -> None:
                    f"{measured('cai')}; identical greedy text: {common.same_count(cai.texts, batched.texts)} batched, "
                    f"{common.same_count(cai.texts, single.texts)} per-prompt, "
                    f"{common.same_count(cai.texts, ablation.texts)} no-reuse, "
-                   f"{common.same_count(cai.texts, sides['copied'].texts)} prefix copied",
+                   f"{common.same_count(cai.texts, sides['copied'].texts)} prefix copied"
+                   + "".join(f", {common.same_count(cai.texts, sides[k].texts)} {label}" for k, label in
+                             (("llama", "llama.cpp one at a time"), ("llama_batched", "llama.cpp batched")) if k in sides),
                    ratio_vs={names["batched"]: ratio, names["single"]: cai.tokens_per_s / single.tokens_per_s,
                              names["ablation"]: cai.tokens_per_s / ablation.tokens_per_s,
-                             names["copied"]: cai.tokens_per_s / sides["copied"].tokens_per_s},
+                             names["copied"]: cai.tokens_per_s / sides["copied"].tokens_per_s,
+                             **{names[k]: cai.tokens_per_s / sides[k].tokens_per_s for k in llama_keys}},
                    target=">= 6x batched model.generate", met=ratio >= 6),
         common.row(names["batched"], batched.tokens_per_s, "tokens/s", measured("batched")),
         common.row(names["single"], single.tokens_per_s, "tokens/s", measured("single")),
@@ -211,16 +434,47 @@ def main() -> None:
                    f"{shape.decode_flops(lengths, cai.tokens) / sum(cai.tokens) / 1e6:.0f} MFLOP per generated token "
                    f"(mean over cai's tokens) x tokens/s / matmul peak", target=">= 40%", met=pct["cai"] >= 40),
     ]
+    versus_steps = "cai HFBackend.generate tokens/s vs llama.cpp decode steps"
+    steps_target = f">= {LLAMA_BATCHED_TARGET}x llama.cpp batched decode (decode steps)"
+    if missing is None:
+        steps_rate = steps.tokens / steps.seconds
+        rows += [
+            common.row(names["llama"], sides["llama"].tokens_per_s, "tokens/s",
+                       f"{measured('llama')}; identical greedy text to cai {common.same_count(cai.texts, sides['llama'].texts)}; "
+                       f"llama.cpp evaluated {evaluated} of the {sum(lengths)} prompt tokens"),
+            common.row(names["llama_batched"], sides["llama_batched"].tokens_per_s, "tokens/s",
+                       f"{measured('llama_batched')}; identical greedy text to cai "
+                       f"{common.same_count(cai.texts, sides['llama_batched'].texts)}; decode steps {steps.seconds:.1f} s of it"),
+            common.row(names["llama_steps"], steps_rate, "tokens/s",
+                       f"{steps.tokens} tokens in {steps.seconds:.1f} s of decode steps (one token per live row each), "
+                       "the prefix and suffix prefill left out"),
+            common.row(versus_steps, cai.tokens_per_s, "tokens/s",
+                       "cai's end-to-end figure (its prefill included) over llama.cpp's decode steps alone",
+                       ratio_vs={names["llama_steps"]: cai.tokens_per_s / steps_rate}, target=steps_target,
+                       met=cai.tokens_per_s / steps_rate >= LLAMA_BATCHED_TARGET),
+        ]
+    else:
+        rows.append(common.row(versus_steps, cai.tokens_per_s, "tokens/s", f"llama.cpp rows {missing}",
+                               target=steps_target, met=None))
+    short_tokens = len(backend.encode([backend.render(short_chat)])[0])
+    rows += batch_one_rows(one, first_call, short_tokens, missing)
     notes = [
         f"Model shape for the FLOPs count: N_body {shape.body_params / 1e6:.1f}M (without the {shape.vocab}x"
         f"{shape.hidden} embedding), {shape.layers} layers, attention width {shape.hidden}.",
-        "All five rows use the same token ids (cai's chat template render + encode), batch size, max_new_tokens and "
+        "All rows use the same token ids (cai's chat template render + encode), batch size, max_new_tokens and "
         f"EOS ids {sorted(eos)}; the baselines are timed after cai, the model and threads already warm.",
+        (f"llama.cpp: llama-cpp-python {versions['llama_cpp']} on {gguf.name} (cai export --type f32), f32 KV cache, "
+         f"{torch.get_num_threads()} threads, prefill in batches of 512; greedy is argmax (temp 0) on both llama.cpp "
+         "rows, fed cai's token ids, their tokens decoded by cai's tokenizer."
+         if missing is None else f"llama.cpp rows {missing}."),
+        f"Batch 1: the first red-team prompt alone ({short_tokens} tokens, no "
+        f"few-shot prefix), <= {sizes['single_tokens']} new tokens, greedy; cai on a fresh HFBackend(batch_size=1), "
+        "every side from an empty cache, so each figure's seconds include its prompt eval.",
         f"Whole bench took {time.perf_counter() - started:.0f} s" + (" (--quick: not final figures)" if args.quick else ""),
     ]
     workload = (f"{args.model}, fp32 CPU: {len(chats)} prompts of {sum(lengths) / len(lengths):.0f} tokens on average "
                 f"sharing a {shared}-token prefix, <= {new} new tokens each, greedy, batch {batch}")
-    out = common.result("generation", args.quick, workload, rows, notes)
+    out = common.result("generation", args.quick, workload, rows, notes, **versions)
     common.write_results(out, common.stem("generation", args.quick))
     print(json.dumps(out, indent=2))
 
