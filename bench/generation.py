@@ -28,7 +28,8 @@ and EOS ids, and every baseline's texts are compared with cai's:
   llama.cpp's warm 16-slot server; ``llama-server`` is not part of llama-cpp-python, so the target
   here is its fallback, cai >= 1.2x these decode steps (cai's own figure includes its prefill).
 - **batch 1**: the first red-team prompt alone, no few-shot prefix, ``--single-tokens`` new
-  tokens: cai on a fresh ``HFBackend(batch_size=1)`` (its first call timed apart), ``model.generate``
+  tokens: cai on a fresh ``HFBackend(batch_size=1, compile_decode=True)`` (static KV cache, compiled
+  step; its first call, which compiles, timed apart), the same without compiling, ``model.generate``
   and llama.cpp, each the fastest of 3 calls from an empty cache (prompt eval included); target
   cai >= 0.8x llama.cpp.
 
@@ -286,45 +287,51 @@ def run_llama_batched(llm: Any, tokenizer: Any, ids: list[list[int]], new_tokens
 def batch_one(backend: Any, chat: list[dict[str, str]], new_tokens: int, llm: Any | None) -> tuple[dict[str, Side], float]:
     """One short chat at batch 1: cai, ``model.generate`` and (where ``llm`` is given) llama.cpp.
 
-    cai runs on a fresh ``HFBackend(batch_size=1)`` over the same model; its first call is timed
-    apart (a one-time set-up such as compiling a decode path would land there). Every side then
+    cai runs on two fresh ``HFBackend(batch_size=1)`` over the same model: "cai" with the compiled
+    decode (its first call, which compiles, is timed apart) and "plain" without. Every side then
     gets `REPEATS` calls from an empty cache (prompt eval included) and keeps its fastest.
 
     Returns:
-        The sides ("cai", "hf", "llama") and the seconds of cai's first call.
+        The sides ("cai", "plain", "hf", "llama") and the seconds of cai's first call.
     """
     from cai.backends.hf import HFBackend
     from cai.types import SamplingParams
 
-    single = HFBackend(backend.model, backend.tokenizer, batch_size=1)
+    compiled = HFBackend(backend.model, backend.tokenizer, batch_size=1, compile_decode=True)
+    plain = HFBackend(backend.model, backend.tokenizer, batch_size=1)
     params = SamplingParams(max_new_tokens=new_tokens)
     ids = backend.encode([backend.render(chat)])
-    first = timed(lambda: run_cai(single, [chat], params)).seconds
-    sides = {"cai": best_of(lambda: run_cai(single, [chat], params), REPEATS),
+    first = timed(lambda: run_cai(compiled, [chat], params)).seconds
+    sides = {"cai": best_of(lambda: run_cai(compiled, [chat], params), REPEATS),
+             "plain": best_of(lambda: run_cai(plain, [chat], params), REPEATS),
              "hf": best_of(lambda: run_hf(backend.model, backend.tokenizer, ids, 1, new_tokens, backend.eos_ids,
                                           backend.pad_id), REPEATS)}
     if llm is not None:
         sides["llama"] = best_of(lambda: run_llama(llm, backend.tokenizer, ids, new_tokens, backend.eos_ids)[0], REPEATS)
-    single.close()
+    if compiled.static_decoder is None:
+        raise SystemExit("this model's decoding step can't be compiled; the batch-1 row measures the compiled path")
+    compiled.close()
+    plain.close()
     return sides, first
 
 
 def batch_one_rows(one: dict[str, Side], first_call: float, prompt_tokens: int,
                    missing: str | None) -> list[dict[str, Any]]:
     """The batch-1 rows: cai's (the target against llama.cpp) and each baseline's."""
-    names = {"hf": "model.generate batch 1 tokens/s", "llama": "llama.cpp f32 batch 1 tokens/s"}
-    labels = {"hf": "model.generate", "llama": "llama.cpp"}
-    others = [k for k in ("llama", "hf") if k in one]  # llama.cpp first: the target is about it
+    names = {"hf": "model.generate batch 1 tokens/s", "llama": "llama.cpp f32 batch 1 tokens/s",
+             "plain": "cai batch 1, uncompiled decode tokens/s"}
+    labels = {"hf": "model.generate", "llama": "llama.cpp", "plain": "uncompiled"}
+    others = [k for k in ("llama", "hf", "plain") if k in one]  # llama.cpp first: the target is about it
     ratios = {names[k]: one["cai"].tokens_per_s / one[k].tokens_per_s for k in others}
 
     def measured(key: str) -> str:
         return f"{sum(one[key].tokens)} tokens in {one[key].seconds:.2f} s, best of {REPEATS} calls, prompt eval included"
 
-    check = (f"one {prompt_tokens}-token prompt, no few-shot prefix: {measured('cai')} (first call {first_call:.2f} s, "
-             "left out); identical greedy text: "
+    check = (f"one {prompt_tokens}-token prompt, no few-shot prefix, compiled decode (model.compile_decode): "
+             f"{measured('cai')} (first call {first_call:.1f} s with the compile, left out); identical greedy text: "
              + ", ".join(f"{common.same_count(one['cai'].texts, one[k].texts)} {labels[k]}" for k in others)
              + ("" if "llama" in one else f"; llama.cpp {missing}"))
-    return [common.row("cai batch 1 tokens/s", one["cai"].tokens_per_s, "tokens/s", check, ratio_vs=ratios,
+    return [common.row("cai batch 1, compiled decode tokens/s", one["cai"].tokens_per_s, "tokens/s", check, ratio_vs=ratios,
                        target=f">= {BATCH_ONE_TARGET}x llama.cpp f32 at batch 1",
                        met=ratios[names["llama"]] >= BATCH_ONE_TARGET if "llama" in one else None),
             *[common.row(names[k], one[k].tokens_per_s, "tokens/s", measured(k)) for k in others]]
@@ -468,7 +475,7 @@ def main() -> None:
          "rows, fed cai's token ids, their tokens decoded by cai's tokenizer."
          if missing is None else f"llama.cpp rows {missing}."),
         f"Batch 1: the first red-team prompt alone ({short_tokens} tokens, no "
-        f"few-shot prefix), <= {sizes['single_tokens']} new tokens, greedy; cai on a fresh HFBackend(batch_size=1), "
+        f"few-shot prefix), <= {sizes['single_tokens']} new tokens, greedy; cai on fresh HFBackend(batch_size=1) with and without compile_decode, "
         "every side from an empty cache, so each figure's seconds include its prompt eval.",
         f"Whole bench took {time.perf_counter() - started:.0f} s" + (" (--quick: not final figures)" if args.quick else ""),
     ]
