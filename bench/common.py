@@ -12,16 +12,13 @@ name), a check that says the two sides did the same work (matching outputs, toke
 where there is one, the target and whether it was met. ``bench/table.py`` builds the README's
 table from these files.
 
-llama.cpp is an optional peer (`llama_cpp_missing`, `f32_gguf`, `open_llama`): llama-cpp-python is
-not a cai dependency, so its rows run only where it is installed and otherwise say why they did not.
+llama.cpp is an optional peer (``bench/llama_peer.py``): llama-cpp-python is not a cai dependency,
+so its rows run only where it is installed and otherwise say why they did not.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import json
-import os
 import platform
 import subprocess
 import time
@@ -33,7 +30,6 @@ import torch
 from cai.padding import pad_rows
 
 RESULTS = Path(__file__).parent / "results"
-LLAMA_CPP_INSTALL = "pip install llama-cpp-python==0.3.36"
 """The peer's version these benches were written against (its low-level API moves between releases)."""
 
 
@@ -173,48 +169,3 @@ def batched_generate(model: Any, rows: Sequence[Sequence[int]], *, batch_size: i
             cut = next((k for k, t in enumerate(new) if t in ends), len(new))
             out[i] = new[:cut]
     return out
-
-
-def llama_cpp_missing() -> str | None:
-    """Why the llama.cpp rows can't run here, as one sentence; None when they can.
-
-    ``CAI_BENCH_NO_LLAMA=1`` skips them on purpose (to check the skipped path, or to save time).
-    """
-    if os.environ.get("CAI_BENCH_NO_LLAMA"):
-        return "skipped: CAI_BENCH_NO_LLAMA is set"
-    try:
-        importlib.import_module("llama_cpp")
-    except (ImportError, OSError) as e:  # OSError: the package is there but its shared library won't load
-        return f"skipped: import llama_cpp failed ({type(e).__name__}: {e}); {LLAMA_CPP_INSTALL} runs them"
-    return None
-
-
-def f32_gguf(spec: str) -> Path:
-    """An f32 GGUF of the model ``spec`` names, written by cai's own exporter once and cached.
-
-    The file lives under ``$CAI_HOME/bench/``, named after the model folder, its files' times and
-    cai's version, so a changed model or exporter writes a new one.
-    """
-    from cai import __version__
-    from cai.export import export_gguf, resolve_export_source
-    from cai.models import cai_home
-
-    folder = resolve_export_source(spec)
-    stamp = max(f.stat().st_mtime_ns for f in folder.iterdir())
-    key = hashlib.sha1(f"{folder.resolve()}:{stamp}:{__version__}".encode()).hexdigest()[:10]
-    path = cai_home() / "bench" / f"{folder.name}-{key}-f32.gguf"
-    if not path.is_file():
-        export_gguf(spec, path, "f32", show_progress=False)
-    return path
-
-
-def open_llama(gguf: Path, n_ctx: int, n_batch: int = 512) -> Any:
-    """A ``llama_cpp.Llama`` on ``gguf`` as the benches run it: torch's thread count, f32 KV cache
-    (cai's cache is f32 too; llama.cpp's default f16 cache alone moves logits by ~1e-3), prefill in
-    batches of ``n_batch`` tokens, no logging."""
-    from llama_cpp import Llama
-
-    threads = torch.get_num_threads()
-    return Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
-                 n_threads_batch=threads, type_k=0, type_v=0, verbose=False)  # 0 = GGML_TYPE_F32
-

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import common
+import llama_peer
 import torch
 
 FULL = {"pairs": 16, "batch_size": 16}
@@ -176,12 +177,12 @@ def main() -> None:
     start = time.perf_counter()
     plain = plain_labels(backend, pairs, constitution, config, seed=0)
     timings["plain"] = time.perf_counter() - start
-    missing, versions = common.llama_cpp_missing(), {}
+    missing, versions = llama_peer.missing(), {}
     if missing is None:
         import llama_cpp
 
-        gguf = common.f32_gguf(args.model)
-        llm = common.open_llama(gguf, n_ctx=-(-2 * prompt_tokens // 256) * 256)  # the prompts differ by a few dozen tokens
+        gguf = llama_peer.f32_gguf(args.model)
+        llm = llama_peer.open_llama(gguf, n_ctx=-(-2 * prompt_tokens // 256) * 256)  # the prompts differ by a few dozen tokens
         versions["llama_cpp"] = llama_cpp.__version__
         llama_first_option(llm, backend, "The answer is:", P.CHOICE_OPTIONS)  # warm: weights paged in, threads started
         llm.reset()

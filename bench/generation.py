@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import common
+import llama_peer
 import torch
 
 FULL = {"prompts": 32, "new_tokens": 64, "batch_size": 16, "prefix_tokens": 1500, "single_tokens": 64}
@@ -162,126 +163,15 @@ def best_of(fn: Callable[[], Side], repeats: int) -> Side:
     return min((timed(fn) for _ in range(repeats)), key=lambda side: side.seconds)
 
 
+def decoded(tokenizer: Any, out: list[list[int]], seconds: float = 0.0) -> Side:
+    """A side from generated token lists, their texts decoded by cai's tokenizer."""
+    return Side([tokenizer.decode(t, skip_special_tokens=True) for t in out], [len(t) for t in out], seconds)
+
+
 def run_llama(llm: Any, tokenizer: Any, ids: list[list[int]], new_tokens: int, eos: set[int]) -> tuple[Side, int]:
-    """llama.cpp one prompt at a time: ``Llama.generate`` on cai's token ids, greedy, from an empty cache.
-
-    ``generate`` keeps the previous prompt's KV cache and evaluates only what follows the longest
-    prefix the new prompt shares with it, so a shared few-shot prefix is prefilled once.
-
-    Returns:
-        The side (texts decoded by cai's tokenizer), and how many prompt tokens llama.cpp says it
-        evaluated: about the prefix once plus each prompt's own suffix when the reuse works.
-    """
-    import llama_cpp
-
-    llm.reset()
-    llama_cpp.llama_perf_context_reset(llm.ctx)
-    out = []
-    for row in ids:
-        tokens: list[int] = []
-        for token in llm.generate(row, temp=0.0, top_k=1):
-            if token in eos or len(tokens) == new_tokens:
-                break
-            tokens.append(token)
-        out.append(tokens)
-    evaluated = llama_cpp.llama_perf_context(llm.ctx).n_p_eval
-    return Side([tokenizer.decode(t, skip_special_tokens=True) for t in out], [len(t) for t in out], 0.0), evaluated
-
-
-@dataclass
-class Steps:
-    """The decode steps of a batched run alone: tokens fed through them and their seconds."""
-
-    tokens: int = 0
-    seconds: float = 0.0
-
-
-def run_llama_batched(llm: Any, tokenizer: Any, ids: list[list[int]], new_tokens: int, eos: set[int],
-                      slots: int) -> tuple[Side, Steps]:
-    """llama.cpp's batched decode through its C API, as ``llama-batched-bench`` runs a shared prompt.
-
-    One context with ``slots`` sequences and a unified KV cache (the prefix's cells are shared by
-    every sequence, not copied). The prompts' shared prefix is decoded once into sequence 0; for
-    each group of ``slots`` prompts it is copied to sequences 1.. (``llama_memory_seq_cp``: cells
-    tagged, no data moved), each row's own suffix is decoded in one batch, and then each step
-    decodes one batch holding the last token of every live row; the next token is the argmax of
-    that row's logits, and a row leaves at an EOS id or ``new_tokens``.
-
-    Returns:
-        The side (its seconds from the prefix's decode to the last step, the context's set-up
-        excluded) and the decode steps alone.
-    """
-    import llama_cpp
-    import numpy as np
-
-    from cai.backends.kv_cache import common_prefix_length
-
-    prefix = min(common_prefix_length(ids), min(map(len, ids)) - 1)
-    params = llama_cpp.llama_context_default_params()
-    needed = prefix + slots * (max(map(len, ids)) - prefix + new_tokens) + 1
-    params.n_ctx = -(-needed // 256) * 256
-    params.n_batch = params.n_ubatch = 512
-    params.n_seq_max, params.kv_unified = slots, True
-    # Flash attention off, as llama-cpp-python's Llama defaults to: on this CPU with an f32 cache it
-    # made the decode steps 3.5x slower (22 vs 77 tokens/s, 16 rows, 1 thread); a split (not
-    # unified) cache, which copies the prefix into each sequence, was 1.6x slower.
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    params.n_threads = params.n_threads_batch = torch.get_num_threads()
-    params.type_k = params.type_v = 0  # f32, as `common.open_llama`
-    ctx = llama_cpp.llama_init_from_model(llm.model, params)
-    batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
-    vocab = llm.n_vocab()
-
-    def decode(entries: list[tuple[int, int, int, bool]]) -> list[int]:
-        """Decode (token, position, sequence, wants logits) entries; the argmax after each that wants them."""
-        picked = []
-        for start in range(0, len(entries), params.n_batch):
-            chunk = entries[start:start + params.n_batch]
-            for k, (token, pos, seq, wants) in enumerate(chunk):
-                batch.token[k], batch.pos[k], batch.n_seq_id[k], batch.logits[k] = token, pos, 1, wants
-                batch.seq_id[k][0] = seq
-            batch.n_tokens = len(chunk)
-            if llama_cpp.llama_decode(ctx, batch) != 0:
-                raise RuntimeError(f"llama_decode failed on {len(chunk)} tokens (n_ctx {params.n_ctx})")
-            picked += [int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, k), shape=(vocab,)).argmax())
-                       for k, entry in enumerate(chunk) if entry[3]]
-        return picked
-
-    out: list[list[int]] = [[] for _ in ids]
-    steps = Steps()
-    try:
-        memory = llama_cpp.llama_get_memory(ctx)
-        started = time.perf_counter()
-        decode([(t, pos, 0, False) for pos, t in enumerate(ids[0][:prefix])])
-        for start in range(0, len(ids), slots):
-            group = list(range(start, min(start + slots, len(ids))))
-            llama_cpp.llama_memory_seq_rm(memory, -1, prefix, -1)  # the last group's rows; the prefix stays
-            for seq in range(1, len(group)):
-                llama_cpp.llama_memory_seq_cp(memory, 0, seq, -1, -1)
-            suffixes = [(t, pos, seq, pos == len(ids[i]) - 1) for seq, i in enumerate(group)
-                        for pos, t in enumerate(ids[i][prefix:], prefix)]
-            live = dict(zip(range(len(group)), group))  # sequence -> row
-            picked = decode(suffixes)
-            while True:
-                for (seq, i), token in zip(list(live.items()), picked):
-                    if token in eos:
-                        del live[seq]
-                    else:
-                        out[i].append(token)
-                        if len(out[i]) == new_tokens:
-                            del live[seq]
-                if not live:
-                    break
-                step = time.perf_counter()
-                picked = decode([(out[i][-1], len(ids[i]) + len(out[i]) - 1, seq, True) for seq, i in live.items()])
-                steps.seconds += time.perf_counter() - step
-                steps.tokens += len(live)
-        seconds = time.perf_counter() - started
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
-    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out]
-    return Side(texts, [len(t) for t in out], seconds), steps
+    """`llama_peer.one_at_a_time` as a side, with llama.cpp's count of prompt tokens it evaluated."""
+    out, evaluated = llama_peer.one_at_a_time(llm, ids, new_tokens, eos)
+    return decoded(tokenizer, out), evaluated
 
 
 def batch_one(backend: Any, chat: list[dict[str, str]], new_tokens: int, llm: Any | None) -> tuple[dict[str, Side], float]:
@@ -380,18 +270,19 @@ def main() -> None:
     sides["copied"] = timed(lambda: run_cai(copied, chats, params))
     sides["batched"] = timed(lambda: run_hf(model, tok, ids, batch, new, eos, pad))
     sides["single"] = timed(lambda: run_hf(model, tok, ids, 1, new, eos, pad))
-    missing, llm, versions = common.llama_cpp_missing(), None, {}
+    missing, llm, versions = llama_peer.missing(), None, {}
     if missing is None:
         import llama_cpp
 
-        gguf = common.f32_gguf(args.model)
-        llm = common.open_llama(gguf, n_ctx=-(-(max(lengths) + new + 1) // 256) * 256)
+        gguf = llama_peer.f32_gguf(args.model)
+        llm = llama_peer.open_llama(gguf, n_ctx=-(-(max(lengths) + new + 1) // 256) * 256)
         versions["llama_cpp"] = llama_cpp.__version__
         run_llama(llm, tok, [ids[0][-16:]], 2, eos)  # warm: weights paged in, threads started
         start = time.perf_counter()
         sides["llama"], evaluated = run_llama(llm, tok, ids, new, eos)
         sides["llama"].seconds = time.perf_counter() - start
-        sides["llama_batched"], steps = run_llama_batched(llm, tok, ids, new, eos, batch)
+        out, seconds, steps = llama_peer.batched(llm, ids, new, eos, batch)
+        sides["llama_batched"] = decoded(tok, out, seconds)
     short_chat = [{"role": "user", "content": questions[0].messages[-1]["content"]}]
     one, first_call = batch_one(backend, short_chat, sizes["single_tokens"], llm)
     if llm is not None:
