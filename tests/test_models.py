@@ -164,3 +164,27 @@ def test_cai_home_default(monkeypatch, tmp_path):
     monkeypatch.delenv("CAI_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert models.cai_home() == tmp_path / ".cache" / "cai"
+
+
+def _in_a_safetensors_mapping(address: int) -> bool:
+    """Whether ``address`` lies in this process's memory mapping of a ``.safetensors`` file (Linux)."""
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if fields[-1].endswith(".safetensors"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's memory map (Linux)")
+def test_own_memory_copies_the_weights_and_keeps_them_equal_and_tied(tiny_model_dir):
+    mapped = models.load_model(str(tiny_model_dir), device="cpu")
+    owned = models.load_model(str(tiny_model_dir), device="cpu", own_memory=True)
+    for (name, a), (_, b) in zip(mapped.model.named_parameters(), owned.model.named_parameters()):
+        assert torch.equal(a, b), name
+    # Loaded weights sit in the safetensors file's mapping; the copies do not.
+    assert any(_in_a_safetensors_mapping(p.data_ptr()) for p in mapped.model.parameters())
+    assert not any(_in_a_safetensors_mapping(p.data_ptr()) for p in owned.model.parameters())
+    if owned.model.config.tie_word_embeddings:
+        assert owned.model.get_output_embeddings().weight is owned.model.get_input_embeddings().weight

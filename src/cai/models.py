@@ -277,6 +277,7 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     model_class: Any = None,
+    own_memory: bool = False,
     **model_kwargs: Any,
 ) -> LoadedModel:
     """Load a model spec (see module docstring) with its tokenizer, ready for left-padded batches.
@@ -288,6 +289,9 @@ def load_model(
         trust_remote_code: run code shipped with the model; off unless the user turns it on.
         allow_pickle: accept ``.bin`` (pickle) weights; off because unpickling runs code.
         model_class: transformers auto class; ``AutoModelForCausalLM`` by default.
+        own_memory: on a CPU, copy the weights off the file mapping (`own_weight_memory`): faster
+            decoding, for models that generate; training leaves them mapped, which keeps its peak
+            memory lower (copying costs a second copy of the weights while it runs).
 
     Raises:
         CaiError: anything the user can fix (missing path, offline hub id, pickle weights...).
@@ -329,7 +333,7 @@ def load_model(
             ) from err
         raise CaiError(f"could not load model '{spec}': {str(err).splitlines()[0]}") from err
     model.to(torch_device)
-    if torch_device.type == "cpu":
+    if own_memory and torch_device.type == "cpu":
         own_weight_memory(model)
     model.eval()
     prepare_tokenizer(tokenizer)

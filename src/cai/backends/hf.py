@@ -127,7 +127,8 @@ class HFBackend:
     ) -> HFBackend:
         """Load a model spec (``bundled``, a folder, a ``.gguf``, a hub id) into a backend."""
         loaded = load_model(
-            spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+            spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+            own_memory=True,
         )
         return cls(loaded.model, loaded.tokenizer, **kwargs)
 
