@@ -151,6 +151,26 @@ def run_hf(model: Any, tokenizer: Any, ids: list[list[int]], batch_size: int, ne
     return Side([tokenizer.decode(t, skip_special_tokens=True) for t in out], [len(t) for t in out], 0.0)
 
 
+def timing_decode_steps(backend: Any, steps: Any) -> Any:
+    """Wrap ``backend._forward`` so one-token passes (decode steps) add their rows and seconds to ``steps``.
+
+    The bench's own instrument, so cai's decode steps can be set beside llama.cpp's like for like;
+    returns the original method, for the caller to put back."""
+    original = backend._forward
+
+    def forward(shared_prefix: Any, **inputs: Any) -> Any:
+        if inputs["input_ids"].shape[1] != 1:
+            return original(shared_prefix, **inputs)
+        started = time.perf_counter()
+        out = original(shared_prefix, **inputs)
+        steps.seconds += time.perf_counter() - started
+        steps.tokens += inputs["input_ids"].shape[0]
+        return out
+
+    backend._forward = forward
+    return original
+
+
 def run_cai(backend: Any, chats: list, params: Any) -> Side:
     """cai's ``HFBackend.generate_tokens`` from a cold prefix cache (so any prefix prefill is timed)."""
     backend.prefix_cache.clear()
@@ -264,7 +284,10 @@ def main() -> None:
     backend.generate([[{"role": "user", "content": "Hi"}]] * 2, SamplingParams(max_new_tokens=2))
     run_hf(model, tok, [ids[0][-16:]] * 2, 2, 2, eos, pad)
 
+    cai_steps = llama_peer.Steps()
+    original_forward = timing_decode_steps(backend, cai_steps)
     sides = {"cai": timed(lambda: run_cai(backend, chats, params))}
+    backend._forward = original_forward
     shared = max((len(k) for k in backend.prefix_cache.entries), default=0)
     sides["ablation"] = timed(lambda: run_cai(no_reuse, chats, params))
     sides["copied"] = timed(lambda: run_cai(copied, chats, params))
@@ -346,6 +369,11 @@ def main() -> None:
             common.row(names["llama_steps"], steps_rate, "tokens/s",
                        f"{steps.tokens} tokens in {steps.seconds:.1f} s of decode steps (one token per live row each), "
                        "the prefix and suffix prefill left out"),
+            common.row("cai decode steps only tokens/s", cai_steps.tokens / cai_steps.seconds, "tokens/s",
+                       f"{cai_steps.tokens} tokens in {cai_steps.seconds:.1f} s of cai's one-token forward passes "
+                       "(one token per live row each; prefill, argmax and bookkeeping left out, where llama.cpp's "
+                       "decode-steps row includes its argmax over each row's logits)",
+                       ratio_vs={names["llama_steps"]: cai_steps.tokens / cai_steps.seconds / steps_rate}),
             common.row(versus_steps, cai.tokens_per_s, "tokens/s",
                        "cai's end-to-end figure (its prefill included) over llama.cpp's decode steps alone",
                        ratio_vs={names["llama_steps"]: cai.tokens_per_s / steps_rate}, target=steps_target,
