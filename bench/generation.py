@@ -27,6 +27,8 @@ and EOS ids, and every baseline's texts are compared with cai's:
   to end, and its decode steps alone as their own row. The issue's target is cai against
   llama.cpp's warm 16-slot server; ``llama-server`` is not part of llama-cpp-python, so the target
   here is its fallback, cai >= 1.2x these decode steps (cai's own figure includes its prefill).
+  cai's decode steps are also timed apart (its one-token forward passes, `timing_decode_steps`)
+  and set beside llama.cpp's as their own row, without a target.
 - **batch 1**: the first red-team prompt alone, no few-shot prefix, ``--single-tokens`` new
   tokens: cai on a fresh ``HFBackend(batch_size=1, compile_decode=True)`` (static KV cache, compiled
   step; its first call, which compiles, timed apart), the same without compiling, ``model.generate``
