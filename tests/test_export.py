@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -15,6 +17,16 @@ from cai.errors import CaiError
 from cai.export_tokenizer import pre_tokenizer_name
 from cai.testing import make_tiny_tokenizer
 
+LLAMA_CHILD = """
+import json, sys
+from llama_cpp import Llama
+path, texts, ids = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+llm = Llama(model_path=path, n_ctx=128, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)  # f32 cache
+tokens = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts]
+llm.eval(ids)
+print(json.dumps({"tokens": tokens, "chat_template": llm.metadata["tokenizer.chat_template"],
+                  "scores": [list(map(float, row)) for row in llm.scores[: len(ids)]]}))
+"""
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "  leading spaces, digits 12345 and\nnew lines\n",
          "café ☕ naïve — unicode", "<|im_start|>user\nHow do I bake bread?<|im_end|>\n"]
 
@@ -258,20 +270,22 @@ def test_llama_cpp_runs_the_export_as_the_original_model(exported, tiny_model_di
     token ids as the original tokenizer, and logits within the relative error of the stored type
     (f32: measured 1e-6; f16 and q8_0 add llama.cpp's rounding of activations to 16 / 8 bits). The
     KV cache is f32 here: llama.cpp's default f16 cache alone adds ~1e-3."""
-    from llama_cpp import Llama
-
     model, tokenizer = reference(tiny_model_dir)
-    llm = Llama(model_path=str(exported[tensor_type]), n_ctx=128, logits_all=True, verbose=False, n_threads=1,
-                type_k=0, type_v=0)  # 0 = GGML_TYPE_F32
-    try:
-        for text in TEXTS:
-            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text), text
-        assert llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
-        ids = tokenizer.encode(TEXTS[3])
-        llm.eval(ids)
-        got = torch.from_numpy(np.array(llm.scores[: len(ids)]))
-    finally:
-        llm.close()
+    ids = tokenizer.encode(TEXTS[3])
+    # llama.cpp runs in a child process: some builds crash in native code on some CPUs, and a crash
+    # must fail (or, for quantized types, skip) this test rather than take pytest down with it.
+    run = subprocess.run([sys.executable, "-c", LLAMA_CHILD, str(exported[tensor_type]), json.dumps(TEXTS),
+                          json.dumps(ids)], capture_output=True, text=True, timeout=300)
+    if run.returncode < 0 and tensor_type != "f32":
+        pytest.skip(f"this llama.cpp build died on signal {-run.returncode} reading a {tensor_type} file (f32 and the "
+                    "other types still checked); on the reference machine that build also crashed on the bundled Q4_1 "
+                    "GGUF, which cai did not write")
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.splitlines()[-1])
+    for text, tokens in zip(TEXTS, result["tokens"]):
+        assert tokens == tokenizer.encode(text), text
+    assert result["chat_template"] == tokenizer.chat_template
+    got = torch.tensor(result["scores"])
     want = logits(model, torch.tensor([ids]))[0]
     assert ((got - want).norm() / want.norm()).item() <= tolerance
     assert torch.equal(got.argmax(-1), want.argmax(-1))
