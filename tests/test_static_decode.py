@@ -38,12 +38,16 @@ def test_compiled_decode_gives_the_plain_loops_tokens(pair, params):
     assert list(seconds) == [256] and seconds[256] > 0  # these short chats fit one window: one compile, timed
 
 
-def test_compiled_streaming_matches_the_plain_stream(pair):
+def test_compiled_streaming_matches_the_plain_stream(pair, monkeypatch):
     plain, compiled = pair
     ids = plain.encode([plain.render(CHATS[0])])[0]
     params = SamplingParams(max_new_tokens=16, temperature=0.8, seed=1)
     want = list(plain.stream(ids).tokens(params, seed=5))
+    steps = []
+    real_step = static_decode.StaticRow.step
+    monkeypatch.setattr(static_decode.StaticRow, "step", lambda row, token: steps.append(1) or real_step(row, token))
     got = list(compiled.stream(ids).tokens(params, seed=5))
+    assert len(steps) == len(got) - 1  # every step after the prompt went through the compiled path
     assert [g if g is None else g[0] for g in got] == [w if w is None else w[0] for w in want]
     for g, w in zip(got, want):
         if g is not None:
