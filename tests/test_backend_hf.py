@@ -308,16 +308,21 @@ def _left_padded_causal(lengths: list[int], width: int, past: int) -> torch.Tens
     return (real[:, None, None, :] & causal[None, None]).contiguous()
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize(("t", "past"), [(1, 6), (3, 4), (6, 0)])
-def test_split_prefix_attention_is_one_softmax_over_prefix_and_suffix(t, past):
+def test_split_prefix_attention_is_one_softmax_over_prefix_and_suffix(t, past, fused, monkeypatch):
     """The split form equals SDPA over [prefix expanded to every row; suffix], GQA and left padding
-    included, even for padding queries that see no suffix key at all."""
+    included, even for padding queries that see no suffix key at all; with the fused CPU kernel and
+    with the matmul form."""
+    monkeypatch.setattr(prefix_attention, "FUSED_CPU", fused)
     torch.manual_seed(0)
     b, h, kvh, d, p = 3, 6, 2, 8, 7
     q = torch.randn(b, h, t, d)
     pk, pv = torch.randn(1, kvh, p, d), torch.randn(1, kvh, p, d)
     k, v = torch.randn(b, kvh, past + t, d), torch.randn(b, kvh, past + t, d)
     visible = _left_padded_causal([past + t, past + 1, max(past - 1, 1)], t, past)
+    if past == 0:
+        assert not visible[1, 0, 0].any()  # a padding query that sees no suffix key
     got = prefix_attention.split_prefix_attention(q, pk, pv, k, v, visible, d ** -0.5)
     joined_k = torch.cat([pk.expand(b, -1, -1, -1), k], 2).repeat_interleave(h // kvh, 1)
     joined_v = torch.cat([pv.expand(b, -1, -1, -1), v], 2).repeat_interleave(h // kvh, 1)
@@ -349,11 +354,14 @@ def _decode_logits(backend: HFBackend, rows: list[list[int]], steps: int) -> tup
     return out, shared is not None
 
 
-@pytest.mark.parametrize("split_max_queries", [0, 10_000])
-def test_cascade_logits_match_the_prefix_copied_into_every_row(backend, monkeypatch, split_max_queries):
+@pytest.mark.parametrize(("fused", "split_max_queries"), [(True, 0), (False, 0), (False, 10_000)])
+def test_cascade_logits_match_the_prefix_copied_into_every_row(backend, monkeypatch, split_calls, fused,
+                                                              split_max_queries):
     """Prefill (left padding, padding positions included) and decoding steps, with a row leaving the
-    batch: the same logits whether the prefix is copied per row or stored once. The prefill runs the
-    joined SDPA form with ``split_max_queries=0`` and the split form with a large one."""
+    batch: the same logits whether the prefix is copied per row or stored once. Without the fused CPU
+    kernel the prefill runs the joined SDPA form with ``split_max_queries=0`` and the split form with a
+    large one; with it, always the split form."""
+    monkeypatch.setattr(prefix_attention, "FUSED_CPU", fused)
     monkeypatch.setattr(prefix_attention, "SPLIT_MAX_QUERIES", split_max_queries)
     config = backend.model.config
     assert config.num_key_value_heads < config.num_attention_heads  # grouped-query attention is exercised
@@ -365,6 +373,8 @@ def test_cascade_logits_match_the_prefix_copied_into_every_row(backend, monkeypa
     backend.cascade = True
     shared, used = _decode_logits(backend, rows, steps=4)
     assert used
+    prefilled_split = any(shape[2] > 1 for shape in split_calls)
+    assert prefilled_split == (fused or split_max_queries > 0)
     for a, b in zip(copied, shared):
         assert torch.allclose(a, b, atol=1e-4)
 
