@@ -427,3 +427,74 @@ def test_model_cascade_key_reaches_the_backend(tiny_model_dir):
     off = load_backend(ModelConfig(name=str(tiny_model_dir), cascade=False))
     assert off.cascade is False
     off.close()
+
+
+def _paired_texts() -> list[str]:
+    """Choice-style prompts after a common prefix: each conversation asked in both orders (the pair
+    shares the conversation past the prefix), and one short conversation asked once."""
+    convs = ["Human: How should I store flour so it keeps? ", "Human: My neighbour's dog barks all night, what now? ",
+             "Human: Can you explain how vaccines train the immune system? "]
+    answers = [("Keep it airtight and cool.", "No idea."), ("Talk to them first.", "Get revenge."),
+               ("They show it a harmless piece of a germ.", "I won't discuss that.")]
+    texts = []
+    for conv, (a, b) in zip(convs, answers):
+        texts += [SHARED + conv + f"Which is better? (A) {a} (B) {b} The answer is:",
+                  SHARED + conv + f"Which is better? (A) {b} (B) {a} The answer is:"]
+    return texts + [SHARED + "Human: Say hi. Which is better? (A) Hi. (B) Go away. The answer is:"]
+
+
+@pytest.fixture()
+def forward_rows(backend, monkeypatch):
+    """The batch size of each of the backend's forward passes."""
+    rows, real = [], backend._forward
+
+    def counted(shared, **inputs):
+        rows.append(inputs["input_ids"].shape[0])
+        return real(shared, **inputs)
+
+    monkeypatch.setattr(backend, "_forward", counted)
+    return rows
+
+
+@pytest.mark.parametrize("cascade", [True, False])
+def test_grouped_prefill_scores_match_one_pass_over_each_suffix(backend, monkeypatch, forward_rows, cascade):
+    """Rows sharing a stretch past the common prefix (a pair in both orders) have it prefilled once per
+    run and their own tails on top; a row in no run sees none of that first pass. Same scores as one
+    pass over every row's whole suffix."""
+    backend.cascade = cascade
+    backend.batch_size = 8
+    texts, options = _paired_texts(), [" (A)", " (B)"]
+    monkeypatch.setattr("cai.backends.hf.GROUP_MIN_TOKENS", 10**9)
+    plain = backend.choice_logprobs(texts, options)
+    assert forward_rows[0] == len(texts)  # the prompts' pass: every row in it
+    forward_rows.clear()
+    backend.prefix_cache.clear()
+    monkeypatch.setattr("cai.backends.hf.GROUP_MIN_TOKENS", 4)
+    monkeypatch.setattr("cai.backends.hf.GROUP_MAX_COST", 1.0)
+    grouped = backend.choice_logprobs(texts, options)
+    assert forward_rows[:2] == [3, len(texts)]  # the three pairs' shared stretches, then every row's tail
+    assert torch.allclose(torch.tensor(grouped), torch.tensor(plain), rtol=1e-6, atol=1e-5)
+
+
+def test_shared_runs_cover_every_row_and_keep_a_tail():
+    from cai.backends.hf import _shared_runs
+
+    rows = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [1, 2, 3, 4], [1, 9, 9], [1, 9, 9, 7]]
+    assert _shared_runs(rows, 1, 2) == [(2, [0, 1, 2]), (0, [3]), (0, [4])]
+    assert _shared_runs(rows, 1, 1) == [(2, [0, 1, 2]), (1, [3, 4])]  # [1, 9, 9] keeps its last token
+    assert _shared_runs([], 0, 1) == []
+
+
+def test_grouped_prefill_generates_the_same_text(backend, monkeypatch, forward_rows):
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5)
+    texts = _paired_texts()
+    backend.batch_size = 8
+    monkeypatch.setattr("cai.backends.hf.GROUP_MIN_TOKENS", 10**9)
+    plain = backend.generate(texts, params, seeds=list(range(len(texts))))
+    forward_rows.clear()
+    backend.prefix_cache.clear()
+    monkeypatch.setattr("cai.backends.hf.GROUP_MIN_TOKENS", 4)
+    monkeypatch.setattr("cai.backends.hf.GROUP_MAX_COST", 1.0)
+    grouped = backend.generate(texts, params, seeds=list(range(len(texts))))
+    assert forward_rows[:2] == [3, len(texts)]
+    assert grouped == plain

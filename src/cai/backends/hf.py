@@ -40,6 +40,35 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+GROUP_MIN_TOKENS = 16
+"""Neighbouring rows sharing at least this many tokens past the common prefix have them prefilled once."""
+GROUP_MAX_COST = 0.85
+"""The grouped prefill runs where it computes at most this share of the positions one plain pass would."""
+
+
+def _shared_runs(rows: Sequence[Sequence[int]], start: int, min_tokens: int) -> list[tuple[int, list[int]]]:
+    """Runs of consecutive rows that share ``min_tokens`` or more tokens past ``start``.
+
+    Returns ``(shared tokens past start, row indices)`` per run, in order, covering every row; a row in
+    no run is a run of its own with 0. Each row keeps at least one token outside the shared stretch.
+    """
+    runs: list[tuple[int, list[int]]] = []
+    i = 0
+    while i < len(rows):
+        members, length, common, shortest = [i], 0, len(rows[i]), len(rows[i])
+        while i + len(members) < len(rows):
+            j = i + len(members)
+            common = min(common, common_prefix_length([rows[i], rows[j]]))
+            shortest = min(shortest, len(rows[j]))
+            shared = min(common, shortest - 1) - start
+            if shared < min_tokens:
+                break
+            members, length = members + [j], shared
+        runs.append((length, members))
+        i += len(members)
+    return runs
+
+
 @dataclass
 class Generation:
     """One generated continuation with its exact tokens."""
@@ -215,6 +244,47 @@ class HFBackend:
         self.stats["prefill_tokens"] += int(suffix_mask.sum())
         return ids.to(self.device), mask.to(self.device), positions.to(self.device), cache, shared
 
+    def _prefill(self, rows: Sequence[Sequence[int]], prefix_len: int, prefix_kv: KV | None, extra: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, KV | None]:
+        """Run the rows' suffixes after the shared prefix: (last-position logits, mask, positions, cache, shared prefix).
+
+        Runs of neighbouring rows that share a further stretch past the prefix (a pair's prompt in both
+        orders, one conversation under several principles) have that stretch prefilled once per run and
+        its cache copied to each row, whose own tail then runs on top of it, where that computes fewer
+        positions (padding included) than one pass over every row's whole suffix. ``mask`` and
+        ``positions`` cover what `_batch_inputs` would give, ``positions`` those of the last pass.
+        """
+        groups = _shared_runs(rows, prefix_len, GROUP_MIN_TOKENS)
+        multi = [(length, members) for length, members in groups if len(members) > 1]
+        widest = max(len(r) for r in rows) - prefix_len
+        part_width = max((length for length, _ in multi), default=0)
+        tail_width = max(len(rows[i]) - prefix_len - length for length, members in groups for i in members)
+        if not multi or len(multi) * part_width + len(rows) * tail_width > GROUP_MAX_COST * len(rows) * widest:
+            ids, mask, positions, cache, shared = self._batch_inputs(rows, prefix_len, prefix_kv, extra)
+            logits = self._forward(shared, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                   logits_to_keep=1).logits[:, -1, :]
+            return logits, mask, positions, cache, shared
+        parts = [rows[members[0]][:prefix_len + length] for length, members in multi]
+        ids, mask, positions, cache, shared = self._batch_inputs(parts, prefix_len, prefix_kv, tail_width + extra)
+        self._forward(shared, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
+        source, shared_len = [0] * len(rows), [0] * len(rows)
+        for g, (length, members) in enumerate(multi):
+            for i in members:
+                source[i], shared_len[i] = g, length
+        index = torch.tensor(source, device=self.device)
+        cache.batch_select_indices(index)
+        mask = mask[index]
+        alone = torch.tensor([length == 0 for length in shared_len], device=self.device)
+        mask[:, mask.shape[1] - ids.shape[1]:] *= ~alone[:, None]  # a row in no run sees none of the first pass
+        tails, tail_mask = pad_rows([r[prefix_len + n:] for r, n in zip(rows, shared_len)], self.pad_id, "left")
+        tail_positions = (tail_mask.cumsum(1) - 1).clamp(min=0) + prefix_len + torch.tensor(shared_len)[:, None]
+        mask = torch.cat([mask, tail_mask.to(self.device)], dim=1)
+        tail_positions = tail_positions.to(self.device)
+        self.stats["prefill_tokens"] += int(tail_mask.sum())
+        logits = self._forward(shared, input_ids=tails.to(self.device), attention_mask=mask,
+                               position_ids=tail_positions, cache=cache, logits_to_keep=1).logits[:, -1, :]
+        return logits, mask, tail_positions, cache, shared
+
     def _forward(self, shared_prefix: KV | None, **inputs: Any) -> Any:
         """One cached forward pass; over a shared prefix kept apart from the rows when one is given."""
         if shared_prefix is None:
@@ -311,11 +381,7 @@ class HFBackend:
         if self.static_decoder is not None and len(rows) == 1:
             return [self._decode_static(rows[0], params, seeds[0])]
         unique = list(dict.fromkeys(tuple(r) for r in rows))
-        ids, mask, positions, cache, shared = self._batch_inputs(unique, prefix_len, prefix_kv,
-                                                                 extra=params.max_new_tokens)
-        logits = self._forward(
-            shared, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1
-        ).logits[:, -1, :]
+        logits, mask, positions, cache, shared = self._prefill(unique, prefix_len, prefix_kv, params.max_new_tokens)
         if len(unique) < len(rows):
             where = {row: i for i, row in enumerate(unique)}
             index = torch.tensor([where[tuple(r)] for r in rows], device=self.device)
@@ -512,10 +578,8 @@ class HFBackend:
     ) -> list[list[float]]:
         """``option_ids[b][j]``: the tokens of option j after row b."""
         n_opt, longest = len(option_ids[0]), max(len(o) for opts in option_ids for o in opts)
-        ids, mask, positions, cache, shared = self._batch_inputs(rows, prefix_len, prefix_kv, extra=longest)
-        first = self._forward(
-            shared, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1,
-        ).logits[:, -1, :].float().log_softmax(-1)
+        logits, mask, positions, cache, shared = self._prefill(rows, prefix_len, prefix_kv, longest)
+        first = logits.float().log_softmax(-1)
         scores = [[float(first[b, o[0]]) for o in option_ids[b]] for b in range(len(rows))]
         if longest == 1:
             return scores
