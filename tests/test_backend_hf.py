@@ -498,3 +498,14 @@ def test_grouped_prefill_generates_the_same_text(backend, monkeypatch, forward_r
     grouped = backend.generate(texts, params, seeds=list(range(len(texts))))
     assert forward_rows[:2] == [3, len(texts)]
     assert grouped == plain
+
+
+def test_grouped_prefill_is_off_without_prefix_reuse(backend, monkeypatch, forward_rows):
+    """``reuse_prefix=False`` means every row computes its whole prompt: no shared stretch either."""
+    backend.reuse_prefix = False
+    backend.batch_size = 8
+    monkeypatch.setattr("cai.backends.hf.GROUP_MIN_TOKENS", 4)
+    monkeypatch.setattr("cai.backends.hf.GROUP_MAX_COST", 1.0)
+    texts = _paired_texts()
+    backend.choice_logprobs(texts, [" (A)", " (B)"])
+    assert forward_rows[0] == len(texts)

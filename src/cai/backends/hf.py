@@ -253,12 +253,13 @@ class HFBackend:
         its cache copied to each row, whose own tail then runs on top of it, where that computes fewer
         positions (padding included) than one pass over every row's whole suffix. ``mask`` and
         ``positions`` cover what `_batch_inputs` would give, ``positions`` those of the last pass.
+        Off with ``reuse_prefix=False``: that backend computes every row's whole prompt.
         """
-        groups = _shared_runs(rows, prefix_len, GROUP_MIN_TOKENS)
+        groups = _shared_runs(rows, prefix_len, GROUP_MIN_TOKENS) if self.reuse_prefix else []
         multi = [(length, members) for length, members in groups if len(members) > 1]
         widest = max(len(r) for r in rows) - prefix_len
         part_width = max((length for length, _ in multi), default=0)
-        tail_width = max(len(rows[i]) - prefix_len - length for length, members in groups for i in members)
+        tail_width = max((len(rows[i]) - prefix_len - length for length, members in groups for i in members), default=0)
         if not multi or len(multi) * part_width + len(rows) * tail_width > GROUP_MAX_COST * len(rows) * widest:
             ids, mask, positions, cache, shared = self._batch_inputs(rows, prefix_len, prefix_kv, extra)
             logits = self._forward(shared, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
