@@ -2,8 +2,9 @@
 
 cai's side is `cai.stages.label.label_pairs` (one principle per pair, both orders, no chain of
 thought): the few-shot block that opens every choice prompt is prefilled once and its KV cache
-reused, prompts are batched, and each option's tokens continue from the prompt's cache
-(``HFBackend.choice_logprobs``).
+reused, prompts are batched, a pair's two orders (which share the conversation and the principle
+up to the first response) have that shared stretch prefilled once for both, and each option's
+tokens continue from the prompt's cache (``HFBackend.choice_logprobs``).
 
 The baseline is what a careful user writes with transformers alone: for each pair and order, one
 forward pass over the whole prompt, reading the two options' log-probabilities at its last
