@@ -188,3 +188,20 @@ def test_own_memory_copies_the_weights_and_keeps_them_equal_and_tied(tiny_model_
     assert not any(_in_a_safetensors_mapping(p.data_ptr()) for p in owned.model.parameters())
     if owned.model.config.tie_word_embeddings:
         assert owned.model.get_output_embeddings().weight is owned.model.get_input_embeddings().weight
+
+
+def test_own_weight_memory_copies_on_one_thread_and_puts_the_threads_back(monkeypatch):
+    """A parallel copy would leave an OpenMP team in the loading thread, which halved the speed of
+    the model run from cai serve's batcher thread; the copy runs on one thread, then the count returns."""
+    model = torch.nn.Linear(4, 4)
+    seen, real = [], torch.Tensor.clone
+
+    def clone(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", clone)
+    before = torch.get_num_threads()
+    models.own_weight_memory(model)
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
