@@ -253,9 +253,11 @@ class HFBackend:
         its cache copied to each row, whose own tail then runs on top of it, where that computes fewer
         positions (padding included) than one pass over every row's whole suffix. ``mask`` and
         ``positions`` cover what `_batch_inputs` would give, ``positions`` those of the last pass.
-        Off with ``reuse_prefix=False``: that backend computes every row's whole prompt.
+        Off with ``reuse_prefix=False`` (that backend computes every row's whole prompt) and for models
+        with other than full-attention layers.
         """
-        groups = _shared_runs(rows, prefix_len, GROUP_MIN_TOKENS) if self.reuse_prefix else []
+        # Full-attention models only: a sliding window counts cache slots, and this adds a padded stretch.
+        groups = _shared_runs(rows, prefix_len, GROUP_MIN_TOKENS) if self.reuse_prefix and self._can_preallocate else []
         multi = [(length, members) for length, members in groups if len(members) > 1]
         widest = max(len(r) for r in rows) - prefix_len
         part_width = max((length for length, _ in multi), default=0)
