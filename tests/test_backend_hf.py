@@ -465,14 +465,18 @@ def test_grouped_prefill_scores_match_one_pass_over_each_suffix(backend, monkeyp
     backend.batch_size = 8
     texts, options = _paired_texts(), [" (A)", " (B)"]
     monkeypatch.setattr("cai.backends.hf.GROUP_MIN_TOKENS", 10**9)
+    before = backend.stats["prefix_reused_tokens"]
     plain = backend.choice_logprobs(texts, options)
+    plain_reused = backend.stats["prefix_reused_tokens"] - before
     assert forward_rows[0] == len(texts)  # the prompts' pass: every row in it
     forward_rows.clear()
     backend.prefix_cache.clear()
     monkeypatch.setattr("cai.backends.hf.GROUP_MIN_TOKENS", 4)
     monkeypatch.setattr("cai.backends.hf.GROUP_MAX_COST", 1.0)
+    before = backend.stats["prefix_reused_tokens"]
     grouped = backend.choice_logprobs(texts, options)
     assert forward_rows[:2] == [3, len(texts)]  # the three pairs' shared stretches, then every row's tail
+    assert plain_reused > 0 and backend.stats["prefix_reused_tokens"] - before == plain_reused  # every row counted
     assert torch.allclose(torch.tensor(grouped), torch.tensor(plain), rtol=1e-6, atol=1e-5)
 
 

@@ -276,6 +276,8 @@ class HFBackend:
                 source[i], shared_len[i] = g, length
         index = torch.tensor(source, device=self.device)
         cache.batch_select_indices(index)
+        if prefix_kv is not None:  # _batch_inputs counted the runs; every row reads the prefix
+            self.stats["prefix_reused_tokens"] += prefix_len * (len(rows) - len(multi))
         mask = mask[index]
         alone = torch.tensor([length == 0 for length in shared_len], device=self.device)
         mask[:, mask.shape[1] - ids.shape[1]:] *= ~alone[:, None]  # a row in no run sees none of the first pass
