@@ -29,6 +29,7 @@ def backend(tiny_backend):
     tiny_backend.reuse_prefix = True
     tiny_backend.cascade = True
     tiny_backend.batch_size = 4
+    tiny_backend.pack = True
     return tiny_backend
 
 
@@ -445,11 +446,12 @@ def _paired_texts() -> list[str]:
 
 @pytest.fixture()
 def forward_rows(backend, monkeypatch):
-    """The batch size of each of the backend's forward passes."""
+    """The batch size of each of the backend's forward passes (a packed pass's rows)."""
     rows, real = [], backend._forward
 
     def counted(shared, **inputs):
-        rows.append(inputs["input_ids"].shape[0])
+        packed = inputs.get("packed")
+        rows.append(inputs["input_ids"].shape[0] if packed is None else packed.rows)
         return real(shared, **inputs)
 
     monkeypatch.setattr(backend, "_forward", counted)
@@ -513,3 +515,74 @@ def test_grouped_prefill_is_off_without_prefix_reuse(backend, monkeypatch, forwa
     texts = _paired_texts()
     backend.choice_logprobs(texts, [" (A)", " (B)"])
     assert forward_rows[0] == len(texts)
+
+
+# ------------------------------------------------------------------ packed prefill and option branches
+
+
+def test_packed_rows_unpack_into_the_padded_grid_and_back():
+    index = torch.tensor([0, 1, 2, 5])  # rows of width 3: row 0 is full, row 1 has one real token (left padding)
+    packed = prefix_attention.Packed(2, 3, index)
+    x = torch.arange(1, 4 * 2 * 2 + 1, dtype=torch.float32).view(1, 2, 4, 2)  # [1, heads, N, d]
+    grid = packed.unpack(x)
+    assert grid.shape == (2, 2, 3, 2)
+    assert torch.equal(grid[0], x[0, :, :3]) and torch.equal(grid[1, :, 2], x[0, :, 3])
+    assert torch.equal(grid[1, :, :2], torch.zeros(2, 2, 2))
+    assert torch.equal(packed.pack(grid.transpose(1, 2)), x.transpose(1, 2))  # [1, N, heads, d]
+
+
+@pytest.fixture()
+def packed_passes(backend, monkeypatch):
+    """Whether each of the backend's forward passes ran packed."""
+    seen, real = [], backend._forward
+
+    def counted(shared, **inputs):
+        seen.append(inputs.get("packed") is not None)
+        return real(shared, **inputs)
+
+    monkeypatch.setattr(backend, "_forward", counted)
+    return seen
+
+
+@pytest.mark.parametrize(("reuse_prefix", "cascade"), [(False, False), (True, False), (True, True)])
+def test_packed_prefill_matches_the_padded_batch(backend, packed_passes, reuse_prefix, cascade):
+    """A padded batch prefilled as one sequence of its real tokens scores and generates as the padded batch does."""
+    backend.reuse_prefix, backend.cascade = reuse_prefix, cascade
+    texts = [backend.render(c) for c in chats()]
+    assert len({len(ids) for ids in backend.encode(texts)}) > 1  # the batch has padding
+    options = [" (A)", " (B)", " Let's think"]
+    params = SamplingParams(max_new_tokens=10)
+    backend.pack = False
+    plain_scores, plain_text = backend.choice_logprobs(texts, options), backend.generate(chats(), params)
+    assert not any(packed_passes)
+    backend.pack = True
+    backend.prefix_cache.clear()
+    skipped = backend.stats["prefill_padding_skipped"]
+    packed_scores, packed_text = backend.choice_logprobs(texts, options), backend.generate(chats(), params)
+    assert any(packed_passes) and backend.stats["prefill_padding_skipped"] > skipped
+    assert torch.allclose(torch.tensor(packed_scores), torch.tensor(plain_scores), rtol=1e-6, atol=1e-5)
+    assert packed_text == plain_text
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_option_tokens_branch_off_the_prompts_own_pass(backend, forward_rows, pack):
+    """Packed, the options' tokens run in the prompts' last pass (no second pass over copies of the
+    cache), each seeing the prompt and its own option's earlier tokens only, a shared leading token
+    once; options of one token, of several, and sharing a start all score as one plain forward over
+    prompt + option does."""
+    backend.pack = pack
+    texts = [backend.render(c + [{"role": "assistant", "content": "The answer is:"}]) for c in chats()]
+    options = [" (A)", " (B)", " (A) because", " no", "!"]
+    tok = backend.tokenizer
+    alone = [tok(o, add_special_tokens=False)["input_ids"] for o in options]
+    assert len(alone[2]) > len(alone[0]) > 1 and alone[2][:len(alone[0])] == alone[0] and len(alone[4]) == 1
+    got = backend.choice_logprobs(texts, options)
+    batches = [4, 1]  # batch_size 4
+    assert forward_rows == (batches if pack else [4, 4 * len(options), 1, len(options)])
+    for text, row in zip(texts, got):
+        p = tok(text, add_special_tokens=False)["input_ids"]
+        for option, value in zip(options, row):
+            o = tok(text + option, add_special_tokens=False)["input_ids"][len(p):]
+            with torch.no_grad():
+                lp = backend.model(torch.tensor([p + o])).logits.log_softmax(-1)[0]
+            assert value == pytest.approx(sum(lp[len(p) - 1 + k, o[k]].item() for k in range(len(o))), abs=1e-4)

@@ -99,6 +99,9 @@ class HFBackend:
         compile_decode: decode a batch of one row (chat, a lone server request, streaming) on a
             static cache with a compiled step (`cai.backends.static_decode`): faster per token,
             after a one-time compile per window size; ignored where the model can't compile.
+        pack: prefill a padded batch as one packed sequence of its real tokens, so the weight
+            products skip the padding (attention still runs in the padded grid; same results); used
+            where the model's layers are all full attention and its attention goes through the registry.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class HFBackend:
         prefix_cache_entries: int = 4,
         cascade: bool = True,
         compile_decode: bool = False,
+        pack: bool = True,
     ) -> None:
         if batch_size < 1:
             raise CaiError(f"batch_size must be at least 1, got {batch_size}")
@@ -138,10 +142,12 @@ class HFBackend:
         self._can_preallocate = bool(self._n_layers) and (layer_types is None or set(layer_types) <= {"full_attention"})
         self.cascade = cascade
         self._can_cascade = self._can_preallocate and prefix_attention.supported(model)
+        self.pack = pack
         self.static_decoder = (static_decode.StaticDecoder(model, self.max_context)
                                if compile_decode and static_decode.supported(model) else None)
         self.stats = {"prompt_tokens": 0, "prefill_tokens": 0, "generated_tokens": 0, "prefix_reused_tokens": 0,
-                      "prefill_shared_rows": 0}
+                      "prefill_shared_rows": 0,
+                      "prefill_padding_skipped": 0}
 
     @classmethod
     def from_spec(
@@ -244,7 +250,8 @@ class HFBackend:
         self.stats["prefill_tokens"] += int(suffix_mask.sum())
         return ids.to(self.device), mask.to(self.device), positions.to(self.device), cache, shared
 
-    def _prefill(self, rows: Sequence[Sequence[int]], prefix_len: int, prefix_kv: KV | None, extra: int
+    def _prefill(self, rows: Sequence[Sequence[int]], prefix_len: int, prefix_kv: KV | None, extra: int,
+                 trees: Sequence[tuple[list[int], list[int]]] | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, KV | None]:
         """Run the rows' suffixes after the shared prefix: (last-position logits, mask, positions, cache, shared prefix).
 
@@ -255,21 +262,29 @@ class HFBackend:
         ``positions`` cover what `_batch_inputs` would give, ``positions`` those of the last pass.
         Off with ``reuse_prefix=False`` (that backend computes every row's whole prompt) and for models
         with other than full-attention layers.
+
+        ``trees`` (only where the backend packs, `_can_pack`): per row, tokens that branch off its end,
+        as ``(tokens, parents)`` with ``parents[k]`` the index of token k's parent among them (-1: the
+        prompt's last token). They run in the last pass, each seeing the prompt and its own ancestors
+        only, at the position after its parent's; the logits come back ``[rows + all tokens, vocab]``:
+        the rows' last positions, then each row's branch tokens in order. Mask, positions and cache then
+        hold the branches too, so they are for reading logits only.
         """
+        branches = [list(t[0]) for t in trees] if trees is not None else [[] for _ in rows]
         # Full-attention models only: a sliding window counts cache slots, and this adds a padded stretch.
         groups = _shared_runs(rows, prefix_len, GROUP_MIN_TOKENS) if self.reuse_prefix and self._can_preallocate else []
         multi = [(length, members) for length, members in groups if len(members) > 1]
-        widest = max(len(r) for r in rows) - prefix_len
+        widest = max(len(r) + len(n) for r, n in zip(rows, branches)) - prefix_len
         part_width = max((length for length, _ in multi), default=0)
-        tail_width = max((len(rows[i]) - prefix_len - length for length, members in groups for i in members), default=0)
+        tail_width = max((len(rows[i]) + len(branches[i]) - prefix_len - length for length, members in groups
+                          for i in members), default=0)
         if not multi or len(multi) * part_width + len(rows) * tail_width > GROUP_MAX_COST * len(rows) * widest:
-            ids, mask, positions, cache, shared = self._batch_inputs(rows, prefix_len, prefix_kv, extra)
-            logits = self._forward(shared, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                                   logits_to_keep=1).logits[:, -1, :]
-            return logits, mask, positions, cache, shared
+            ids, mask, positions, cache, shared = self._batch_inputs(
+                [list(r) + n for r, n in zip(rows, branches)], prefix_len, prefix_kv, extra)
+            return self._prefill_pass(shared, ids, mask, positions, cache, trees), mask, positions, cache, shared
         parts = [rows[members[0]][:prefix_len + length] for length, members in multi]
         ids, mask, positions, cache, shared = self._batch_inputs(parts, prefix_len, prefix_kv, tail_width + extra)
-        self._forward(shared, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
+        self._prefill_pass(shared, ids, mask, positions, cache)
         source, shared_len = [0] * len(rows), [0] * len(rows)
         for g, (length, members) in enumerate(multi):
             for i in members:
@@ -281,18 +296,76 @@ class HFBackend:
         mask = mask[index]
         alone = torch.tensor([length == 0 for length in shared_len], device=self.device)
         mask[:, mask.shape[1] - ids.shape[1]:] *= ~alone[:, None]  # a row in no run sees none of the first pass
-        tails, tail_mask = pad_rows([r[prefix_len + n:] for r, n in zip(rows, shared_len)], self.pad_id, "left")
+        tails, tail_mask = pad_rows([list(r[prefix_len + n:]) + b for r, n, b in zip(rows, shared_len, branches)],
+                                    self.pad_id, "left")
         tail_positions = (tail_mask.cumsum(1) - 1).clamp(min=0) + prefix_len + torch.tensor(shared_len)[:, None]
         mask = torch.cat([mask, tail_mask.to(self.device)], dim=1)
         tail_positions = tail_positions.to(self.device)
         self.stats["prefill_tokens"] += int(tail_mask.sum())
-        logits = self._forward(shared, input_ids=tails.to(self.device), attention_mask=mask,
-                               position_ids=tail_positions, cache=cache, logits_to_keep=1).logits[:, -1, :]
+        logits = self._prefill_pass(shared, tails.to(self.device), mask, tail_positions, cache, trees)
         return logits, mask, tail_positions, cache, shared
 
+    @property
+    def _can_pack(self) -> bool:
+        """Whether prefill passes run packed (`_prefill_pass`): needs transformers' attention registry."""
+        return self.pack and self._can_cascade
+
+    def _prefill_pass(self, shared: KV | None, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                      cache: Any, trees: Sequence[tuple[list[int], list[int]]] | None = None) -> torch.Tensor:
+        """One prefill pass over left-padded rows ``ids [b, w]`` (``mask`` covers the cache and them):
+        each row's last-position logits ``[b, vocab]`` (with ``trees``, see `_prefill`: the last
+        ``len(tokens)`` columns of each row are its branch tokens, and their logits follow).
+
+        A batch with padding (or branches) runs packed where the backend can (`_can_pack`): the model
+        reads its real tokens only, as one sequence, and attention and the cache work in the padded grid
+        (`prefix_attention.Packed`), with the mask given ready-made, causal within the pass.
+        """
+        b, width = ids.shape
+        real = mask[:, -width:].bool()
+        padding = b * width - int(real.sum())
+        if trees is None and not (padding and self._can_pack):
+            return self._forward(shared, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                 logits_to_keep=1).logits[:, -1, :]
+        within = torch.ones((b, width, width), dtype=torch.bool, device=self.device).tril()
+        keep = [r * width + width - 1 for r in range(b)]
+        if trees is not None:
+            positions = positions.clone()
+            for r, (tokens, parents) in enumerate(trees):
+                start = width - len(tokens)
+                keep[r] = r * width + start - 1
+                for k, parent in enumerate(parents):
+                    column = start + k
+                    above = start - 1 if parent < 0 else start + parent
+                    positions[r, column] = positions[r, above] + 1
+                    within[r, column, start:] = False  # a branch token sees the prompt, itself and its ancestors only
+                    within[r, column, column] = True
+                    while parent >= 0:
+                        within[r, column, start + parent] = True
+                        parent = parents[parent]
+            keep += [r * width + width - len(tokens) + k for r, (tokens, _) in enumerate(trees) for k in range(len(tokens))]
+        index = real.reshape(-1).nonzero().squeeze(1)
+        packed = prefix_attention.Packed(b, width, index)
+        order = torch.full((b * width,), -1, dtype=torch.long, device=self.device)
+        order[index] = torch.arange(len(index), device=self.device)
+        past = mask.shape[1] - width
+        visible = mask.bool()[:, None, None, :].repeat(1, 1, width, 1)  # [b, 1, w, cached + w]: True = attend
+        visible[:, 0, :, past:] &= within
+        self.stats["prefill_padding_skipped"] += padding
+        for layer in cache.layers:
+            layer.packed = packed
+        try:
+            out = self._forward(shared, input_ids=packed.pack(ids), attention_mask=visible,
+                                position_ids=packed.pack(positions), cache=cache, packed=packed,
+                                logits_to_keep=order[torch.tensor(keep, device=self.device)])
+        finally:
+            for layer in cache.layers:
+                layer.packed = None
+        return out.logits[0]
+
     def _forward(self, shared_prefix: KV | None, **inputs: Any) -> Any:
-        """One cached forward pass; over a shared prefix kept apart from the rows when one is given."""
-        if shared_prefix is None:
+        """One cached forward pass; over a shared prefix kept apart from the rows when one is given, and
+        packed (`_prefill_pass`) when ``packed`` is."""
+        if shared_prefix is None and inputs.get("packed") is None:
             return self.model(use_cache=True, **inputs)
         with prefix_attention.enabled(self.model):
             return self.model(use_cache=True, shared_prefix=shared_prefix, **inputs)
@@ -581,8 +654,34 @@ class HFBackend:
     def _score_batch(
         self, rows: list[list[int]], option_ids: list[list[list[int]]], prefix_len: int, prefix_kv: KV | None
     ) -> list[list[float]]:
-        """``option_ids[b][j]``: the tokens of option j after row b."""
+        """``option_ids[b][j]``: the tokens of option j after row b.
+
+        Where the backend packs (`_can_pack`), the options' tokens but the last run in the prompts' own
+        last pass as branches off each prompt's end (`_prefill`), one token per distinct option prefix
+        (" (" once for " (A)" and " (B)"); otherwise a second pass runs them over copies of the cache.
+        """
         n_opt, longest = len(option_ids[0]), max(len(o) for opts in option_ids for o in opts)
+        if self._can_pack and longest > 1:
+            trees, reads = [], []
+            for opts in option_ids:
+                nodes: dict[tuple[int, ...], int] = {}
+                tokens, parents = [], []
+                for o in opts:
+                    for k in range(1, len(o)):
+                        if tuple(o[:k]) not in nodes:
+                            nodes[tuple(o[:k])] = len(tokens)
+                            tokens.append(o[k - 1])
+                            parents.append(nodes[tuple(o[:k - 1])] if k > 1 else -1)
+                trees.append((tokens, parents))
+                reads.append([[nodes[tuple(o[:k])] for k in range(1, len(o))] for o in opts])
+            logits = self._prefill(rows, prefix_len, prefix_kv, 0, trees)[0].float().log_softmax(-1)
+            scores, offset = [], len(rows)
+            for b, opts in enumerate(option_ids):
+                scores.append([float(logits[b, o[0]]) + sum(float(logits[offset + node, o[k + 1]])
+                                                            for k, node in enumerate(reads[b][j]))
+                               for j, o in enumerate(opts)])
+                offset += len(trees[b][0])
+            return scores
         logits, mask, positions, cache, shared = self._prefill(rows, prefix_len, prefix_kv, longest)
         first = logits.float().log_softmax(-1)
         scores = [[float(first[b, o[0]]) for o in option_ids[b]] for b in range(len(rows))]

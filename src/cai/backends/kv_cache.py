@@ -64,7 +64,11 @@ def preallocated_layer_class():
         The default layer grows with ``torch.cat`` at every step, copying the whole cache each
         time; with long shared prefixes that copy dominated decoding (~50% of each step here).
         ``keys``/``values`` are views of the filled part, so the rest of transformers is unchanged.
+        While ``packed`` is set (a `cai.backends.prefix_attention.Packed`), updates come packed and are
+        stored unpacked into the batch's padded grid.
         """
+
+        packed = None
 
         def __init__(self, capacity: int) -> None:
             super().__init__()
@@ -81,6 +85,8 @@ def preallocated_layer_class():
             self.is_initialized = True
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            if self.packed is not None:
+                key_states, value_states = self.packed.unpack(key_states), self.packed.unpack(value_states)
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             end = self.length + key_states.shape[-2]

@@ -43,6 +43,7 @@ attention implementation to ``cai_shared_prefix``, and the prefix K/V ride along
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -56,6 +57,32 @@ FUSED_CPU = True
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 _registered: bool | None = None
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Where the tokens of a packed pass sit in the left-padded ``[rows, width]`` grid of a batch.
+
+    A packed pass feeds the model only the batch's real tokens, as one sequence ``[1, N]``, so the
+    weight products (most of a prefill's arithmetic) skip the padding; attention unpacks the queries,
+    keys and values into the padded grid, where the batch's mask applies as before, and packs the
+    output back. ``index`` holds each real token's flat position ``row * width + column``, in order.
+    """
+
+    rows: int
+    width: int
+    index: torch.Tensor
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[1, heads, N, d]`` -> ``[rows, heads, width, d]``, zeros at the padding."""
+        heads, d = x.shape[1], x.shape[3]
+        grid = x.new_zeros(self.rows * self.width, heads, d)
+        grid.index_copy_(0, self.index, x[0].transpose(0, 1))
+        return grid.view(self.rows, self.width, heads, d).transpose(1, 2)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[rows, width, ...]`` -> ``[1, N, ...]``: the real positions only."""
+        return x.reshape(self.rows * self.width, *x.shape[2:]).index_select(0, self.index)[None]
 
 
 def split_prefix_attention(
@@ -137,14 +164,20 @@ def attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     shared_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    packed: Packed | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The attention function registered as ``cai_shared_prefix`` (transformers' calling convention).
 
     ``key``/``value`` are this layer's suffix cache; ``shared_prefix[module.layer_idx]`` its prefix K/V.
     ``attention_mask`` is the suffix's bool mask from `_suffix_mask`. Returns ``([b, t, h, d], None)``.
-    Without ``shared_prefix`` it is plain SDPA.
+    Without ``shared_prefix`` it is plain SDPA. With ``packed`` the query is the packed ``[1, h, N, d]``
+    (`Packed`), the cache and ``attention_mask`` are in the padded grid, and the output comes back packed.
     """
+    if packed is not None:
+        out, _ = attention_forward(module, packed.unpack(query), key, value, attention_mask, dropout, scaling,
+                                   shared_prefix, **kwargs)
+        return packed.pack(out), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward  # lazy: only when a model runs
 
     if shared_prefix is None:
