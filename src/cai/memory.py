@@ -1,4 +1,5 @@
-"""This process's memory: its peak resident size per stage, and handing freed memory back to the system.
+"""This process's memory: its peak resident size per stage, handing freed memory back to the system between
+stages, and keeping it for reuse within one.
 
 `cai.runs.StageRun` calls these around each stage, so a stage's manifest records its own peak even
 when several stages run in one process (``cai run``).
@@ -10,6 +11,12 @@ import ctypes
 import gc
 import resource
 import sys
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+KEEP_FREED_BYTES = 1 << 30
+"""Free memory the C allocator may hold at the top of its heap before it hands any back to the system."""
+MMAP_ABOVE_BYTES = 32 << 20
+"""Blocks above this size get their own mapping (glibc's largest default); smaller ones come from the heap."""
 
 
 def peak_rss_gb() -> float:
@@ -40,6 +47,23 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def keep_freed_memory() -> bool:
+    """Let the C allocator keep the large blocks a model run frees, for the next pass to reuse.
+
+    By default glibc maps blocks of a few MB (a batch's activations) afresh for each allocation, or
+    hands the top of its heap back to the system once enough is free there, and the next pass then
+    faults every page in again and the kernel zeroes it: on the reference machine the label bench's
+    16 pairs took 440,000 page faults a run and 6.2 s cold / 5.3 s warm, against 4.8 s with this
+    set. Blocks up to `MMAP_ABOVE_BYTES` come from the heap, and up to `KEEP_FREED_BYTES` of free heap
+    is kept; `release_memory` still returns it all between stages. glibc only; False elsewhere.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_ABOVE_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
 def reset_peak_rss() -> bool:

@@ -32,6 +32,7 @@ from cai.backends import prefix_attention, static_decode
 from cai.backends.base import Prompt, ProgressFn, count_prompt_tokens, cut_at_stop, encode_rendered, render_with_template, seeds_per_row
 from cai.backends.kv_cache import KV, PrefixCache, common_prefix_length, preallocated_layer_class
 from cai.errors import CaiError
+from cai.memory import keep_freed_memory
 from cai.models import load_model, prepare_tokenizer
 from cai.padding import pad_rows
 from cai.types import SamplingParams
@@ -127,6 +128,8 @@ class HFBackend:
         self.min_prefix_tokens = min_prefix_tokens
         self.prefix_cache = PrefixCache(prefix_cache_entries)
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            keep_freed_memory()  # each pass would otherwise fault its activations' pages in afresh
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self.context_length = self.max_context
         self.has_chat_template = getattr(tokenizer, "chat_template", None) is not None
