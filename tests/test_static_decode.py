@@ -38,6 +38,25 @@ def test_compiled_decode_gives_the_plain_loops_tokens(pair, params):
     assert list(seconds) == [256] and seconds[256] > 0  # these short chats fit one window: one compile, timed
 
 
+def test_compiled_step_reads_grouped_heads_in_place(pair):
+    """The compiled step attends through `gqa_attention` (no K/V head repeated per query head), only
+    inside the step; it equals SDPA over repeated heads, with a mask."""
+    import torch
+
+    plain, compiled = pair
+    config = plain.model.config
+    assert config.num_key_value_heads < config.num_attention_heads  # the tiny model groups its heads
+    assert compiled.static_decoder._attention == static_decode.GQA_IMPLEMENTATION
+    compiled.generate_tokens([CHATS[0]], SamplingParams(max_new_tokens=3), seeds=[0])
+    assert config._attn_implementation == "sdpa"
+    query, key, value = torch.randn(2, 6, 1, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    mask = torch.tensor([[True] * 5, [False, False, True, True, True]])[:, None, None, :]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1), attn_mask=mask, scale=0.3)
+    got, _ = static_decode.gqa_attention(None, query, key, value, mask, scaling=0.3)
+    assert torch.allclose(got, want.transpose(1, 2), atol=1e-6)
+
+
 def test_compiled_streaming_matches_the_plain_stream(pair, monkeypatch):
     plain, compiled = pair
     ids = plain.encode([plain.render(CHATS[0])])[0]
