@@ -329,10 +329,10 @@ class HFBackend:
         if trees is None and not (padding and self._can_pack):
             return self._forward(shared, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                                  logits_to_keep=1).logits[:, -1, :]
-        within = torch.ones((b, width, width), dtype=torch.bool, device=self.device).tril()
+        within = torch.ones((b, width, width), dtype=torch.bool).tril()  # built here, then moved: many small writes
         keep = [r * width + width - 1 for r in range(b)]
         if trees is not None:
-            positions = positions.clone()
+            positions = positions.to("cpu", copy=True)
             for r, (tokens, parents) in enumerate(trees):
                 start = width - len(tokens)
                 keep[r] = r * width + start - 1
@@ -346,13 +346,14 @@ class HFBackend:
                         within[r, column, start + parent] = True
                         parent = parents[parent]
             keep += [r * width + width - len(tokens) + k for r, (tokens, _) in enumerate(trees) for k in range(len(tokens))]
+            positions = positions.to(self.device)
         index = real.reshape(-1).nonzero().squeeze(1)
         packed = prefix_attention.Packed(b, width, index)
         order = torch.full((b * width,), -1, dtype=torch.long, device=self.device)
         order[index] = torch.arange(len(index), device=self.device)
         past = mask.shape[1] - width
         visible = mask.bool()[:, None, None, :].repeat(1, 1, width, 1)  # [b, 1, w, cached + w]: True = attend
-        visible[:, 0, :, past:] &= within
+        visible[:, 0, :, past:] &= within.to(self.device)
         self.stats["prefill_padding_skipped"] += padding
         for layer in cache.layers:
             layer.packed = packed
