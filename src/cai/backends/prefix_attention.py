@@ -56,7 +56,7 @@ FUSED_CPU = True
 """Use PyTorch's fused CPU flash kernel for the split form's two parts (tests turn it off to check the other path)."""
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
-_registered: bool | None = None
+_registered: dict[str, bool] = {}
 
 
 @dataclass(frozen=True)
@@ -206,20 +206,25 @@ def _suffix_mask(*args: Any, **kwargs: Any) -> torch.Tensor:
     return sdpa_mask(*args, **kwargs)
 
 
-def register() -> bool:
-    """Register ``cai_shared_prefix`` with transformers (once); False where this transformers can't take it."""
-    global _registered
-    if _registered is None:
+def register_attention(name: str, attention: Any, mask: Any = None) -> bool:
+    """Register ``attention`` with transformers as implementation ``name`` (once), with ``mask`` as its mask
+    function (SDPA's when None); False where this transformers can't take it."""
+    if name not in _registered:
         try:
             from transformers import AttentionInterface  # lazy: transformers loads only when a model runs
-            from transformers.masking_utils import AttentionMaskInterface  # lazy: as above
+            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # lazy: as above
         except ImportError:
-            _registered = False
+            _registered[name] = False
         else:
-            AttentionInterface.register(IMPLEMENTATION, attention_forward)
-            AttentionMaskInterface.register(IMPLEMENTATION, _suffix_mask)
-            _registered = True
-    return _registered
+            AttentionInterface.register(name, attention)
+            AttentionMaskInterface.register(name, mask or sdpa_mask)
+            _registered[name] = True
+    return _registered[name]
+
+
+def register() -> bool:
+    """Register ``cai_shared_prefix`` with transformers (once); False where this transformers can't take it."""
+    return register_attention(IMPLEMENTATION, attention_forward, _suffix_mask)
 
 
 def supported(model: Any) -> bool:
@@ -238,11 +243,12 @@ def supported(model: Any) -> bool:
 
 
 @contextmanager
-def enabled(model: Any) -> Iterator[None]:
-    """Run the model's attention as ``cai_shared_prefix`` inside the block, its own implementation after."""
+def enabled(model: Any, implementation: str = IMPLEMENTATION) -> Iterator[None]:
+    """Run the model's attention as ``implementation`` (``cai_shared_prefix``; registered) inside the block,
+    its own implementation after."""
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     before = config._attn_implementation
-    config._attn_implementation = IMPLEMENTATION
+    config._attn_implementation = implementation
     try:
         yield
     finally:

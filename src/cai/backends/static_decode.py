@@ -17,10 +17,12 @@ one row (`cai chat`, a lone request to `cai serve`, streaming).
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Sequence
 
 import torch
+
+from cai.backends import prefix_attention
 
 MIN_WINDOW = 256
 GQA_IMPLEMENTATION = "cai_static_gqa"
@@ -41,25 +43,6 @@ def gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
-
-
-_registered: bool | None = None
-
-
-def _register() -> bool:
-    """Register `gqa_attention` with transformers (once); False where this transformers can't take it."""
-    global _registered
-    if _registered is None:
-        try:
-            from transformers import AttentionInterface  # lazy: transformers loads only when a model runs
-            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # lazy: as above
-        except ImportError:
-            _registered = False
-        else:
-            AttentionInterface.register(GQA_IMPLEMENTATION, gqa_attention)
-            AttentionMaskInterface.register(GQA_IMPLEMENTATION, sdpa_mask)
-            _registered = True
-    return _registered
 
 
 def supported(model: Any) -> bool:
@@ -83,24 +66,15 @@ class StaticDecoder:
         self.max_context = max_context
         self._step = torch.compile(model.forward, fullgraph=True, dynamic=False)
         config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-        self._config = config
-        self._attention = GQA_IMPLEMENTATION if config._attn_implementation == "sdpa" and _register() else None
+        self._attention = (GQA_IMPLEMENTATION if config._attn_implementation == "sdpa"
+                           and prefix_attention.register_attention(GQA_IMPLEMENTATION, gqa_attention) else None)
         self._compiled: set[int] = set()
         self.compile_seconds: dict[int, float] = {}
         """Window size -> seconds its first step took (the compile, with one step's work)."""
 
-    @contextmanager
-    def attention(self) -> Iterator[None]:
+    def attention(self) -> AbstractContextManager[None]:
         """The compiled step's attention (`gqa_attention` in place of SDPA) inside the block."""
-        if self._attention is None:
-            yield
-            return
-        before = self._config._attn_implementation
-        self._config._attn_implementation = self._attention
-        try:
-            yield
-        finally:
-            self._config._attn_implementation = before
+        return prefix_attention.enabled(self.model, self._attention) if self._attention else nullcontext()
 
     def window_for(self, tokens: int) -> int:
         """The smallest window (a power of two from `MIN_WINDOW`) holding ``tokens``."""
