@@ -9,8 +9,12 @@ call; it picks one of two ways to run a request:
   `HFBackend.stream`, for streaming, log-probs and ``echo``. The log-probs it reports are the
   model's own (log-softmax of its logits, before temperature, top-k or top-p).
 
-Both take the server's one model lock, so only one forward pass runs at a time. Everything here
-blocks (it runs the model), so the ASGI layer calls it from worker threads, never on its event loop.
+All model work runs on one thread, the batcher's: `HFRunner` hands each piece of its work (the
+prompt's pass, each token's step) to it through `Batcher.call`, so only one forward pass runs at a
+time, and PyTorch's CPU thread team is the one thread's. (A second thread running the model while the
+first one's team lived ran at ~60% speed on the reference machine: a streamed answer came at 11
+tokens/s through the server against 23 through the batcher.) Everything here blocks, so the ASGI
+layer calls it from worker threads, never on its event loop.
 """
 
 from __future__ import annotations
@@ -59,17 +63,24 @@ class _Job:
     future: Future
 
 
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    future: Future
+
+
 class Batcher:
-    """Runs plain generation requests in shared ``backend.generate`` calls, one call at a time.
+    """Runs plain generation requests in shared ``backend.generate`` calls, one call at a time, and any
+    other model work handed to it (`call`), on its one thread.
 
     The first waiting request opens a batch; whatever else arrives within ``wait_s`` (or queued
     up while the model was busy) joins it, up to ``max_batch``. Requests with different sampling
     settings run as separate calls; each row keeps its own seed, so batching never changes a result.
     """
 
-    def __init__(self, backend: Backend, lock: threading.Lock, max_batch: int, wait_s: float) -> None:
-        self.backend, self.lock, self.max_batch, self.wait_s = backend, lock, max_batch, wait_s
-        self.queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+    def __init__(self, backend: Backend, max_batch: int, wait_s: float) -> None:
+        self.backend, self.max_batch, self.wait_s = backend, max_batch, wait_s
+        self.queue: queue.SimpleQueue[_Job | _Call | None] = queue.SimpleQueue()
         self.stats = BatchStats()  # written by the batching thread only
         self.thread = threading.Thread(target=self._loop, name="cai-serve-batcher", daemon=True)
         self.thread.start()
@@ -80,12 +91,24 @@ class Batcher:
         self.queue.put(job)
         return job.future.result()
 
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the batching thread (between ``generate`` calls) and return what it returns, or
+        raise what it raised. A short piece of work: one forward pass, one token's step."""
+        if threading.current_thread() is self.thread:
+            return fn()
+        job = _Call(fn, Future())
+        self.queue.put(job)
+        return job.future.result()
+
     def close(self) -> None:
         self.queue.put(None)
         self.thread.join(timeout=10)
 
     def _loop(self) -> None:
         while (job := self.queue.get()) is not None:
+            if isinstance(job, _Call):
+                self._call(job)
+                continue
             jobs, deadline, closing = [job], time.monotonic() + self.wait_s, False
             while len(jobs) < self.max_batch:
                 try:
@@ -95,6 +118,9 @@ class Batcher:
                 if more is None:
                     closing = True
                     break
+                if isinstance(more, _Call):  # a stream's step: short, so it need not wait for the batch
+                    self._call(more)
+                    continue
                 jobs.append(more)
             groups: dict[SamplingParams, list[_Job]] = {}
             for j in jobs:
@@ -104,10 +130,16 @@ class Batcher:
             if closing:
                 return
 
+    @staticmethod
+    def _call(job: _Call) -> None:
+        try:
+            job.future.set_result(job.fn())
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+            job.future.set_exception(err)
+
     def _run(self, params: SamplingParams, group: list[_Job]) -> None:
         try:
-            with self.lock:
-                texts = self.backend.generate([j.prompt for j in group], params, seeds=[j.seed for j in group])
+            texts = self.backend.generate([j.prompt for j in group], params, seeds=[j.seed for j in group])
         except Exception as err:  # noqa: BLE001 - handed to the waiting request threads
             if len(group) > 1:  # one bad prompt must not fail its neighbours: run them alone
                 for j in group:
@@ -159,15 +191,20 @@ def check_context(prompt_tokens: int, max_new_tokens: int, limit: int | None) ->
                                  f"exceeds the model's context of {limit} tokens")
 
 
+_END = object()
+"""What `HFRunner._decode` gets once a stream's steps are exhausted."""
+
+
 class HFRunner:
     """Single-row decoding and prompt scoring on an `HFBackend`, through its `HFBackend.stream`.
 
     The stream samples like the backend's rows, so a seeded request gives the same tokens here as
-    through ``HFBackend.generate``.
+    through ``HFBackend.generate``. Its model work (the prompt's pass and scores, each token's step)
+    runs through ``call``: `Batcher.call` in a server, so on the one thread that runs the model.
     """
 
-    def __init__(self, backend: HFBackend, lock: threading.Lock) -> None:
-        self.backend, self.lock = backend, lock
+    def __init__(self, backend: HFBackend, call: Callable[[Callable[[], Any]], Any] | None = None) -> None:
+        self.backend, self.call = backend, call or (lambda fn: fn())
         self.tokenizer = backend.tokenizer
         self.decode_steps = 0
         """Tokens decoded so far, all requests together (a stream whose client left stops adding to it)."""
@@ -213,9 +250,12 @@ class HFRunner:
             ContextLengthError: the prompt plus ``params.max_new_tokens`` exceeds the model's context.
         """
         check_context(len(prompt_ids), params.max_new_tokens if params else 0, self.backend.context_length)
-        stream = self.backend.stream(prompt_ids, score_prompt=echo_text is not None, lock=self.lock)
-        prompt_tokens = (None if echo_text is None
-                         else self._score_prompt(prompt_ids, stream.prompt_logits, top_n, echo_text))
+        def start() -> tuple[TokenStream, list[Token] | None]:
+            stream = self.backend.stream(prompt_ids, score_prompt=echo_text is not None)
+            return stream, (None if echo_text is None
+                            else self._score_prompt(prompt_ids, stream.prompt_logits, top_n, echo_text))
+
+        stream, prompt_tokens = self.call(start)
         if on_prompt is not None and prompt_tokens is not None:
             on_prompt(prompt_tokens)
         if params is None:
@@ -251,7 +291,8 @@ class HFRunner:
         ids: list[int] = []
         tokens: list[Token] = []
         text, emitted, sent_tokens, finish, stopped = "", 0, 0, "length", False
-        for token in self._steps(stream, params, seed, top_n):
+        steps = self._steps(stream, params, seed, top_n)
+        while (token := self.call(lambda: next(steps, _END))) is not _END:  # each step on the model's thread
             if cancel is not None and cancel.is_set():
                 return Completion(text, "cancelled", len(ids), tokens)
             if token is None:
@@ -278,7 +319,8 @@ class HFRunner:
 # ------------------------------------------------------------------------------ the engine
 
 class Engine:
-    """The model behind one server: its lock, the `Batcher`, and an `HFRunner` when the backend is an `HFBackend`.
+    """The model behind one server: the `Batcher` (whose thread runs the model), and an `HFRunner` when the
+    backend is an `HFBackend`.
 
     Plain requests go through the batcher (any backend); streaming, log-probs and token-id prompts
     need the model itself, so they run on the `HFRunner`, token by token.
@@ -291,9 +333,8 @@ class Engine:
 
     def __init__(self, backend: Backend, max_batch: int = 16, batch_wait_s: float = 0.005) -> None:
         self.backend = backend
-        self.lock = threading.Lock()
-        self.batcher = Batcher(backend, self.lock, max_batch, batch_wait_s)
-        self.runner = HFRunner(backend, self.lock) if isinstance(backend, HFBackend) else None
+        self.batcher = Batcher(backend, max_batch, batch_wait_s)
+        self.runner = HFRunner(backend, self.batcher.call) if isinstance(backend, HFBackend) else None
 
     def close(self) -> None:
         """Stop the batching thread (requests already queued are answered first)."""
