@@ -250,6 +250,7 @@ class HFRunner:
             ContextLengthError: the prompt plus ``params.max_new_tokens`` exceeds the model's context.
         """
         check_context(len(prompt_ids), params.max_new_tokens if params else 0, self.backend.context_length)
+
         def start() -> tuple[TokenStream, list[Token] | None]:
             stream = self.backend.stream(prompt_ids, score_prompt=echo_text is not None)
             return stream, (None if echo_text is None
