@@ -73,6 +73,21 @@ def test_compiled_streaming_matches_the_plain_stream(pair, monkeypatch):
             assert (g[1] - w[1]).abs().max() < 1e-4
 
 
+def test_a_stream_reuses_the_step_that_generate_compiled(pair):
+    """A stream's step runs outside inference mode; its inputs and cache must still match the graph's
+    guards, or the same window compiles a second time (8.5 s of a served request on the bundled model)."""
+    from torch._dynamo.utils import counters
+
+    _, compiled = pair
+    params = SamplingParams(max_new_tokens=4)
+    compiled.generate_tokens([CHATS[0]], params, seeds=[0])
+    graphs = counters["stats"]["unique_graphs"]
+    ids = compiled.encode([compiled.render(CHATS[0])])[0]
+    assert len(list(compiled.stream(ids).tokens(params, seed=0))) == 4
+    compiled.generate_tokens([CHATS[1]], params, seeds=[0])
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_batches_of_several_rows_keep_the_batched_loop(pair, monkeypatch):
     _, compiled = pair
     monkeypatch.setattr(compiled, "_decode_static", lambda *a: pytest.fail("a batch of two went the one-row way"))

@@ -117,7 +117,8 @@ class StaticRow:
 
         self._decoder, self.window, self.position = decoder, window, position
         self.device = next(decoder.model.parameters()).device
-        self.cache = StaticCache(config=decoder.model.config, max_cache_len=window)
+        with torch.inference_mode():  # like the step's inputs (`step`): the same guards for every caller
+            self.cache = StaticCache(config=decoder.model.config, max_cache_len=window)
         self.logits: torch.Tensor | None = None
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -125,11 +126,14 @@ class StaticRow:
         if self.position >= self.window:
             raise RuntimeError(f"static window of {self.window} tokens is full")
         decoder = self._decoder
-        position = torch.tensor([self.position], device=self.device)
         first = self.window not in decoder._compiled
         started = time.perf_counter()
         with torch.inference_mode(), decoder.attention():
-            out = decoder._step(input_ids=token.reshape(1, 1), cache=self.cache,
+            # Inputs made here are inference tensors whoever calls: a token from outside inference mode
+            # (a stream's) would fail the graph's guards and compile the step a second time.
+            position = torch.tensor([self.position], device=self.device)
+            ids = token.reshape(1, 1).clone()
+            out = decoder._step(input_ids=ids, cache=self.cache,
                                 position_ids=position[None], cache_position=position, use_cache=True)
         if first:
             decoder._compiled.add(self.window)
