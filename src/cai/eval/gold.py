@@ -76,12 +76,19 @@ def answer_logprobs(model: Any, tokenizer: Any, chats: Sequence[Any], answers: S
     order = sorted(range(len(full)), key=lambda i: -len(full[i]))
     for at in range(0, len(order), batch_size):
         rows = order[at:at + batch_size]
-        ids, mask = pad_rows([full[i] for i in rows], pad, "right")
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        # Left padding puts every answer at the end of its row, so the LM head runs only over the last
+        # `keep` positions (the longest answer's), not the prompts' (~40% of the gold pairs' tokens).
+        ids, mask = pad_rows([full[i] for i in rows], pad, "left")
+        width = ids.shape[1]
+        keep = max(len(full[i]) - max(starts[i], 1) + 1 for i in rows)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       logits_to_keep=keep).logits
         for j, i in enumerate(rows):
             s, n = max(starts[i], 1), len(full[i])
-            logp = torch.log_softmax(logits[j, s - 1:n - 1], dim=-1)
-            target = ids[j, s:n].to(device)
+            first = keep - 1 - (n - s)  # the kept column of position s - 1, whose logits predict token s
+            logp = torch.log_softmax(logits[j, first:keep - 1].float(), dim=-1)
+            target = ids[j, width - n + s:].to(device)
             out[i] = logp.gather(1, target[:, None]).mean().item()
         if progress is not None:
             progress(len(rows), sum(len(full[i]) for i in rows))
