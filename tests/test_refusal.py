@@ -165,16 +165,25 @@ def test_a_votes_judge_is_not_asked_and_says_why(tmp_path):
 
 
 def test_cai_eval_end_to_end_writes_over_refusal_results_and_the_report_section(tiny_model_dir, small_constitution,
-                                                                              tmp_path, cai_cli):
+                                                                              tmp_path, cai_cli, monkeypatch):
+    from cai.eval import evaluate, gold
     from cai.report.html import write_report
 
+    other = tmp_path / "other-model"
+    other.symlink_to(tiny_model_dir, target_is_directory=True)  # a second spec: loaded on its own
+    loads = []
+    real_load = evaluate.load_backend
+    monkeypatch.setattr(evaluate, "load_backend", lambda config, **kw: loads.append(config.name) or real_load(config, **kw))
+    monkeypatch.setattr(gold, "load_model", lambda *a, **kw: pytest.fail("gold scoring loaded a model of its own"))
     sets = [f"runs_dir={tmp_path / 'runs'}", "name=o", f"model.name={tiny_model_dir}", f"constitution={small_constitution}",
-            "model.batch_size=4", f"eval.models={{a: {tiny_model_dir}, b: {tiny_model_dir}}}", "label.method=mc",
+            "model.batch_size=4", f"eval.models={{a: {tiny_model_dir}, b: {other}}}", "label.method=mc",
             "eval.judge_methods=used", "eval.red_team.limit=2", "eval.helpfulness.limit=2",
             "eval.sampling.max_new_tokens=6", "eval.bootstrap=5", "eval.transcripts=0", "eval.gold_limit=6",
             "eval.judge_gold_limit=6", f"eval.over_refusal.source={XSTEST_LIKE}"]
     result = cai_cli("eval", *[a for s in sets for a in ("--set", s)])
     assert result.code == 0, result.err
+    # Each model loaded once for its answers, over-refusal answers and gold scores; then the judge.
+    assert loads == [str(tiny_model_dir), str(other), str(tiny_model_dir)]
     run = tmp_path / "runs" / "o"
     answers = [json.loads(line) for line in (run / "eval" / "over_refusal.jsonl").read_text().splitlines()]
     assert len(answers) == 24 and {a["set"] for a in answers} == {"over-refusal"}

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from cai import prompts as P
 from cai.backends import load_backend
@@ -54,18 +55,59 @@ def generate_answers(models: dict[str, Any], sets: dict[str, list[PromptRow]], o
             todo = [(s, row) for s, rows in sets.items() for row in rows if (name, s, row.id) not in done]
             if not todo:
                 continue
-            backend = load(spec)
-            try:
-                with progress_bar(f"answers: {name}", len(todo), enabled=show_progress) as advance:
-                    for start in range(0, len(todo), chunk_size):  # written as they finish: a crash keeps them
-                        chunk = todo[start:start + chunk_size]
-                        texts = backend.generate([row.messages for _, row in chunk], params, progress=advance)
-                        for (s, row), text in zip(chunk, texts):
-                            writer.write({"model": name, "set": s, "id": row.id, "prompt": row.messages,
-                                          "response": P.clean_output(text)})
-            finally:
-                backend.close()  # one model in memory at a time
+            backend = load(spec)  # a `ModelsOneAtATime`'s: it closes the model when another is asked for
+            with progress_bar(f"answers: {name}", len(todo), enabled=show_progress) as advance:
+                for start in range(0, len(todo), chunk_size):  # written as they finish: a crash keeps them
+                    chunk = todo[start:start + chunk_size]
+                    texts = backend.generate([row.messages for _, row in chunk], params, progress=advance)
+                    for (s, row), text in zip(chunk, texts):
+                        writer.write({"model": name, "set": s, "id": row.id, "prompt": row.messages,
+                                      "response": P.clean_output(text)})
     return read_jsonl(out_path)
+
+
+class ModelsOneAtATime:
+    """The eval's models as backends, one in memory at a time, each loaded once for all its work.
+
+    Asking for the model already open hands it back, so one model's answers, over-refusal answers,
+    gold-pair scores and transcripts share one load (a large model's load can take longer than the
+    work); asking for another closes the open one first.
+
+    Args:
+        load: a model spec -> a new `Backend`.
+        device: where gold scoring loads a model whose backend runs none it can lend (`model`).
+    """
+
+    def __init__(self, load: Any, device: str = "auto") -> None:
+        self._load, self._device = load, device
+        self._spec: str | None = None
+        self._backend: Backend | None = None
+        self.loads = 0
+
+    def backend(self, spec: str) -> Backend:
+        """The backend of ``spec``: the open one if it is that model's, else freshly loaded (after closing the open one)."""
+        if self._backend is None or spec != self._spec:
+            self.close()
+            self._backend, self._spec = self._load(spec), spec
+            self.loads += 1
+        return self._backend
+
+    @contextmanager
+    def model(self, spec: str) -> Iterator[tuple[Any, Any]]:
+        """``(transformers model, tokenizer)`` of ``spec`` for `cai.eval.gold.score_models`: the backend's own
+        where it runs one (the `hf` backend); otherwise the backend is closed and the model loaded for the block."""
+        backend = self.backend(spec)
+        if getattr(backend, "model", None) is not None and getattr(backend, "tokenizer", None) is not None:
+            yield backend.model, backend.tokenizer
+            return
+        self.close()
+        with G.own_model(spec, self._device) as pair:
+            yield pair
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+        self._backend, self._spec = None, None
 
 
 def judge_pairs(answers: list[dict[str, Any]], *, constitution: Constitution, judge: Backend, label_config: LabelConfig,
@@ -243,22 +285,28 @@ def run_eval(cfg: RunConfig, *, shard: str | None = None, show_progress: bool = 
         return st.dir
     st.start(model=", ".join(models))
 
-    def load(spec: str) -> Backend:
-        return load_backend(cfg.model.model_copy(update={"name": spec}))
-
     out = st.dir
-    # Only the models compared now: a reopened eval keeps the answers of a model since removed on disk.
-    answers = [a for a in generate_answers(models, sets, out / "responses.jsonl", ecfg.sampling.params(), load,
-                                           show_progress) if a["model"] in models]
-    # XSTest-format prompts: a file of their own, so they never enter the pairwise judging.
-    refusal_answers = generate_answers(models, {"over-refusal": over_refusal}, out / "over_refusal.jsonl",
-                                       ecfg.sampling.params(), load, show_progress) if over_refusal else []
+    pool = ModelsOneAtATime(lambda spec: load_backend(cfg.model.model_copy(update={"name": spec})), cfg.model.device)
     traces = read_jsonl(stage_dir(cfg, "critique") / "data.jsonl")
-    # Before the judge loads, so two engines never hold memory at once.
-    transcripts = _transcripts(traces[: ecfg.transcripts], models, load, ecfg.sampling.params())
-    # The judge-free measure: each policy's own preference on the human-labelled pairs.
-    gold_scores = G.score_models(models, stratified(gold, ecfg.gold_limit), out / "gold_scores.jsonl",
-                                 device=cfg.model.device, show_progress=show_progress)
+    gold_pairs = stratified(gold, ecfg.gold_limit)
+    try:  # model by model, each loaded once; all closed before the judge loads, so two never hold memory at once
+        for name, spec in models.items():
+            generate_answers({name: spec}, sets, out / "responses.jsonl", ecfg.sampling.params(), pool.backend,
+                             show_progress)
+            # XSTest-format prompts: a file of their own, so they never enter the pairwise judging.
+            if over_refusal:
+                generate_answers({name: spec}, {"over-refusal": over_refusal}, out / "over_refusal.jsonl",
+                                 ecfg.sampling.params(), pool.backend, show_progress)
+            # The judge-free measure: each policy's own preference on the human-labelled pairs.
+            G.score_models({name: spec}, gold_pairs, out / "gold_scores.jsonl", open_model=pool.model,
+                           show_progress=show_progress)
+        transcripts = _transcripts(traces[: ecfg.transcripts], models, pool.backend, ecfg.sampling.params())
+    finally:
+        pool.close()
+    # Only the models compared now: a reopened eval keeps the answers of a model since removed on disk.
+    answers = [a for a in read_jsonl(out / "responses.jsonl") if a["model"] in models]
+    refusal_answers = read_jsonl(out / "over_refusal.jsonl") if over_refusal else []
+    gold_scores = G.score_models(models, gold_pairs, out / "gold_scores.jsonl")  # all scored above: reads them
     judge = load_backend(ecfg.judge or cfg.label.feedback_model or cfg.model, cache_dir=out)
     # The judge is checked on the gold pairs first, by exactly the procedure it then judges with:
     # every judging method when asked, so the report can set them side by side.
@@ -403,11 +451,7 @@ def _transcripts(traces: list, models: dict[str, str], load: Any, params: Any) -
     if not traces:
         return []
     last = [name for name in models if name not in BASELINE_STAGES][-1]  # the run's own final model
-    backend = load(models[last])
-    try:
-        answers = backend.generate([t["prompt"] for t in traces], params)
-    finally:
-        backend.close()
+    answers = load(models[last]).generate([t["prompt"] for t in traces], params)  # closed by its `ModelsOneAtATime`
     rows = []
     for t, answer in zip(traces, answers):
         first = t["rounds"][0] if t["rounds"] else {}

@@ -17,9 +17,10 @@ judge's own agreement with the same pairs is `cai.eval.judge_check`.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -140,24 +141,43 @@ def paired_difference(base: Sequence[PairScore], other: Sequence[PairScore], n_b
     return out
 
 
+@contextmanager
+def own_model(spec: str, device: str) -> Iterator[tuple[Any, Any]]:
+    """``(model, tokenizer)`` of ``spec``, loaded for the block and dropped after it."""
+    loaded = load_model(spec, device=device)
+    try:
+        yield loaded.model, loaded.tokenizer
+    finally:
+        del loaded
+
+
 def score_models(models: dict[str, str], pairs: Sequence[GoldPair], out_path: Path, *, device: str = "auto",
-                 batch_size: int = 8, show_progress: bool = True) -> dict[str, list[PairScore]]:
-    """Score every model on the pairs, one model in memory at a time; rows resume from ``out_path``."""
+                 batch_size: int = 8, show_progress: bool = True,
+                 open_model: Callable[[str], AbstractContextManager[tuple[Any, Any]]] | None = None,
+                 ) -> dict[str, list[PairScore]]:
+    """Score every model on the pairs, one model in memory at a time; rows resume from ``out_path``.
+
+    ``open_model`` (a spec -> a context giving ``(model, tokenizer)``) lends models loaded elsewhere
+    (`cai eval`'s, which also answer prompts); by default each is loaded here and dropped after.
+    """
     done = {(r["model"], r["id"]): r for r in read_jsonl(out_path, repair=True)}
     with JsonlWriter(out_path) as writer:
         for name, spec in models.items():
             todo = [p for p in pairs if (name, p.id) not in done]
             if not todo:
                 continue
-            loaded = load_model(spec, device=device)
-            loaded.model.eval()
-            with progress_bar(f"gold pairs: {name}", 2 * len(todo), enabled=show_progress) as advance:
-                scored = score_model(loaded.model, loaded.tokenizer, todo, batch_size, progress=advance)
+            with (open_model or (lambda s: own_model(s, device)))(spec) as (model, tokenizer):
+                training = model.training
+                model.eval()
+                try:
+                    with progress_bar(f"gold pairs: {name}", 2 * len(todo), enabled=show_progress) as advance:
+                        scored = score_model(model, tokenizer, todo, batch_size, progress=advance)
+                finally:
+                    model.train(training)
             for s in scored:
                 row = {"model": name, "id": s.id, "kind": s.kind, "better": round(s.better, 6), "worse": round(s.worse, 6)}
                 writer.write(row)
                 done[(name, s.id)] = row
-            del loaded
     wanted = {p.id for p in pairs}
     return {name: [PairScore(r["id"], r["kind"], r["better"], r["worse"]) for (m, i), r in done.items()
                    if m == name and i in wanted] for name in models}
