@@ -191,3 +191,38 @@ def test_gold_command_scores_models_side_by_side(cai_cli, tiny_model_dir, tmp_pa
     assert " yes " not in text and " no " in text  # the same model twice: no change beyond noise
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 16 and {r["model"] for r in rows} == {"a", "b"}
+
+
+def test_eval_models_load_once_each_and_only_one_stays_open(tiny_model_dir, monkeypatch):
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from cai.eval.evaluate import ModelsOneAtATime
+    from cai.models import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    events = []
+
+    def load(spec):
+        events.append(("load", spec))
+        served = spec.startswith("http")  # a server backend: its ``model`` is a name, not weights
+        return SimpleNamespace(model=spec if served else loaded.model, tokenizer=loaded.tokenizer,
+                               close=lambda: events.append(("close", spec)))
+
+    @contextmanager
+    def own_model(spec, device):
+        events.append(("own", spec))
+        yield loaded.model, loaded.tokenizer
+
+    monkeypatch.setattr(G, "own_model", own_model)
+    pool = ModelsOneAtATime(load)
+    assert pool.backend("a") is pool.backend("a")
+    with pool.model("a") as (model, _):
+        assert model is loaded.model
+    pool.backend("b")
+    with pool.model("http://x") as (model, _):  # closed first: never two models in memory
+        assert model is loaded.model
+    pool.close()
+    assert events == [("load", "a"), ("close", "a"), ("load", "b"), ("close", "b"), ("load", "http://x"),
+                      ("close", "http://x"), ("own", "http://x")]
+    assert pool.loads == 3

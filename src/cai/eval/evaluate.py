@@ -96,9 +96,11 @@ class ModelsOneAtATime:
     def model(self, spec: str) -> Iterator[tuple[Any, Any]]:
         """``(transformers model, tokenizer)`` of ``spec`` for `cai.eval.gold.score_models`: the backend's own
         where it runs one (the `hf` backend); otherwise the backend is closed and the model loaded for the block."""
+        import torch  # lazy: only where a model is scored
+
         backend = self.backend(spec)
-        if getattr(backend, "model", None) is not None and getattr(backend, "tokenizer", None) is not None:
-            yield backend.model, backend.tokenizer
+        if isinstance(getattr(backend, "model", None), torch.nn.Module) and getattr(backend, "tokenizer", None):
+            yield backend.model, backend.tokenizer  # (a server backend's ``model`` is the served model's name)
             return
         self.close()
         with G.own_model(spec, self._device) as pair:
