@@ -174,6 +174,27 @@ def test_sampling_is_seeded_per_row_not_per_batch(backend):
     assert twice[0] != twice[1]
 
 
+def test_the_sampler_draws_each_row_from_its_own_distribution_and_generator(monkeypatch):
+    """`HFBackend._sample` (inverse CDF, one uniform per row): frequencies match the probabilities,
+    tokens of probability 0 never come up, and a row's draw depends on its generator only."""
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [0.0, 0.25, 0.25, 0.25, 0.25]])
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    draws = torch.stack([HFBackend._sample(probs, generators) for _ in range(20000)])  # [draws, rows]
+    for row in range(3):
+        share = torch.bincount(draws[:, row], minlength=5).double() / len(draws)
+        assert torch.allclose(share, probs[row].double(), atol=0.015), (row, share)
+        assert (share[probs[row] == 0] == 0).all()
+    first = torch.Generator().manual_seed(2)
+    alone = [HFBackend._sample(probs[2:], [first])[0] for _ in range(50)]
+    again = torch.Generator().manual_seed(2)
+    in_a_batch = [HFBackend._sample(probs, [torch.Generator().manual_seed(9), torch.Generator().manual_seed(9), again])[2]
+                  for _ in range(50)]
+    assert [int(t) for t in alone] == [int(t) for t in in_a_batch]
+    # A uniform that rounds up to the total still lands on a token with probability.
+    monkeypatch.setattr(torch, "rand", lambda *a, **kw: torch.ones((), dtype=torch.float64))
+    assert int(HFBackend._sample(torch.tensor([[0.25, 0.75, 0.0]]), [torch.Generator()])[0]) == 1
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_stream_picks_the_tokens_generate_picks(backend, temperature):
     """The streaming path (one token per ask) samples a seeded row exactly as `generate` does."""

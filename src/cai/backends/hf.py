@@ -558,10 +558,24 @@ class HFBackend:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if params.top_p < 1.0:
             logits = HFBackend._top_p(logits, params.top_p)
-        probs = logits.softmax(-1)
-        return torch.stack(
-            [torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)]
-        )
+        return HFBackend._sample(logits.softmax(-1), generators)
+
+    @staticmethod
+    def _sample(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """One token per row of ``probs [rows, vocab]``, drawn with the row's own generator (inverse CDF).
+
+        Each row takes one uniform number from its generator and the batch one search of the cumulative
+        probabilities (float64, so a token's share of the sum is kept to ~1e-16), so a row's token never
+        depends on the other rows. `torch.multinomial` draws one random number per vocabulary entry
+        instead: ~1 ms a row for a 49k vocabulary on the reference CPU, 17 against 4 ms for 16 rows.
+        A token of probability 0 is never drawn.
+        """
+        cdf = probs.cumsum(-1, dtype=torch.float64)
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=probs.device) for g in generators])
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+        # u * total can round up to the total itself: then take the row's last token that has any probability.
+        last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.uint8).argmax(-1)
+        return torch.minimum(picked, last)
 
     def stream(self, prompt_ids: Sequence[int], *, score_prompt: bool = False,
                lock: AbstractContextManager | None = None) -> TokenStream:
