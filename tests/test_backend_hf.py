@@ -195,6 +195,30 @@ def test_the_sampler_draws_each_row_from_its_own_distribution_and_generator(monk
     assert int(HFBackend._sample(torch.tensor([[0.25, 0.75, 0.0]]), [torch.Generator()])[0]) == 1
 
 
+def test_top_p_draws_from_the_nucleus_whether_it_ends_among_the_candidates_or_not(monkeypatch):
+    """`HFBackend._sample_nucleus`: a row whose nucleus ends within its top candidates draws among them, one
+    that does not sorts the whole vocabulary; both draw the nucleus in proportion, and a row's tokens do
+    not depend on which way the other rows of its batch went."""
+    probs = torch.tensor([[0.05, 0.6, 0.1, 0.25], [0.3, 0.3, 0.2, 0.2]])
+    # top_p 0.8: row 0 keeps 0.6 and 0.25 (the nucleus ends within 2 candidates), row 1 keeps 0.3, 0.3, 0.2.
+    want = torch.tensor([[0.0, 0.6, 0.0, 0.25], [0.3, 0.3, 0.2, 0.0]], dtype=torch.float64)
+    want = want / want.sum(-1, keepdim=True)
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    draws = torch.stack([HFBackend._sample_nucleus(probs, 0.8, generators, candidates=2) for _ in range(20000)])
+    for row in range(2):
+        share = torch.bincount(draws[:, row], minlength=4).double() / len(draws)
+        assert torch.allclose(share, want[row], atol=0.015), (row, share)
+    sorts = []
+    real_sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda *a, **kw: sorts.append(1) or real_sort(*a, **kw))
+    alone, batched = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    one = [int(HFBackend._sample_nucleus(probs[:1], 0.8, [alone], candidates=2)[0]) for _ in range(40)]
+    assert not sorts  # row 0's nucleus (0.6 + 0.25) ends within its 2 candidates
+    two = [int(HFBackend._sample_nucleus(probs, 0.8, [batched, torch.Generator()], candidates=2)[0]) for _ in range(40)]
+    assert len(sorts) == 40  # row 1's does not: it sorts, row 0 still draws among its candidates
+    assert one == two and set(one) == {1, 3}
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_stream_picks_the_tokens_generate_picks(backend, temperature):
     """The streaming path (one token per ask) samples a seeded row exactly as `generate` does."""

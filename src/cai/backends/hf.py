@@ -557,7 +557,7 @@ class HFBackend:
             kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if params.top_p < 1.0:
-            logits = HFBackend._top_p(logits, params.top_p)
+            return HFBackend._sample_nucleus(logits.softmax(-1), params.top_p, generators)
         return HFBackend._sample(logits.softmax(-1), generators)
 
     @staticmethod
@@ -600,23 +600,34 @@ class HFBackend:
         return TokenStream(self, prompt_ids, score_prompt, lock or nullcontext())
 
     @staticmethod
-    def _top_p(logits: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:
-        """Nucleus filtering: drop a token once the mass of the more likely ones reaches top_p.
+    def _sample_nucleus(probs: torch.Tensor, top_p: float, generators: list[torch.Generator],
+                        candidates: int = 1024) -> torch.Tensor:
+        """Top-p sampling: each row's token from the smallest set of its most likely tokens whose mass
+        reaches ``top_p`` (a token is in while the mass of the more likely ones is under ``top_p``),
+        in proportion to their probabilities.
 
-        Sorting a 50k vocabulary every step is slow on CPUs, so only the top ``candidates`` are
-        sorted; rows whose nucleus doesn't fit in them fall back to the full sort (exact either way).
+        Sorting a 50k vocabulary every step is slow on CPUs, so a row draws among its top ``candidates``
+        (sorted by `torch.topk`) when its nucleus ends there, as it nearly always does, and only the
+        other rows sort the whole vocabulary. Either way the row draws with `_sample` over its tokens in
+        descending order of probability, so its token depends on its own logits and generator only.
         """
-        k = min(candidates, logits.shape[-1])
-        probs = logits.softmax(-1)
+        rows, vocab = probs.shape
+        k = min(candidates, vocab)
         top_probs, top_idx = torch.topk(probs, k, dim=-1)
-        before = top_probs.cumsum(-1) - top_probs
-        if k < logits.shape[-1] and bool((before[:, -1] < top_p).any()):
-            sorted_probs, sorted_idx = torch.sort(probs, descending=True, dim=-1)
-            drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-            keep = torch.zeros_like(drop).scatter(-1, sorted_idx, ~drop)
-            return logits.masked_fill(~keep, float("-inf"))
-        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_idx, before < top_p)
-        return logits.masked_fill(~keep, float("-inf"))
+        fits = (top_probs.sum(-1) >= top_p) | (k == vocab)  # the next token's preceding mass reaches top_p
+        out = torch.empty(rows, dtype=torch.long, device=probs.device)
+        for where, ordered in ((fits, None), (~fits, True)):
+            index = where.nonzero().squeeze(1)
+            if not len(index):
+                continue
+            if ordered is None:
+                sorted_probs, sorted_idx = top_probs[index], top_idx[index]
+            else:
+                sorted_probs, sorted_idx = torch.sort(probs[index], descending=True, dim=-1)
+            kept = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
+            picked = HFBackend._sample(kept, [generators[i] for i in index.tolist()])
+            out[index] = sorted_idx.gather(1, picked[:, None]).squeeze(1)
+        return out
 
     # ---------------------------------------------------------------------- choice scoring
 
