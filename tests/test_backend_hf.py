@@ -190,6 +190,8 @@ def test_the_sampler_draws_each_row_from_its_own_distribution_and_generator(monk
     in_a_batch = [HFBackend._sample(probs, [torch.Generator().manual_seed(9), torch.Generator().manual_seed(9), again])[2]
                   for _ in range(50)]
     assert [int(t) for t in alone] == [int(t) for t in in_a_batch]
+    with pytest.raises(CaiError, match="not numbers"):  # a broken model's NaN logits: said, not sampled from
+        HFBackend._sample(torch.tensor([[0.5, float("nan")]]), [torch.Generator()])
     # A uniform that rounds up to the total still lands on a token with probability.
     monkeypatch.setattr(torch, "rand", lambda *a, **kw: torch.ones((), dtype=torch.float64))
     assert int(HFBackend._sample(torch.tensor([[0.25, 0.75, 0.0]]), [torch.Generator()])[0]) == 1
