@@ -54,7 +54,7 @@ from cai.models import load_model
 from cai.progress import progress_bar
 from cai.runs import StageRun, policy_spec
 from cai.train.checkpoints import load_checkpoint, save_checkpoint
-from cai.train.lora import apply_lora
+from cai.train.lora import adapters_folded, apply_lora
 from cai.train.model_folder import save_model_folder, write_model_card
 from cai.train.optim import adamw
 from cai.train.policy_forward import PolicyWithValue, ValueHead
@@ -322,7 +322,8 @@ def eval_reward(backend: Any, scorer: RewardScorer, prompts: list[PromptRow], pa
     mine = ranks.share(prompts) if ranks is not None else prompts
     greedy = SamplingParams(max_new_tokens=params.max_new_tokens)
     backend.model.eval()
-    texts = backend.generate([r.messages for r in mine], greedy) if mine else []
+    with adapters_folded(backend.model):
+        texts = backend.generate([r.messages for r in mine], greedy) if mine else []
     scores = scorer.score([r.messages for r in mine], texts) if mine else []
     if ranks is not None:
         scores = ranks.gather_objects(scores)

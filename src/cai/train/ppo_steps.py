@@ -28,6 +28,7 @@ from cai.losses.ppo import (
     value_loss,
     whiten,
 )
+from cai.train.lora import adapters_folded
 from cai.train.optim import optimizer_step
 from cai.train.policy_forward import ValueHead, batch_to, forward_no_grad, pack
 from cai.train.ranks import Ranks
@@ -104,9 +105,10 @@ def sample_rollout(models: PPOModels, prompts: list[PromptRow], helpful_prompts:
         rows = ranks.share(rows)
     batch_prompts = [batch_prompts[i] for i in rows]
     models.policy.eval()
-    generations = models.backend.generate_tokens(
-        [r.messages for r in batch_prompts], sampling, seeds=[stable_seed(seed, "ppo", step, i) for i in rows],
-    )
+    with adapters_folded(models.policy):  # LoRA: one product per layer a decode step, the weights untouched after
+        generations = models.backend.generate_tokens(
+            [r.messages for r in batch_prompts], sampling, seeds=[stable_seed(seed, "ppo", step, i) for i in rows],
+        )
     # A row that ended on EOS keeps the exact EOS it sampled, so stopping is part of the action.
     responses = [scored_tokens(g, models.tokenizer) + ([g.end_token] if g.end_token is not None else [])
                  for g in generations]
