@@ -56,7 +56,9 @@ def adapters_folded(model: Any) -> Iterator[None]:
     adapters switched off, so it would drift a little every step. Here each adapted weight is
     swapped for a new tensor ``W + delta W`` while the block runs, the adapters are switched off,
     and the original tensor is put back untouched afterwards, on error too. That costs one copy of
-    the adapted weights while it lasts. Outputs match the unfolded model's up to float rounding.
+    the adapted weights while it lasts. Outputs match the unfolded model's up to float rounding; a
+    sampled row can still take another token where its draw lands among the many tokens of tiny
+    probability, whose boundaries a rounding error moves.
 
     A model without LoRA adapters, or with one that can't be folded this way (a variant such as
     DoRA, a bias on the adapter, an already merged adapter, a base weight of another shape or a
