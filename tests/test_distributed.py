@@ -25,7 +25,7 @@ from cai.errors import CaiError
 
 DRIVER = textwrap.dedent('''
     """One rank of a tiny SFT run; writes rank<i>.json with a hash of its trained weights."""
-    import hashlib, json, sys
+    import hashlib, json, os, sys
 
     import cai.train.sft as sft
     from cai.config import SFTConfig
@@ -144,7 +144,7 @@ def test_sft_on_two_cpu_processes_trains_one_model_and_saves_it_once(tmp_path, t
 
 PPO_DRIVER = textwrap.dedent('''
     """A tiny PPO run (one process, or one rank of several); writes rank<i>.json with its figures."""
-    import hashlib, json, sys
+    import hashlib, json, os, sys
 
     import torch
 
@@ -155,8 +155,6 @@ PPO_DRIVER = textwrap.dedent('''
     model_dir, pm_dir, out_dir, results = sys.argv[1:5]
     steps, save_every, crash_at = (int(a) for a in (sys.argv[5:8] or (2, 100, 0)))
     if crash_at:  # every rank dies at once as step `crash_at` begins, as a preempted job would
-        import os
-
         import cai.train.ppo as ppo_module
 
         rollout = ppo_module.sample_rollout
@@ -169,8 +167,9 @@ PPO_DRIVER = textwrap.dedent('''
         ppo_module.sample_rollout = rollout_or_die
     prompts = [PromptRow(f"p{i}", [{"role": "user", "content": f"Tell me about topic {i}."}]) for i in range(8)]
     held_out = [PromptRow(f"e{i}", [{"role": "user", "content": f"Explain idea {i}."}]) for i in range(3)]
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0} if os.environ.get("PPO_LORA") == "1" else {}
     config = PPOConfig(steps=steps, rollout_batch=4, minibatch=4, epochs=2, learning_rate=1e-3, helpfulness_ratio=0.0,
-                       eval_every=1, save_every=save_every, dtype="float32",
+                       eval_every=1, save_every=save_every, dtype="float32", lora=lora,
                        sampling={"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0})
     metrics = train_ppo(prompts, [], held_out, policy_spec=model_dir, pm_folder=pm_dir, out_dir=out_dir,
                         config=config, seed=3, device="cpu", show_progress=False)
@@ -223,16 +222,18 @@ CPU_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALL
 
 
 @pytest.mark.distributed
-def test_ppo_on_two_cpu_processes_matches_one_process_on_the_same_global_batch(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_ppo_on_two_cpu_processes_matches_one_process_on_the_same_global_batch(tmp_path, tiny_model_dir, lora):
     """Each rank rolls out half the batch with the rows' own seeds; statistics and gradients are taken over
-    both, so the two-process run logs the one-process figures and trains the same weights."""
+    both, so the two-process run logs the one-process figures and trains the same weights. With LoRA too:
+    DDP then trains the adapters alone, and each rank samples with them folded into its weights."""
     import torch
     from safetensors.torch import load_file
 
     driver = tmp_path / "ppo_driver.py"
     driver.write_text(PPO_DRIVER)
     pm = tiny_pm(tiny_model_dir, tmp_path / "pm")
-    env = {**os.environ, **CPU_ENV, "HF_HOME": str(tmp_path / "hf")}
+    env = {**os.environ, **CPU_ENV, "HF_HOME": str(tmp_path / "hf"), "PPO_LORA": "1" if lora else "0"}
     runs = {}
     for world in (1, 2):
         out, results = tmp_path / f"ppo{world}", tmp_path / f"ranks{world}"
@@ -263,6 +264,7 @@ def test_ppo_on_two_cpu_processes_matches_one_process_on_the_same_global_batch(t
     moved = max(float((one[k] - start[k]).abs().max()) for k in one)
     apart = max(float((one[k] - two[k]).abs().max()) for k in one)
     assert moved > 1e-4 and apart < moved / 20  # it trained, and the two runs trained the same weights
+    assert (one_out / "adapter").is_dir() == lora == (two_out / "adapter").is_dir()
     head_one, head_two = load_file(str(one_out / "value_head.safetensors")), load_file(str(two_out / "value_head.safetensors"))
     assert all(torch.allclose(head_one[k], head_two[k], atol=1e-4) for k in head_one)
     assert not (two_out / "checkpoint").exists()
