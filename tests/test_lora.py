@@ -112,3 +112,21 @@ def test_models_it_cannot_fold_run_unchanged(tiny_model_dir):
     with adapters_folded(dora):  # so nothing is folded, and the adapters stay on
         assert {n: p.data_ptr() for n, p in _base_weights(dora).items()} == weights
         assert not any(layer.disable_adapters for layer in layers)
+
+
+def test_half_precision_weights_are_not_folded_where_rounding_would_erase_the_update(tiny_model_dir):
+    """A bfloat16 weight keeps 8 bits: adding a small update rounds straight back to the weight itself."""
+    model, _ = _adapted(tiny_model_dir)
+    layer = next(m for m in model.modules() if "default" in getattr(m, "lora_A", {}))
+    weight = layer.get_base_layer().weight
+    delta = layer.get_delta_weight("default") * 1e-2  # an update of about 1e-4: early training's size
+    erased = (weight.bfloat16() + delta.bfloat16()) == weight.bfloat16()
+    assert erased.float().mean() > 0.5  # most of it: why folding in bfloat16 would sample near the reference
+
+    model = model.to(torch.bfloat16)
+    weights = {n: p.data_ptr() for n, p in _base_weights(model).items()}
+    calls = _AdapterCalls(model)
+    with adapters_folded(model):
+        assert {n: p.data_ptr() for n, p in _base_weights(model).items()} == weights
+        _logits(model, torch.tensor([[1, 2, 3]]))
+    assert calls.count > 0  # the adapters ran as they are

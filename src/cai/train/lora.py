@@ -60,9 +60,12 @@ def adapters_folded(model: Any) -> Iterator[None]:
     sampled row can still take another token where its draw lands among the many tokens of tiny
     probability, whose boundaries a rounding error moves.
 
-    A model without LoRA adapters, or with one that can't be folded this way (a variant such as
-    DoRA, a bias on the adapter, an already merged adapter, a base weight of another shape or a
-    quantised one), runs unchanged.
+    Only float32 (or float64) weights are folded. In bfloat16 or float16 an update smaller than half
+    a unit in the last place of its weight (2**-9 of it in bfloat16), which is most of an adapter's
+    update early in training, would round away, and the rollouts would come from a policy close to
+    the reference instead of the one PPO trains; such models, and a model without LoRA adapters or
+    with one that can't be folded this way (a variant such as DoRA, a bias on the adapter, an
+    already merged adapter, a base weight of another shape or a quantised one), run unchanged.
     """
     folds = _foldable(model)
     if not folds:
@@ -99,7 +102,7 @@ def _foldable(model: Any) -> list[tuple[Any, list[str], torch.nn.Parameter]]:
         if not adapters:
             continue
         weight = getattr(layer.get_base_layer(), "weight", None)
-        if (layer.merged or weight is None or not weight.is_floating_point()
+        if (layer.merged or weight is None or weight.dtype not in (torch.float32, torch.float64)
                 or any(a in getattr(layer, "lora_variant", {}) or layer.use_dora.get(a)
                        or getattr(layer, "lora_bias", {}).get(a) for a in adapters)):
             return []
