@@ -113,6 +113,15 @@ def test_models_it_cannot_fold_run_unchanged(tiny_model_dir):
         assert {n: p.data_ptr() for n, p in _base_weights(dora).items()} == weights
         assert not any(layer.disable_adapters for layer in layers)
 
+    from peft import get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+
+    head = get_peft_model(load_model(str(tiny_model_dir), dtype="float32", device="cpu").model,
+                          PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["lm_head"]))
+    weights = {n: p.data_ptr() for n, p in _base_weights(head).items()}
+    with adapters_folded(head):  # a head trained whole beside the adapters: switching adapters off would drop it
+        assert {n: p.data_ptr() for n, p in _base_weights(head).items()} == weights
+
 
 def test_half_precision_weights_are_not_folded_where_rounding_would_erase_the_update(tiny_model_dir):
     """A bfloat16 weight keeps 8 bits: adding a small update rounds straight back to the weight itself."""

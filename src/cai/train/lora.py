@@ -65,7 +65,8 @@ def adapters_folded(model: Any) -> Iterator[None]:
     update early in training, would round away, and the rollouts would come from a policy close to
     the reference instead of the one PPO trains; such models, and a model without LoRA adapters or
     with one that can't be folded this way (a variant such as DoRA, a bias on the adapter, an
-    already merged adapter, a base weight of another shape or a quantised one), run unchanged.
+    already merged adapter, a base weight of another shape or a quantised one, an adapter on an
+    embedding, a module trained whole beside the adapters, another kind of adapter), run unchanged.
     """
     folds = _foldable(model)
     if not folds:
@@ -88,12 +89,17 @@ def _foldable(model: Any) -> list[tuple[Any, list[str], torch.nn.Parameter]]:
     """(LoRA layer, its active adapters, its base weight) for every adapted layer; [] if any can't be folded."""
     try:
         from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
     except ImportError:
         return []
     if not hasattr(model, "disable_adapter") or getattr(model, "_adapters_disabled", False):
         return []
     folds = []
     for layer in model.modules():
+        if isinstance(layer, AuxiliaryTrainingWrapper) or (isinstance(layer, BaseTunerLayer)
+                                                           and not isinstance(layer, LoraLayer)):
+            return []  # a trained copy of a module, or another kind of adapter: switching adapters off would drop it
         if not isinstance(layer, LoraLayer):
             continue
         if any(a in getattr(layer, "lora_embedding_A", {}) for a in layer.active_adapters):
