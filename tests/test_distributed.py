@@ -25,7 +25,7 @@ from cai.errors import CaiError
 
 DRIVER = textwrap.dedent('''
     """One rank of a tiny SFT run; writes rank<i>.json with a hash of its trained weights."""
-    import hashlib, json, os, sys
+    import hashlib, json, sys
 
     import cai.train.sft as sft
     from cai.config import SFTConfig
