@@ -9,12 +9,12 @@ from cai.config import LoraConfig
 from cai.train.lora import adapters_folded, apply_lora
 
 
-def _adapted(tiny_model_dir, **lora):
+def _adapted(tiny_model_dir):
     """The tiny model with LoRA adapters whose B matrices are random, so the adapters change the outputs."""
     from cai.models import load_model
 
     loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
-    model = apply_lora(loaded.model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.1, **lora)).eval()
+    model = apply_lora(loaded.model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.1)).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
