@@ -79,6 +79,27 @@ def test_answer_logprobs_match_a_hand_computed_mean_whatever_the_batch(tiny_mode
     assert together == pytest.approx(manual, abs=1e-4) and alone == pytest.approx(manual, abs=1e-4)
 
 
+def test_answer_logprobs_are_the_same_for_a_model_that_returns_every_position(tiny_model_dir):
+    """A model whose forward takes no ``logits_to_keep`` (older or custom code) is scored from its full logits."""
+    from cai.models import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+
+    class EveryPosition(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    pairs = load_gold_pairs("gold", split="dev")[:3]
+    chats, answers = [p.messages for p in pairs], [p.better for p in pairs]
+    trimmed = G.answer_logprobs(loaded.model, loaded.tokenizer, chats, answers, batch_size=3)
+    full = G.answer_logprobs(EveryPosition(loaded.model), loaded.tokenizer, chats, answers, batch_size=3)
+    assert full == pytest.approx(trimmed, abs=1e-5)
+
+
 def test_training_on_the_better_answers_moves_the_measure_beyond_noise(tiny_model_dir):
     """The measure detects what it is for: a model pushed toward the better answers gains margin."""
     from cai.models import load_model

@@ -32,6 +32,7 @@ from cai.models import load_model
 from cai.padding import pad_rows
 from cai.progress import progress_bar
 from cai.stats import bootstrap_mean_interval
+from cai.train.answer_loss import accepts_logits_to_keep
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,9 @@ def answer_logprobs(model: Any, tokenizer: Any, chats: Sequence[Any], answers: S
         width = ids.shape[1]
         keep = max(len(full[i]) - max(starts[i], 1) + 1 for i in rows)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
+        trim = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}  # else all of them, cut here
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       logits_to_keep=keep).logits
+                       **trim).logits[:, -keep:]
         for j, i in enumerate(rows):
             s, n = max(starts[i], 1), len(full[i])
             first = keep - 1 - (n - s)  # the kept column of position s - 1, whose logits predict token s
